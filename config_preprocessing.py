@@ -1,0 +1,130 @@
+"""The settings of lungsql, each declared once with its default and its help.
+
+Every setting is read from the environment variable of the same name, so a
+site changes lungsql without editing code::
+
+    LUNGSQL_DATABASE_URL=postgresql+psycopg://lungsql@db.example.org/pacs lungsql ingest /data/dsb
+
+`lungsql settings` prints them with their current values; the README's table of
+settings is checked against this module by the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+
+    def value(self) -> Any:
+        raw = os.environ.get(self.name)
+        if raw is None or raw == "":
+            return self.default
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"environment variable {self.name}={raw!r} is not valid: {exc}") from None
+
+
+def _hu_window(text: str) -> tuple[float, float]:
+    low, _, high = text.partition(":")
+    lo, hi = float(low), float(high)
+    if not lo < hi:
+        raise ValueError("expected LOW:HIGH in Hounsfield units with LOW < HIGH, e.g. -1000:400")
+    return lo, hi
+
+
+def _positive_int(text: str) -> int:
+    number = int(text)
+    if number <= 0:
+        raise ValueError("expected a positive integer")
+    return number
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(
+            "LUNGSQL_DATABASE_URL",
+            None,
+            "SQLAlchemy URL of the database to use (postgresql+psycopg://...); "
+            "unset means the local cluster managed by `lungsql db`.",
+        ),
+        Setting(
+            "LUNGSQL_HOME",
+            PROJECT_ROOT / ".lungsql",
+            "Folder of the local PostgreSQL cluster, its logs and the site's secrets.",
+            Path,
+        ),
+        Setting(
+            "LUNGSQL_DB_NAME",
+            "lungsql",
+            "Name of the database created in the local cluster.",
+        ),
+        Setting(
+            "LUNGSQL_DB_OS_USER",
+            "postgres",
+            "Unprivileged OS user that runs the local server when lungsql is invoked as root.",
+        ),
+        Setting(
+            "LUNGSQL_PG_BINDIR",
+            Path("/usr/lib/postgresql/15/bin"),
+            "Folder holding initdb, pg_ctl and postgres of PostgreSQL 15.",
+            Path,
+        ),
+        Setting(
+            "LUNGSQL_DATA_PATH",
+            PROJECT_ROOT / "data",
+            "Folder where `lungsql demo` writes its synthetic cohort.",
+            Path,
+        ),
+        Setting(
+            "LUNGSQL_DEID_KEY",
+            None,
+            "Site secret for pseudonymous PatientIDs and UIDs under --deidentify; "
+            "unset means a key generated once into $LUNGSQL_HOME/deidentify.key.",
+        ),
+        Setting(
+            "LUNGSQL_INGEST_BATCH",
+            64,
+            "DICOM files written per transaction by `lungsql ingest`.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_IMAGE_SIZE",
+            224,
+            "Side in pixels of the square image given to the CNN.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_HU_WINDOW",
+            (-1000.0, 400.0),
+            "Lung window LOW:HIGH in Hounsfield units, mapped to 0-255 before the CNN.",
+            _hu_window,
+        ),
+        Setting(
+            "LUNGSQL_BATCH_SIZE",
+            32,
+            "Images per CNN inference batch.",
+            _positive_int,
+        ),
+    )
+}
+
+
+def get(name: str) -> Any:
+    """The current value of one setting: its environment variable, else its default."""
+    try:
+        return SETTINGS[name].value()
+    except KeyError:
+        raise KeyError(f"unknown setting {name}; known: {', '.join(SETTINGS)}") from None

@@ -1,0 +1,289 @@
+"""The `lungsql` command: one click group, failures rendered as readable messages."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+import config_preprocessing as config
+from lungsql import __version__
+from lungsql.errors import LungSQLError
+
+
+class CLIError(click.ClickException):
+    def __init__(self, error: LungSQLError):
+        super().__init__(error.message)
+        self.hint = error.hint
+
+    def format_message(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+def reports_errors(func):
+    """Turn LungSQLError into a one-paragraph message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LungSQLError as exc:
+            raise CLIError(exc) from None
+
+    return wrapper
+
+
+def _engine(ctx: click.Context):
+    from lungsql import db
+
+    return db.connect(ctx.obj.get("db"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lungsql")
+@click.option(
+    "--db",
+    metavar="URL",
+    help="SQLAlchemy URL of the database (default: LUNGSQL_DATABASE_URL, else the local cluster).",
+)
+@click.pass_context
+def main(ctx: click.Context, db: str | None) -> None:
+    """lungsql: lung cancer detection on CT scans, run inside the database."""
+    ctx.ensure_object(dict)
+    ctx.obj["db"] = db
+
+
+# -- the local database ------------------------------------------------------
+@main.group("db")
+def db_group() -> None:
+    """Manage the project-local PostgreSQL 15 cluster (under $LUNGSQL_HOME)."""
+
+
+@db_group.command("start")
+@reports_errors
+def db_start() -> None:
+    """Create the cluster on first use and start the server."""
+    from lungsql.cluster import LocalCluster
+
+    status = LocalCluster().start()
+    click.echo(f"database {status.describe()}")
+
+
+@db_group.command("stop")
+@reports_errors
+def db_stop() -> None:
+    """Stop the server (the data stays)."""
+    from lungsql.cluster import LocalCluster
+
+    click.echo(f"database {LocalCluster().stop().describe()}")
+
+
+@db_group.command("status")
+@reports_errors
+def db_status() -> None:
+    """Say whether the local server runs, and where."""
+    from lungsql.cluster import LocalCluster
+
+    status = LocalCluster().status()
+    click.echo(f"database {status.describe()}")
+    sys.exit(0 if status.running else 3)
+
+
+@db_group.command("url")
+@reports_errors
+def db_url() -> None:
+    """Print the SQLAlchemy URL of the local database."""
+    from lungsql.cluster import LocalCluster
+
+    click.echo(LocalCluster().url())
+
+
+# -- schema and environment ----------------------------------------------------
+@main.command()
+@click.pass_context
+@reports_errors
+def init(ctx: click.Context) -> None:
+    """Create or upgrade the lungsql schema and its stored procedures (safe to repeat)."""
+    from lungsql import migrations
+
+    report = migrations.init(_engine(ctx))
+    for name in report.applied:
+        click.echo(f"applied migration {name}")
+    if not report.applied:
+        click.echo(f"schema up to date ({len(report.already)} migrations)")
+    click.echo(f"stored functions refreshed from {len(report.functions)} files")
+    click.echo("Python inside the server imports lungsql from: " + ", ".join(report.python_path))
+
+
+@main.command()
+@click.pass_context
+@reports_errors
+def check(ctx: click.Context) -> None:
+    """Run lungsql.check_environment() inside the server and print what it sees."""
+    import sqlalchemy as sa
+
+    engine = _engine(ctx)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM lungsql.check_environment()")).all()
+    except sa.exc.DBAPIError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        message = (diag.message_primary if diag else None) or str(exc.orig).splitlines()[0]
+        raise LungSQLError(message, hint=diag.message_hint if diag else None) from None
+    _table(["component", "version", "location"], rows)
+
+
+# -- data ------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--patients", default=20, show_default=True, type=click.IntRange(1), help="Number of patients.")
+@click.option("--slices", default="40:60", show_default=True, metavar="A:B", help="Slices per patient, from A to B.")
+@click.option("--seed", default=2017, show_default=True, type=int, help="Seed: the same seed writes the same files.")
+@click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of patients with nodules (label 1).")
+@reports_errors
+def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: float) -> None:
+    """Write a synthetic CT cohort as DICOM files in the DSB 2017 layout."""
+    from lungsql import synth as synthesis
+
+    low, high = _slice_range(slices)
+    with _bar("writing", unit=" files") as bar:
+        summary = synthesis.write_cohort(
+            out, patients=patients, slices=(low, high), seed=seed,
+            positive_fraction=positive_fraction, progress=bar.update,
+        )
+    click.echo(
+        f"wrote {summary.files} DICOM files for {summary.patients} patients ({summary.positives} with nodules), "
+        f"{summary.bytes / 1e6:.0f} MB, in {summary.seconds:.1f} s to {out}"
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns id,cancer (default: stage1_labels.csv in DIRECTORY or its parent).")
+@click.option("--deidentify", is_flag=True,
+              help="Remove identifying tags (DICOM PS3.15 basic profile) before anything is stored.")
+@click.option("--batch-size", type=click.IntRange(1), help="Files per transaction (LUNGSQL_INGEST_BATCH).")
+@click.pass_context
+@reports_errors
+def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deidentify: bool,
+           batch_size: int | None) -> None:
+    """Upload every DICOM file under DIRECTORY into lungsql.scans (resumable)."""
+    from tqdm import tqdm
+
+    from lungsql import ingest as upload
+
+    engine = _engine(ctx)
+    files = upload.find_files(directory)
+    with _bar("uploading", total=len(files), unit=" files") as bar:
+        summary = upload.ingest(
+            engine, directory, labels_csv=labels_csv, deidentify=deidentify, batch_size=batch_size,
+            on_file=lambda path, size: bar.update(1),
+            on_error=lambda path, reason: tqdm.write(f"rejected {path}: {reason}", file=sys.stderr),
+        )
+    if summary.labels:
+        click.echo(f"labels: {summary.labels} loaded")
+    click.echo(summary.describe())
+
+
+@main.command()
+@reports_errors
+def settings() -> None:
+    """Print every setting, its current value and what it does."""
+    for setting in config.SETTINGS.values():
+        click.echo(f"{setting.name}={_shown(setting.value())}")
+        click.echo(f"    {setting.help}")
+
+
+@main.command()
+@click.option("--patients", default=64, show_default=True, type=click.IntRange(2), help="Patients in the demo cohort.")
+@click.option("--slices", default="40:60", show_default=True, metavar="A:B", help="Slices per patient.")
+@click.option("--seed", default=2017, show_default=True, type=int, help="Seed of the synthetic cohort.")
+@click.option("--no-serve", is_flag=True, help="Stop before serving the web app.")
+@click.pass_context
+@reports_errors
+def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool) -> None:
+    """Run the whole pipeline on a synthetic cohort: database, cohort, upload."""
+    import json
+
+    if not (ctx.obj.get("db") or config.get("LUNGSQL_DATABASE_URL")):
+        _step("starting the local database")
+        ctx.invoke(db_start)
+    _step("creating the schema")
+    ctx.invoke(init)
+    ctx.invoke(check)
+
+    cohort = Path(config.get("LUNGSQL_DATA_PATH")) / "demo-cohort"
+    recipe = {"patients": patients, "slices": slices, "seed": seed}
+    marker = cohort / "cohort.json"
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        _step(f"synthetic cohort already in {cohort}")
+    else:
+        _step(f"writing a synthetic cohort of {patients} patients to {cohort}")
+        if cohort.exists():
+            import shutil
+
+            shutil.rmtree(cohort)
+        ctx.invoke(synth, out=cohort, patients=patients, slices=slices, seed=seed, positive_fraction=0.5)
+        marker.write_text(json.dumps(recipe) + "\n")
+
+    _step("uploading the cohort into lungsql.scans")
+    ctx.invoke(ingest, directory=cohort, labels_csv=None, deidentify=False, batch_size=None)
+    _step("done")
+    click.echo("Look at the data from psql:  lungsql db psql -c 'SELECT patient_id, name, sex, age_years, label "
+               "FROM lungsql.patients LIMIT 5'")
+
+
+@db_group.command("psql", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@reports_errors
+def db_psql(args: tuple[str, ...]) -> None:
+    """Open psql on the local database (extra arguments go to psql)."""
+    import os
+
+    from lungsql.cluster import SUPERUSER, LocalCluster
+
+    cluster = LocalCluster()
+    status = cluster.status()
+    cluster.url()  # says what to do when the server is not running
+    os.execvp("psql", ["psql", "-h", str(cluster.socket_dir), "-p", str(status.port), "-U", SUPERUSER,
+                       cluster.dbname, *args])
+
+
+# -- helpers ---------------------------------------------------------------------
+def _step(text: str) -> None:
+    click.secho(f"==> {text}", bold=True)
+
+
+def _bar(desc: str, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kwargs)
+
+
+def _slice_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected A:B, e.g. 40:60", param_hint="--slices") from None
+    if not 1 <= low <= high:
+        raise click.BadParameter(f"{text!r}: need 1 <= A <= B", param_hint="--slices")
+    return low, high
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ":".join(f"{v:g}" for v in value)
+    return "" if value is None else str(value)
+
+
+def _table(headers: list[str], rows) -> None:
+    rows = [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    click.echo("  ".join("-" * w for w in widths))
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -1,0 +1,244 @@
+"""`lungsql ingest`: upload every DICOM file under a folder into lungsql.scans.
+
+Works on the Kaggle Data Science Bowl 2017 layout (one folder per patient,
+stage1_labels.csv with `id,cancer`) and on any tree of DICOM series, grouped
+by their PatientID tag.
+
+Resumable: files are written in batches, each in one transaction with the
+run's counters, so a killed run loses at most its open batch; a rerun skips
+every instance already stored (by SOPInstanceUID) and duplicates nothing.
+A file that cannot be stored gets a one-line reason in lungsql.ingest_errors
+and on the console, and the upload goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+import config_preprocessing as config
+from lungsql.dialects.postgres import ScanStore
+from lungsql.dicom import PatientInfo, ScanRecord, read_scan
+from lungsql.errors import ConfigurationError, InvalidScan
+
+LABELS_FILE = "stage1_labels.csv"
+
+
+@dataclass
+class IngestSummary:
+    run_id: int = 0
+    files_seen: int = 0
+    stored: int = 0
+    skipped: int = 0
+    errors: int = 0
+    bytes: int = 0
+    patients: set[str] = field(default_factory=set)
+    labels: int = 0
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "files_seen": self.files_seen,
+            "stored": self.stored,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "bytes": self.bytes,
+        }
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files_seen / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.files_seen} files in {self.seconds:.1f} s: {self.stored} stored, "
+            f"{self.skipped} already there, {self.errors} rejected; {len(self.patients)} patients, "
+            f"{self.bytes / 1e6:.1f} MB stored; {self.files_per_s:.0f} files/s, {self.mb_per_s:.1f} MB/s"
+        )
+
+
+def find_files(root: Path) -> list[Path]:
+    """Every file under root that could be DICOM, in a stable order.
+
+    Hidden files and CSV files (the labels) are left out; anything else that
+    is not DICOM is reported as such.
+    """
+    if not root.is_dir():
+        raise ConfigurationError(f"{root} is not a folder", hint="give the folder that holds the DICOM files")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower().endswith(".csv"):
+                continue
+            found.append(Path(folder) / name)
+    return found
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """`id,cancer` rows of a DSB-style labels file; a bad row is an error naming its line."""
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read labels file {path}: {exc.strerror}") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"id", "cancer"} <= {f.strip() for f in reader.fieldnames}:
+            raise ConfigurationError(
+                f"labels file {path} needs the columns id,cancer; found {reader.fieldnames}",
+                hint="use the DSB 2017 format: a header line `id,cancer`, then one patient per line",
+            )
+        labels = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if row["cancer"] not in ("0", "1") or not row["id"]:
+                raise ConfigurationError(
+                    f"labels file {path}, line {line}: expected a patient id and cancer 0 or 1, "
+                    f"got {row['id']!r},{row['cancer']!r}"
+                )
+            labels[row["id"]] = int(row["cancer"])
+    return labels
+
+
+def default_labels(root: Path) -> Path | None:
+    for candidate in (root / LABELS_FILE, root.parent / LABELS_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def deidentifying_transform(deidentifier) -> Callable:
+    """Rewrites a dataset following PS3.15's basic profile and returns its new bytes."""
+
+    def transform(ds) -> bytes:
+        deidentifier.apply(ds)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    return transform
+
+
+def site_deidentifier():
+    """The de-identifier keyed by this site's secret (LUNGSQL_DEID_KEY or $LUNGSQL_HOME/deidentify.key)."""
+    from lungsql.deidentify import Deidentifier
+    from lungsql.secrets import site_secret
+
+    return Deidentifier(site_secret("deidentify", "LUNGSQL_DEID_KEY"))
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.patients: dict[str, PatientInfo] = {}
+        self.scans: list[ScanRecord] = []
+        self.errors: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.scans) + len(self.errors)
+
+
+def ingest(
+    engine: sa.Engine,
+    root: Path,
+    labels_csv: Path | None = None,
+    deidentify: bool = False,
+    batch_size: int | None = None,
+    on_file: Callable[[Path, int], None] | None = None,
+    on_error: Callable[[Path, str], None] | None = None,
+) -> IngestSummary:
+    """Upload the DICOM files under root. `on_file(path, bytes)` and `on_error(path, reason)` report progress."""
+    root = Path(root).resolve()
+    batch_size = batch_size or config.get("LUNGSQL_INGEST_BATCH")
+    files = find_files(root)
+    labels_path = labels_csv or default_labels(root)
+    labels = read_labels(labels_path) if labels_path else {}
+    transform = None
+    if deidentify:
+        deidentifier = site_deidentifier()
+        transform = deidentifying_transform(deidentifier)
+        # Labels follow the patients to their pseudonymous PatientIDs.
+        labels = {deidentifier.pseudonym(pid): label for pid, label in labels.items()}
+
+    summary = IngestSummary()
+    store = ScanStore(engine)
+    started = time.perf_counter()
+    try:
+        if labels:
+            summary.labels = store.load_labels(labels, str(labels_path))
+        stored = store.stored_uids()
+        shapes = store.series_shapes()
+        summary.run_id = store.start_run(str(root), deidentify)
+        batch = _Batch()
+        for path, record, reason in _read_all(files, root, transform):
+            summary.files_seen += 1
+            if record is not None:
+                reason = _conflict(record, stored, shapes)
+            if reason is not None:
+                summary.errors += 1
+                batch.errors.append((str(path), reason))
+                if on_error:
+                    on_error(path, reason)
+            elif record.sop_instance_uid in stored:
+                summary.skipped += 1
+                summary.patients.add(record.patient.patient_id)
+            else:
+                stored[record.sop_instance_uid] = record.sha256
+                shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
+                batch.patients.setdefault(record.patient.patient_id, record.patient)
+                batch.scans.append(record)
+                summary.stored += 1
+                summary.bytes += len(record.data)
+                summary.patients.add(record.patient.patient_id)
+            if on_file:
+                on_file(path, path.stat().st_size if record is None else len(record.data))
+            if len(batch) >= batch_size:
+                store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors, summary.counts)
+                batch = _Batch()
+        store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors, summary.counts)
+        summary.seconds = time.perf_counter() - started
+        store.finish_run(summary.run_id, summary.seconds)
+    finally:
+        store.close()
+    return summary
+
+
+def _read_all(
+    files: list[Path], root: Path, transform: Callable | None
+) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            yield path, None, f"cannot read file: {exc.strerror}"
+            continue
+        try:
+            yield path, read_scan(data, transform), None
+        except InvalidScan as exc:
+            yield path, None, exc.message
+
+
+def _conflict(record: ScanRecord, stored: dict[str, bytes], shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why a valid slice still cannot join what is stored, or None."""
+    known = stored.get(record.sop_instance_uid)
+    if known is not None and known != record.sha256:
+        return f"SOPInstanceUID {record.sop_instance_uid} is already stored with different content"
+    shape = shapes.get(record.series_instance_uid)
+    if shape is not None and shape != (record.rows, record.columns):
+        return (
+            f"{record.rows}x{record.columns} slice in series {record.series_instance_uid}, "
+            f"whose slices are {shape[0]}x{shape[1]}"
+        )
+    return None
+

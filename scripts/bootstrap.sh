@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Install what lungsql needs and is missing, then nothing else:
+#   1. Debian packages (PostgreSQL 15 with PL/Python), with apt-get;
+#   2. .venv, a virtual environment with lungsql and its extras.
+# Safe to run again: a second run checks and returns in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib)
+EXTRAS="ml,codecs,dev"
+
+say() { printf '==> %s\n' "$*"; }
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$package")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { echo "need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+        SUDO=sudo
+    fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python inside PostgreSQL is Debian's 3.11 (plpython3); the venv must have the
+# same minor version so the server can import its binary wheels.
+server_python=$(ldd /usr/lib/postgresql/15/lib/plpython3.so | sed -n 's/.*libpython\([0-9.]*\)\.so.*/\1/p' | head -n1)
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+    for candidate in python3 "python${server_python}" "/usr/bin/python${server_python}"; do
+        if command -v "$candidate" >/dev/null &&
+           [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$server_python" ] &&
+           "$candidate" -c 'import venv, ensurepip' 2>/dev/null; then
+            PYTHON=$candidate
+            break
+        fi
+    done
+fi
+if [ -z "$PYTHON" ]; then
+    echo "no Python ${server_python} with venv found (the version of PL/Python); install python${server_python}-venv or set PYTHON" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv with $PYTHON"
+    "$PYTHON" -m venv .venv
+fi
+
+stamp=.venv/.lungsql-installed
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing lungsql into .venv (extras: $EXTRAS)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+    echo "$want" > "$stamp"
+fi
+say "bootstrap complete"

@@ -1,0 +1,70 @@
+"""Test fixtures: a real PostgreSQL 15 cluster started for the session with
+lungsql's own cluster code, and a fresh database with the schema per test
+that needs one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from lungsql import db, migrations
+from lungsql.cluster import LocalCluster
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    # Under /tmp with o+x, so the server's OS user (when tests run as root) can reach it.
+    home = Path(tempfile.mkdtemp(prefix="lungsql-test-"))
+    home.chmod(0o755)
+    local = LocalCluster(home=home, dbname="postgres")
+    local.start()
+    yield local
+    local.destroy()
+
+
+@pytest.fixture(scope="session")
+def admin(cluster):
+    """A psycopg connection to the maintenance database, autocommit."""
+    with psycopg.connect(host=str(cluster.socket_dir), port=cluster.status().port, user="postgres",
+                         dbname="postgres", autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def empty_db(cluster, admin):
+    """The URL of a new, empty database, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield cluster.url(dbname=name)
+    db.engine.cache_clear()  # engines the CLI cached for this URL
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def engine(empty_db):
+    """An SQLAlchemy engine on a fresh database that `lungsql init` has prepared."""
+    eng = sa.create_engine(empty_db)
+    migrations.init(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db_env(empty_db, monkeypatch):
+    """Point the CLI at the fresh database through LUNGSQL_DATABASE_URL."""
+    monkeypatch.setenv("LUNGSQL_DATABASE_URL", empty_db)
+    return empty_db
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    """Where tests leave files for people to look at (screenshots, reports)."""
+    path = Path(os.environ.get("LUNGSQL_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
