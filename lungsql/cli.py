@@ -149,7 +149,8 @@ def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: f
     from lungsql import synth as synthesis
 
     low, high = _slice_range(slices)
-    with _bar("writing", unit=" files") as bar:
+    planned = synthesis.plan_cohort(patients, (low, high), seed, positive_fraction)
+    with _bar("writing", total=sum(p.geometry.n_slices for p in planned), unit=" files") as bar:
         summary = synthesis.write_cohort(
             out, patients=patients, slices=(low, high), seed=seed,
             positive_fraction=positive_fraction, progress=bar.update,

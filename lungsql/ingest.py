@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -181,7 +183,8 @@ def ingest(
         shapes = store.series_shapes()
         summary.run_id = store.start_run(str(root), deidentify)
         batch = _Batch()
-        for path, record, reason in _read_all(files, root, transform):
+        # Files are read and parsed in a thread while this one writes to the database.
+        for path, record, reason in _prefetch(_read_all(files, transform), depth=2 * batch_size):
             summary.files_seen += 1
             if record is not None:
                 reason = _conflict(record, stored, shapes)
@@ -214,9 +217,7 @@ def ingest(
     return summary
 
 
-def _read_all(
-    files: list[Path], root: Path, transform: Callable | None
-) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
+def _read_all(files: list[Path], transform: Callable | None) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
     for path in files:
         try:
             data = path.read_bytes()
@@ -227,6 +228,38 @@ def _read_all(
             yield path, read_scan(data, transform), None
         except InvalidScan as exc:
             yield path, None, exc.message
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Yield what `items` yields, computed ahead by a thread, at most `depth` ahead."""
+    done = object()
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                ahead.put(item)
+            ahead.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ahead.put(exc)
+
+    worker = threading.Thread(target=produce, name="lungsql-reader", daemon=True)
+    worker.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
 
 
 def _conflict(record: ScanRecord, stored: dict[str, bytes], shapes: dict[str, tuple[int, int]]) -> str | None:

@@ -154,17 +154,28 @@ class ScanStore:
             )
 
     def _copy_scans(self, cur: psycopg.Cursor, scans: Sequence[ScanRecord]) -> None:
-        # Rows that another upload stored meanwhile are skipped, not an error:
-        # COPY goes to a staging table, then one INSERT ... ON CONFLICT DO NOTHING.
+        # Straight into lungsql.scans; if another upload stored one of these
+        # instances meanwhile, redo the batch through a staging table whose
+        # INSERT ... ON CONFLICT DO NOTHING skips them.
+        try:
+            with self.conn.transaction():
+                self._copy(cur, "lungsql.scans", scans)
+            return
+        except psycopg.errors.UniqueViolation:
+            pass
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS scan_stage ON COMMIT DELETE ROWS AS "
             f"SELECT {_COLUMN_LIST} FROM lungsql.scans WITH NO DATA"
         )
-        with cur.copy(f"COPY scan_stage ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(_COLUMN_TYPES)
-            for scan in scans:
-                copy.write_row(_scan_row(scan))
+        self._copy(cur, "scan_stage", scans)
         cur.execute(
             f"INSERT INTO lungsql.scans ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM scan_stage "
             "ON CONFLICT (sop_instance_uid) DO NOTHING"
         )
+
+    @staticmethod
+    def _copy(cur: psycopg.Cursor, table: str, scans: Sequence[ScanRecord]) -> None:
+        with cur.copy(f"COPY {table} ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_COLUMN_TYPES)
+            for scan in scans:
+                copy.write_row(_scan_row(scan))
