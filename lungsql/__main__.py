@@ -1,0 +1,3 @@
+from lungsql.cli import main
+
+main()
