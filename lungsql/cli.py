@@ -219,7 +219,7 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
 
     cohort = Path(config.get("LUNGSQL_DATA_PATH")) / "demo-cohort"
     recipe = {"patients": patients, "slices": slices, "seed": seed}
-    marker = cohort / "cohort.json"
+    marker = cohort.with_name("demo-cohort.json")  # beside the cohort: ingest reads every file inside
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         _step(f"synthetic cohort already in {cohort}")
     else:
@@ -229,6 +229,7 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
 
             shutil.rmtree(cohort)
         ctx.invoke(synth, out=cohort, patients=patients, slices=slices, seed=seed, positive_fraction=0.5)
+        marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(recipe) + "\n")
 
     _step("uploading the cohort into lungsql.scans")
