@@ -28,9 +28,9 @@ def cluster():
     local.destroy()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def admin(cluster):
-    """A psycopg connection to the maintenance database, autocommit."""
+    """A psycopg connection to the maintenance database, autocommit (new per test: a test may restart the server)."""
     with psycopg.connect(host=str(cluster.socket_dir), port=cluster.status().port, user="postgres",
                          dbname="postgres", autocommit=True) as conn:
         yield conn
