@@ -1,0 +1,311 @@
+"""CNN features of CT series with ONNX Runtime, and the per-patient vector.
+
+A series becomes images of three consecutive slices (``lungsql.preprocess``),
+an ONNX CNN turns each image into a feature row (``Featurizer``), and a
+patient is summarised by the mean and the maximum of those rows plus the log
+of the number of slices (``patient_vector``).  The same recipe applies to every
+patient, so their vectors can be compared and fed to one model (the 2017
+original fitted a PCA per patient, which made them incomparable).
+
+Stored features are data: float32 bytes, their shape and their SHA-256
+(``GroupFeatures.to_bytes`` / ``from_bytes``), never pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from lungsql import dicom
+from lungsql.errors import ConfigurationError, IntegrityError, InvalidScan, LungSQLError
+from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
+
+#: Name of the per-patient recipe of `patient_vector`; a model records it with
+#: its feature names, and a new recipe gets a new name.
+FEATURE_SET = "mean-max-v1"
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA GPU is visible to this process (driver loaded, not hidden)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return os.path.exists("/dev/nvidia0")
+
+
+def choose_providers(available: Sequence[str] | None = None, tensorrt: bool = False) -> list[str]:
+    """ONNX Runtime execution providers to ask for, best first, CPU last.
+
+    `available` defaults to what onnxruntime reports, keeping the GPU
+    providers only when a GPU is present (onnxruntime-gpu lists CUDA even on
+    machines without one); a list given here is taken as it is.  TensorRT is
+    used only when `tensorrt` is true: it compiles an engine for every new
+    session, which takes minutes and happens again in every database backend.
+    """
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if not _gpu_present():
+            available = [p for p in available if p not in (CUDA, TENSORRT)]
+    chosen = [p for p in ((TENSORRT,) if tensorrt else ()) + (CUDA,) if p in available]
+    return chosen + [CPU]
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (its affinity mask, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@dataclass
+class GroupFeatures:
+    """CNN features of one series: one float32 row per image of slices."""
+
+    array: np.ndarray  # float32 (n_groups, D)
+    n_slices: int
+
+    def __post_init__(self) -> None:
+        self.array = np.ascontiguousarray(self.array, dtype=np.float32)
+        if self.array.ndim != 2:
+            raise ValueError(f"features must be (n_groups, D), got shape {self.array.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.array.shape)
+
+    def to_bytes(self) -> bytes:
+        """Raw little-endian float32 in C order (store with `shape` and `sha256`)."""
+        return self.array.astype("<f4", copy=False).tobytes(order="C")
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of `to_bytes()`."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, shape: Sequence[int], sha256: str | bytes | None = None,
+                   *, n_slices: int) -> GroupFeatures:
+        """Features stored by `to_bytes`; with `sha256` (hex or 32 raw bytes),
+        IntegrityError unless the bytes match it."""
+        data = bytes(data)
+        if sha256 is not None:
+            expected = sha256.hex() if isinstance(sha256, (bytes, bytearray, memoryview)) else str(sha256)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected.strip().lower():
+                raise IntegrityError(
+                    f"stored features do not match their SHA-256 (expected {expected}, got {actual})",
+                    "the row was altered or truncated; featurize the patient again")
+        shape = tuple(int(v) for v in shape)
+        if len(shape) != 2 or min(shape) < 0:
+            raise IntegrityError(f"stored feature shape {list(shape)} is not (n_groups, D)")
+        if len(data) != 4 * shape[0] * shape[1]:
+            raise IntegrityError(
+                f"stored features hold {len(data)} bytes, but shape {list(shape)} needs {4 * shape[0] * shape[1]}",
+                "the row was altered or truncated; featurize the patient again")
+        array = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+        return cls(array=array, n_slices=int(n_slices))
+
+    def patient_vector(self) -> np.ndarray:
+        return patient_vector(self.array, self.n_slices)
+
+
+def patient_vector(features: np.ndarray, n_slices: int) -> np.ndarray:
+    """[mean over images, max over images, log1p(n_slices)]: float32 (2D + 1,)."""
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"features must be (n_groups >= 1, D), got shape {features.shape}")
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be >= 1, got {n_slices}")
+    mean = features.mean(axis=0, dtype=np.float64)
+    return np.concatenate([mean, features.max(axis=0), [math.log1p(n_slices)]]).astype(np.float32)
+
+
+def patient_vector_names(d: int) -> list[str]:
+    """Names of the entries of `patient_vector` for D features per image."""
+    return [f"mean_{i}" for i in range(d)] + [f"max_{i}" for i in range(d)] + ["log_slices"]
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def read_volume(scans: Iterable[tuple[bytes, float]]) -> list[np.ndarray]:
+    """HU slices (float32) of (DICOM bytes, z position) pairs, in z order."""
+    scans = list(scans)
+    if not scans:
+        raise LungSQLError("the series has no slices", "store at least one CT slice of the patient")
+    order = order_slices([z for _, z in scans])
+    slices = []
+    for i in order:
+        data, z = scans[i]
+        ds = dicom.parse(bytes(data))
+        try:
+            slices.append(dicom.hounsfield(ds))
+        except Exception as exc:  # pydicom raises many kinds when a codec is missing or fails
+            raise InvalidScan(f"cannot decode the pixels of the slice at z = {z}: {str(exc).strip()[:200]}",
+                              dicom.CODECS_HINT) from None
+    return slices
+
+
+# ----------------------------------------------------------------------------- the CNN
+
+
+class Featurizer:
+    """An ONNX CNN in an ONNX Runtime session, with the recipe that feeds it.
+
+    `input_name` and `output_name` default to the model's first input and
+    output.  The output must be (N, D) or (N, D, 1, 1).  `provider` is the
+    execution provider the session actually uses.
+    """
+
+    def __init__(self, onnx_bytes: bytes, input_name: str | None = None, output_name: str | None = None,
+                 preprocessing: Preprocessing = Preprocessing(), providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.preprocessing = preprocessing
+        self.threads = int(threads) if threads else default_threads()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        # Idle workers sleep instead of spinning: they would take the core the
+        # preprocessing thread (featurize_volumes) or other database backends need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # errors only: no warnings in psql
+        try:
+            self.session = ort.InferenceSession(
+                bytes(onnx_bytes), options, providers=list(providers or choose_providers()))
+        except Exception as exc:
+            raise ConfigurationError(f"ONNX Runtime cannot load the CNN: {str(exc).strip()[:300]}",
+                                     "check that the stored bytes are an ONNX model (see describe_onnx)") from None
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self._pick("input", self.session.get_inputs(), input_name).name
+        self.output_name = self._pick("output", self.session.get_outputs(), output_name).name
+        self._check_input()
+        shape = self._pick("output", self.session.get_outputs(), self.output_name).shape
+        #: D when the model declares it, else None.
+        self.feature_dim: int | None = shape[1] if len(shape) >= 2 and isinstance(shape[1], int) else None
+
+    @staticmethod
+    def _pick(kind: str, nodes: list[Any], name: str | None) -> Any:
+        if name is None:
+            return nodes[0]
+        for node in nodes:
+            if node.name == name:
+                return node
+        raise ConfigurationError(f"the CNN has no {kind} named {name!r}",
+                                 f"its {kind}s are {[n.name for n in nodes]}")
+
+    def _check_input(self) -> None:
+        node = self._pick("input", self.session.get_inputs(), self.input_name)
+        p, shape = self.preprocessing, list(node.shape)
+        if node.type != "tensor(float)":
+            raise ConfigurationError(f"CNN input {node.name!r} is {node.type}; lungsql feeds float32 images",
+                                     "export the model with a float32 NCHW input")
+        want = [None, p.slices_per_image, p.image_size, p.image_size]
+        if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, want)):
+            raise ConfigurationError(
+                f"CNN input {node.name!r} has shape {shape}; the preprocessing gives "
+                f"(N, {p.slices_per_image}, {p.image_size}, {p.image_size})",
+                "set LUNGSQL_IMAGE_SIZE to the model's input size, or use a model with NCHW input")
+        self._static_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+
+    def run(self, groups: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """CNN features of (n, C, S, S) images: float32 (n, D), `batch_size` images per call."""
+        groups = np.ascontiguousarray(groups, dtype=np.float32)
+        if groups.ndim != 4:
+            raise ValueError(f"expected (n, C, S, S) images, got shape {groups.shape}")
+        if batch_size is None:
+            import config_preprocessing
+
+            batch_size = int(config_preprocessing.get("LUNGSQL_BATCH_SIZE"))
+        if batch_size < 1:
+            raise ConfigurationError(f"batch size must be positive, got {batch_size}")
+        batch_size = self._static_batch or batch_size
+        n = groups.shape[0]
+        if n == 0:
+            return np.empty((0, self.feature_dim or 0), np.float32)
+        out: np.ndarray | None = None
+        for start in range(0, n, batch_size):
+            batch = groups[start:start + batch_size]
+            real = batch.shape[0]
+            if self._static_batch and real < self._static_batch:  # fixed-batch model: pad the last batch
+                batch = np.concatenate([batch, np.zeros((self._static_batch - real, *batch.shape[1:]), np.float32)])
+            result = self.session.run([self.output_name], {self.input_name: batch})[0]
+            result = self._flat(np.asarray(result))[:real]
+            if out is None:
+                out = np.empty((n, result.shape[1]), np.float32)
+            out[start:start + real] = result
+        return out
+
+    def _flat(self, result: np.ndarray) -> np.ndarray:
+        if result.ndim < 2 or any(d != 1 for d in result.shape[2:]):
+            raise ConfigurationError(
+                f"CNN output {self.output_name!r} has shape {list(result.shape)}; expected (N, D) or (N, D, 1, 1)",
+                "export the model with global pooling at the end, or name the pooled output")
+        return result.reshape(result.shape[0], result.shape[1])
+
+    def featurize_volume(self, hu_slices: Sequence[np.ndarray] | np.ndarray,
+                         batch_size: int | None = None) -> GroupFeatures:
+        """Features of one series of HU slices already in z order."""
+        groups = prepare_volume(hu_slices, self.preprocessing)
+        return GroupFeatures(self.run(groups, batch_size), n_slices=len(hu_slices))
+
+    def _prepare_scans(self, scans: list[tuple[bytes, float]]) -> tuple[np.ndarray, int]:
+        slices = read_volume(scans)
+        return prepare_volume(slices, self.preprocessing), len(slices)
+
+    def featurize_volumes(self, volumes: Iterable[tuple[Hashable, Iterable[tuple[bytes, float]]]],
+                          batch_size: int | None = None,
+                          overlap: bool = True) -> Iterator[tuple[Hashable, GroupFeatures]]:
+        """(key, GroupFeatures) for each (key, [(DICOM bytes, z position), ...]).
+
+        With `overlap`, a second thread decodes and preprocesses the next
+        series while ONNX Runtime runs the current one.  `volumes` itself is
+        read only by the calling thread (a database cursor stays in the
+        thread that opened it).
+        """
+        if not overlap:
+            for key, scans in volumes:
+                groups, n = self._prepare_scans(list(scans))
+                yield key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungsql-prepare")
+        try:
+            pending = None
+            for key, scans in volumes:
+                future = pool.submit(self._prepare_scans, list(scans))
+                if pending is not None:
+                    yield self._finish(pending, batch_size)
+                pending = (key, future)
+            if pending is not None:
+                yield self._finish(pending, batch_size)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finish(self, pending, batch_size: int | None) -> tuple[Hashable, GroupFeatures]:
+        key, future = pending
+        groups, n = future.result()
+        return key, GroupFeatures(self.run(groups, batch_size), n_slices=n)

@@ -1,0 +1,328 @@
+"""From CT slices in Hounsfield units to the input tensor of an ImageNet CNN.
+
+The recipe keeps the idea of the 2017 original: three consecutive slices become
+the three colour channels of one image.  Each step is a function of its own so
+that it can be read and tested alone; ``prepare_volume`` runs them all, fused
+for speed, and gives the same numbers as running them one after the other:
+
+1. ``order_slices``: slices sorted by their position along the body axis
+   (never by InstanceNumber, which scanners number in any order);
+2. ``window``: the lung window (-1000..400 HU by default) mapped linearly onto
+   0..255 and clipped, identical for every slice and every patient (the
+   original scaled each slice by its own maximum);
+3. ``body_crop`` and ``crop_resize``: one square around the body, found over
+   the whole volume so that every slice of a patient gets the same crop, then
+   resized to ``image_size`` (area averaging when shrinking);
+4. ``pack_groups``: slices (0, 1, 2), (3, 4, 5)... as the channels of one
+   image each; the last image is completed by repeating the last slice (the
+   original dropped the last one to three slices);
+5. ``normalize``: ``(value - mean) / std`` per channel, with the mean and
+   standard deviation the CNN was trained with (0..255 units).
+
+``Preprocessing`` holds every number of the recipe.  It is stored as JSON next
+to the model that was trained on its output, so that the same recipe is
+applied when that model scores new patients.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from lungsql.errors import ConfigurationError, LungSQLError
+
+#: Version of the recipe written by ``Preprocessing.to_json``.  Bump it when a
+#: step changes what it computes, so that stored models say which one they saw.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Every number of the preprocessing recipe (see the module docstring).
+
+    ``mean`` and ``std`` are per channel, in 0..255 units, and must be those
+    the CNN was trained with.  ``body_threshold_hu`` and ``body_margin`` decide
+    the crop: the body is every pixel above the threshold, and the square
+    around it is widened by ``body_margin`` of its side on each side.
+    """
+
+    image_size: int = 224
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    mean: tuple[float, ...] = (127.5, 127.5, 127.5)
+    std: tuple[float, ...] = (127.5, 127.5, 127.5)
+    slices_per_image: int = 3
+    body_threshold_hu: float = -500.0
+    body_margin: float = 0.02
+
+    def __post_init__(self) -> None:
+        # Normalise types first (JSON gives lists, settings may give ints).
+        try:
+            for name in ("hu_window", "mean", "std"):
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+            for name in ("body_threshold_hu", "body_margin"):
+                object.__setattr__(self, name, float(getattr(self, name)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"preprocessing {name} is not a number or a list of numbers: {exc}") from None
+        for name, hint in (("image_size", "use the input size of the CNN, e.g. 224"),
+                           ("slices_per_image", "use the number of input channels of the CNN, 3 for ImageNet")):
+            value = getattr(self, name)
+            try:
+                number = operator.index(value)
+            except TypeError:
+                number = 0
+            if isinstance(value, bool) or number < 1:
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}", hint)
+            object.__setattr__(self, name, int(number))
+        if len(self.hu_window) != 2 or not self.hu_window[0] < self.hu_window[1]:
+            raise ConfigurationError(f"hu_window must be (LOW, HIGH) with LOW < HIGH, got {self.hu_window!r}",
+                                     "the lung window is (-1000.0, 400.0)")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.slices_per_image:
+                raise ConfigurationError(
+                    f"{name} has {len(values)} values but an image has {self.slices_per_image} channels",
+                    f"give one {name} per channel, in 0..255 units")
+            if not all(math.isfinite(v) for v in values):
+                raise ConfigurationError(f"{name} must be finite numbers, got {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise ConfigurationError(f"std must be positive, got {self.std!r}")
+        if not 0.0 <= self.body_margin < 1.0:
+            raise ConfigurationError(f"body_margin must be in [0, 1), got {self.body_margin!r}")
+
+    @classmethod
+    def from_settings(
+        cls,
+        mean: Sequence[float] = (127.5, 127.5, 127.5),
+        std: Sequence[float] = (127.5, 127.5, 127.5),
+    ) -> Preprocessing:
+        """The recipe for a CNN trained with `mean` and `std`, image size and
+        HU window from LUNGSQL_IMAGE_SIZE and LUNGSQL_HU_WINDOW."""
+        import config_preprocessing
+
+        return cls(
+            image_size=int(config_preprocessing.get("LUNGSQL_IMAGE_SIZE")),
+            hu_window=tuple(config_preprocessing.get("LUNGSQL_HU_WINDOW")),
+            mean=tuple(mean),
+            std=tuple(std),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists for tuples), with the recipe version."""
+        data: dict[str, Any] = {"version": RECIPE_VERSION}
+        for key, value in asdict(self).items():
+            data[key] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+        """The recipe stored by `to_json`.  Keys it lacks take their defaults
+        (a field added later must default to what older records meant)."""
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"stored preprocessing must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise ConfigurationError(
+                f"stored preprocessing has recipe version {version!r}; this lungsql knows {RECIPE_VERSION}",
+                "upgrade lungsql to score with this model, or train the model again")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigurationError(f"stored preprocessing has unknown keys {unknown}",
+                                     f"known keys: {sorted(known)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def order_slices(z_positions: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Indices that put the slices in order of z position (stable: slices at
+    the same position keep their original order)."""
+    z = np.asarray(z_positions, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(z)):
+        bad = np.flatnonzero(~np.isfinite(z))[:5].tolist()
+        raise LungSQLError(f"slice positions must be finite numbers; slices {bad} are not",
+                           "check ImagePositionPatient of those files")
+    return np.argsort(z, kind="stable")
+
+
+def window(hu: np.ndarray, low: float = -1000.0, high: float = 400.0, dtype=np.float32) -> np.ndarray:
+    """Map [low, high] HU linearly onto [0, 255], clipping outside.
+
+    float32 by default; ``dtype=np.uint8`` rounds to the nearest integer.
+    """
+    if not low < high:
+        raise ValueError(f"window needs low < high, got {low}, {high}")
+    out = np.clip(np.asarray(hu, dtype=np.float32), np.float32(low), np.float32(high))
+    out -= np.float32(low)
+    out *= np.float32(255.0 / (high - low))
+    if np.dtype(dtype) == np.uint8:
+        return np.rint(out, out=out).astype(np.uint8)
+    return out.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class SquareCrop:
+    """A square of `side` pixels whose top-left corner is (`top`, `left`).
+
+    It may reach outside the image (an image narrower than the body's square);
+    what lies outside counts as air.
+    """
+
+    top: int
+    left: int
+    side: int
+
+    def inside(self, rows: int, cols: int) -> tuple[slice, slice, slice, slice]:
+        """(image rows, image cols, square rows, square cols) of the overlap."""
+        r0, r1 = max(self.top, 0), min(self.top + self.side, rows)
+        c0, c1 = max(self.left, 0), min(self.left + self.side, cols)
+        return (slice(r0, r1), slice(c0, c1),
+                slice(r0 - self.top, r1 - self.top), slice(c0 - self.left, c1 - self.left))
+
+
+def body_crop(hu_slices: Sequence[np.ndarray] | np.ndarray, threshold: float = -500.0,
+              margin: float = 0.02) -> SquareCrop:
+    """The square around the body over the whole volume (one for all slices).
+
+    A row or column belongs to the body's box when at least 1% of its pixels
+    (at least one) are above `threshold` HU in some slice, so isolated noisy
+    pixels in the air do not widen it.  The square has the box's longer side
+    plus `margin` on each side, is centred on the box and is moved inside the
+    image where it fits.  With no body found, the square covers the image.
+    """
+    slices = _as_slices(hu_slices)
+    rows, cols = slices[0].shape
+    projection = np.array(slices[0], dtype=np.float32)
+    for s in slices[1:]:
+        np.maximum(projection, s, out=projection)
+    body = projection > np.float32(threshold)
+    row_hits = np.flatnonzero(body.sum(axis=1) >= max(1, math.ceil(0.01 * cols)))
+    col_hits = np.flatnonzero(body.sum(axis=0) >= max(1, math.ceil(0.01 * rows)))
+    if row_hits.size == 0 or col_hits.size == 0:
+        r0, r1, c0, c1, extra = 0, rows, 0, cols, 0
+    else:
+        r0, r1, c0, c1 = row_hits[0], row_hits[-1] + 1, col_hits[0], col_hits[-1] + 1
+        extra = 2 * math.ceil(margin * max(r1 - r0, c1 - c0))
+    side = int(max(r1 - r0, c1 - c0) + extra)
+    return SquareCrop(_place(int(r0), int(r1), side, rows), _place(int(c0), int(c1), side, cols), side)
+
+
+def _place(start: int, stop: int, side: int, size: int) -> int:
+    """First index of a span of `side` centred on [start, stop), kept inside [0, size) if it fits."""
+    first = (start + stop - side) // 2
+    if side >= size:
+        return (size - side) // 2  # centre the image in the square
+    return min(max(first, 0), size - side)
+
+
+def _interpolation(side: int, size: int) -> int:
+    # Area averaging when shrinking; OpenCV's INTER_AREA degrades to a blocky
+    # nearest-neighbour when enlarging (128x128 images), where bilinear is better.
+    return cv2.INTER_AREA if side >= size else cv2.INTER_LINEAR
+
+
+def crop_resize(images: Sequence[np.ndarray] | np.ndarray, crop: SquareCrop, size: int,
+                fill: float = 0.0) -> np.ndarray:
+    """Cut `crop` out of every image (`fill` outside the image) and resize it
+    to `size` x `size`: float32 (n, size, size)."""
+    slices = _as_slices(images)
+    rows, cols = slices[0].shape
+    out = np.empty((len(slices), size, size), np.float32)
+    src_r, src_c, dst_r, dst_c = crop.inside(rows, cols)
+    square = np.full((crop.side, crop.side), fill, np.float32)
+    for i, image in enumerate(slices):
+        square[dst_r, dst_c] = image[src_r, src_c]
+        cv2.resize(square, (size, size), dst=out[i], interpolation=_interpolation(crop.side, size))
+    return out
+
+
+def pack_groups(slices: np.ndarray, slices_per_image: int = 3) -> np.ndarray:
+    """(n, S, S) slices -> (ceil(n / k), k, S, S) images of k consecutive slices.
+
+    Channel c of image g is slice g*k + c; the last image is completed with
+    copies of the last slice, so no slice is lost.
+    """
+    slices = np.asarray(slices)
+    if slices.ndim != 3 or slices.shape[0] == 0:
+        raise ValueError(f"pack_groups needs (n >= 1, S, S) slices, got shape {slices.shape}")
+    n, k = slices.shape[0], slices_per_image
+    groups = math.ceil(n / k)
+    index = np.minimum(np.arange(groups * k), n - 1)
+    return slices[index].reshape(groups, k, *slices.shape[1:])
+
+
+def normalize(groups: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(value - mean[c]) / std[c] on channel c of (n, C, S, S) images: float32."""
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return ((np.asarray(groups, np.float32) - m) / s).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------- all steps
+
+
+def prepare_volume(hu_slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing = Preprocessing()) -> np.ndarray:
+    """The CNN input of one series: float32 (ceil(n / k), k, S, S).
+
+    `hu_slices` are 2-D HU arrays of one size, already in z order (see
+    `order_slices`).  Same numbers as window, body_crop, crop_resize,
+    pack_groups and normalize one after the other, computed as: clip to the
+    window in HU, crop and resize, then one affine map per channel that does
+    the window's scaling and the normalisation together (resizing averages
+    linearly, so scaling before or after it is the same).
+    """
+    slices = _as_slices(hu_slices)
+    n, k, size = len(slices), p.slices_per_image, p.image_size
+    rows, cols = slices[0].shape
+    low, high = (np.float32(v) for v in p.hu_window)
+    crop = body_crop(slices, p.body_threshold_hu, p.body_margin)
+    src_r, src_c, dst_r, dst_c = crop.inside(rows, cols)
+    interpolation = _interpolation(crop.side, size)
+
+    groups = math.ceil(n / k)
+    out = np.empty((groups * k, size, size), np.float32)
+    square = np.full((crop.side, crop.side), low, np.float32)
+    inner = square[dst_r, dst_c]
+    for i, hu in enumerate(slices):
+        np.clip(hu[src_r, src_c], low, high, out=inner)
+        cv2.resize(square, (size, size), dst=out[i], interpolation=interpolation)
+    out[n:] = out[n - 1]
+
+    # value_255 = (hu - low) * 255 / (high - low); result = (value_255 - mean) / std
+    to_255 = 255.0 / (float(high) - float(low))
+    scale = np.array([to_255 / s for s in p.std], np.float32).reshape(1, k, 1, 1)
+    shift = np.array([(-float(low) * to_255 - m) / s for m, s in zip(p.mean, p.std)],
+                     np.float32).reshape(1, k, 1, 1)
+    images = out.reshape(groups, k, size, size)
+    images *= scale
+    images += shift
+    return images
+
+
+def _as_slices(hu_slices: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    """A list of 2-D arrays of one shape, or a readable error."""
+    if isinstance(hu_slices, np.ndarray):
+        if hu_slices.ndim != 3:
+            raise ValueError(f"expected a (n, rows, cols) volume, got shape {hu_slices.shape}")
+        slices = list(hu_slices)
+    else:
+        slices = [np.asarray(s) for s in hu_slices]
+    if not slices:
+        raise LungSQLError("the series has no slices", "store at least one CT slice of the patient")
+    shape = slices[0].shape
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"each slice must be a non-empty 2-D array, got shape {shape}")
+    for i, s in enumerate(slices):
+        if s.shape != shape:
+            raise LungSQLError(
+                f"slices of one series differ in size: slice 0 is {shape[0]}x{shape[1]}, "
+                f"slice {i} is {'x'.join(map(str, s.shape))}",
+                "featurize one series at a time; a series whose slices differ in size is not a volume")
+    return slices

@@ -1,0 +1,243 @@
+"""Tests of the preprocessing recipe: CT slices in HU -> normalised CNN input (no database)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lungsql import synth
+from lungsql.errors import ConfigurationError, LungSQLError
+from lungsql.preprocess import (
+    Preprocessing,
+    SquareCrop,
+    body_crop,
+    crop_resize,
+    normalize,
+    order_slices,
+    pack_groups,
+    prepare_volume,
+    window,
+)
+
+
+def _disc_volume(n: int, rows: int, cols: int, radii: list[float], center=None) -> np.ndarray:
+    """Air (-1000 HU) with a soft-tissue disc (40 HU) of radius radii[i] in slice i."""
+    cy, cx = center if center is not None else ((rows - 1) / 2, (cols - 1) / 2)
+    r, c = np.ogrid[:rows, :cols]
+    vol = np.full((n, rows, cols), -1000.0, np.float32)
+    for i in range(n):
+        vol[i][(r - cy) ** 2 + (c - cx) ** 2 <= radii[i] ** 2] = 40.0
+    return vol
+
+
+def _reference(vol: np.ndarray, p: Preprocessing) -> np.ndarray:
+    """The recipe step by step, as the module docstring describes it."""
+    crop = body_crop(vol, p.body_threshold_hu, p.body_margin)
+    images = crop_resize(window(vol, *p.hu_window), crop, p.image_size, fill=0.0)
+    return normalize(pack_groups(images, p.slices_per_image), p.mean, p.std)
+
+
+# ----------------------------------------------------------------------------- ordering
+
+
+def test_slices_are_ordered_by_position_not_instance_number() -> None:
+    patient = synth.plan_cohort(1, (9, 9), seed=5)[0]
+    g = patient.geometry
+    # Files arrive in InstanceNumber order, which synth shuffles against z.
+    arrival = sorted(range(g.n_slices), key=lambda i: patient.instance_numbers[i])
+    assert arrival != list(range(g.n_slices))
+    z = [g.z(i) for i in arrival]
+    ordered = [arrival[j] for j in order_slices(z)]
+    assert ordered == list(range(g.n_slices))
+
+
+def test_order_is_stable_for_equal_positions_and_handles_descending_z() -> None:
+    assert order_slices([5.0, 1.0, 5.0, -2.5, 1.0]).tolist() == [3, 1, 4, 0, 2]
+    assert order_slices([30.0, 20.0, 10.0]).tolist() == [2, 1, 0]
+
+
+def test_order_rejects_missing_positions() -> None:
+    with pytest.raises(LungSQLError, match="finite"):
+        order_slices([1.0, float("nan")])
+
+
+# ----------------------------------------------------------------------------- window
+
+
+def test_window_maps_lung_window_onto_0_255_and_clips() -> None:
+    hu = np.array([-3000.0, -1000.0, -300.0, 400.0, 2000.0], np.float32)
+    out = window(hu, -1000.0, 400.0)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [0.0, 0.0, 127.5, 255.0, 255.0], atol=1e-4)
+    assert window(hu, -1000.0, 400.0, dtype=np.uint8).tolist() == [0, 0, 128, 255, 255]
+
+
+def test_window_does_not_scale_each_slice_by_its_maximum() -> None:
+    dark = np.full((4, 4), -800.0, np.float32)
+    bright = dark.copy()
+    bright[0, 0] = 400.0
+    # The same HU gives the same value whatever else the slice holds...
+    assert window(dark)[2, 2] == window(bright)[2, 2]
+    # ...and a dark slice stays dark (the original stretched every slice to its maximum).
+    assert window(dark).max() < 40
+
+
+# ----------------------------------------------------------------------------- crop and resize
+
+
+def test_crop_is_one_square_for_the_whole_volume_and_contains_the_body() -> None:
+    # The body grows from slice to slice and sits off-centre.
+    vol = _disc_volume(5, 300, 300, [20, 40, 60, 80, 100], center=(160, 140))
+    crop = body_crop(vol)
+    assert isinstance(crop, SquareCrop)
+    body_rows, body_cols = np.nonzero((vol > -500).any(axis=0))
+    assert crop.top <= body_rows.min() and body_rows.max() < crop.top + crop.side
+    assert crop.left <= body_cols.min() and body_cols.max() < crop.left + crop.side
+    assert 201 <= crop.side <= 201 * 1.1  # the widest disc, plus a small margin
+
+    # prepare_volume uses that one crop for every slice: the small disc of slice 0
+    # stays small, as it would not with a crop of its own.
+    p = Preprocessing(image_size=64, body_margin=0.0)
+    out = prepare_volume(vol, p)
+    np.testing.assert_allclose(out, _reference(vol, p), atol=1e-5)
+    tissue = (out[0] > 0).sum(axis=(1, 2))  # per channel = slices 0, 1, 2
+    assert tissue[0] < tissue[1] < tissue[2]
+    assert tissue[0] == pytest.approx(math.pi * (20 * 64 / 201) ** 2, rel=0.25)
+
+
+def test_crop_ignores_isolated_noise_in_the_air_and_falls_back_to_the_full_image() -> None:
+    vol = _disc_volume(3, 200, 200, [30, 30, 30])
+    clean = body_crop(vol)
+    vol[1, 2, 3] = 500.0  # one hot pixel far from the body
+    assert body_crop(vol) == clean
+    empty = np.full((2, 120, 90), -1000.0, np.float32)  # no body at all
+    assert body_crop(empty) == SquareCrop(top=0, left=-15, side=120)
+
+
+def test_crop_of_synthetic_patient_keeps_the_body() -> None:
+    patient = synth.plan_cohort(1, (4, 4), seed=11)[0]
+    vol = np.stack([synth.slice_hu(patient, i) for i in range(4)])
+    crop = body_crop(vol)
+    rows, cols = np.nonzero((vol > -500).any(axis=0))
+    assert crop.top <= rows.min() and rows.max() < crop.top + crop.side
+    assert crop.left <= cols.min() and cols.max() < crop.left + crop.side
+    assert crop.side < 512  # the padding outside the scanner's field of view is cut away
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (512, 512), (100, 160), (160, 100), (600, 600)])
+def test_any_slice_size_gives_the_cnn_size(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    vol = _disc_volume(4, rows, cols, [min(rows, cols) * 0.45] * 4)
+    vol += np.random.default_rng(0).normal(0, 20, vol.shape).astype(np.float32)
+    p = Preprocessing(image_size=224)
+    out = prepare_volume(list(vol), p)
+    assert out.shape == (2, 3, 224, 224) and out.dtype == np.float32
+    assert out.flags.c_contiguous
+    np.testing.assert_allclose(out, _reference(vol, p), atol=1e-4)
+
+
+def test_square_reaching_outside_a_narrow_image_is_filled_with_air() -> None:
+    vol = np.full((1, 40, 100), 40.0, np.float32)  # body fills a wide, short image
+    crop = body_crop(vol, margin=0.0)
+    assert crop == SquareCrop(top=-30, left=0, side=100)
+    out = crop_resize(window(vol), crop, 50)[0]
+    assert np.all(out[:10] == 0.0) and np.all(out[-10:] == 0.0)  # air above and below
+    np.testing.assert_allclose(out[20:30], window(np.float32(40.0)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _numbered(n: int, size: int = 8) -> np.ndarray:
+    return np.stack([np.full((size, size), i, np.float32) for i in range(n)])
+
+
+def test_tail_is_kept_by_repeating_the_last_slice() -> None:
+    groups = pack_groups(_numbered(7))
+    assert groups.shape == (3, 3, 8, 8)
+    assert groups[:, :, 0, 0].tolist() == [[0, 1, 2], [3, 4, 5], [6, 6, 6]]
+    assert pack_groups(_numbered(8))[:, :, 0, 0].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 7]]
+
+
+def test_full_groups_and_single_slice() -> None:
+    assert pack_groups(_numbered(9))[:, :, 0, 0].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert pack_groups(_numbered(1))[:, :, 0, 0].tolist() == [[0, 0, 0]]
+
+
+def test_prepare_volume_channels_are_consecutive_slices_in_order() -> None:
+    # Slice i is uniform at -1000 + 100 i HU, so its windowed value tells which slice it is.
+    n = 7
+    hu = [np.full((64, 48), -1000.0 + 100.0 * i, np.float32) for i in range(n)]
+    p = Preprocessing(image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3)
+    out = prepare_volume(hu, p)
+    assert out.shape == (3, 3, 16, 16)
+    slice_of = np.rint(out[:, :, 8, 8] / (100 * 255 / 1400)).astype(int)
+    assert slice_of.tolist() == [[0, 1, 2], [3, 4, 5], [6, 6, 6]]
+
+
+def test_empty_and_mixed_size_series_are_refused() -> None:
+    with pytest.raises(LungSQLError, match="no slices"):
+        prepare_volume([], Preprocessing())
+    with pytest.raises(LungSQLError, match="differ in size"):
+        prepare_volume([np.zeros((64, 64), np.float32), np.zeros((32, 64), np.float32)], Preprocessing())
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def test_normalize_uses_per_channel_mean_and_std() -> None:
+    groups = np.stack([np.full((2, 2), v, np.float32) for v in (0.0, 127.5, 255.0)])[None]
+    out = normalize(groups, (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0, :, 0, 0], [-1.0, 0.0, 1.0], atol=1e-6)
+    out = normalize(groups, (0.0, 100.0, 255.0), (1.0, 2.0, 5.0))
+    np.testing.assert_allclose(out[0, :, 0, 0], [0.0, 13.75, 0.0], atol=1e-5)
+
+
+def test_prepare_volume_values_of_lung_window_ends() -> None:
+    hu = [np.full((32, 32), v, np.float32) for v in (-1200.0, -300.0, 400.0)]
+    out = prepare_volume(hu, Preprocessing(image_size=8))
+    np.testing.assert_allclose(out[0, :, 4, 4], [-1.0, 0.0, 1.0], atol=1e-5)
+    out = prepare_volume(hu, Preprocessing(image_size=8, mean=(127.0,) * 3, std=(128.0,) * 3))
+    np.testing.assert_allclose(out[0, :, 4, 4], [-127 / 128, 0.5 / 128, 1.0], atol=1e-5)
+
+
+def test_int16_input_gives_the_same_result() -> None:
+    vol = _disc_volume(3, 64, 64, [20, 22, 24]).astype(np.int16)
+    p = Preprocessing(image_size=32)
+    np.testing.assert_allclose(prepare_volume(vol, p), prepare_volume(vol.astype(np.float32), p))
+
+
+# ----------------------------------------------------------------------------- the recipe as data
+
+
+def test_recipe_round_trips_through_json() -> None:
+    p = Preprocessing(image_size=256, hu_window=(-1100, 300), mean=(127, 127, 127), std=(128, 128, 128))
+    stored = json.loads(json.dumps(p.to_json()))
+    assert stored["version"] == 1 and stored["mean"] == [127.0, 127.0, 127.0]
+    assert Preprocessing.from_json(stored) == p
+    assert Preprocessing.from_json({"version": 1}) == Preprocessing()
+
+
+def test_recipe_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Preprocessing.from_settings() == Preprocessing()
+    monkeypatch.setenv("LUNGSQL_IMAGE_SIZE", "256")
+    monkeypatch.setenv("LUNGSQL_HU_WINDOW", "-1200:600")
+    p = Preprocessing.from_settings(mean=(127.0,) * 3, std=(128.0,) * 3)
+    assert (p.image_size, p.hu_window, p.mean, p.std) == (256, (-1200.0, 600.0), (127.0,) * 3, (128.0,) * 3)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"image_size": 0}, "image_size"),
+    ({"hu_window": (400, -1000)}, "LOW < HIGH"),
+    ({"mean": (127.5, 127.5)}, "channels"),
+    ({"std": (127.5, 0.0, 127.5)}, "positive"),
+    ({"colour": "red"}, "unknown keys"),
+    ({"version": 99}, "recipe version"),
+])
+def test_bad_recipes_say_what_is_wrong(bad: dict, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Preprocessing.from_json(bad)
