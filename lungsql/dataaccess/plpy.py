@@ -1,0 +1,170 @@
+"""The pipeline's data access inside PostgreSQL, through plpy.
+
+Statements are prepared once per server process and every value is bound:
+nothing is formatted into SQL. Reads go through plpy in the backend itself:
+no connection back to the database and no credentials in the server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from lungsql.errors import ConfigurationError, LungSQLError
+from lungsql.featurize import GroupFeatures
+
+_PLANS: dict[str, Any] = {}
+
+
+class PlpyData:
+    def __init__(self, plpy):
+        self.plpy = plpy
+
+    def _run(self, sql: str, types: Sequence[str] = (), args: Sequence[Any] = ()):
+        plan = _PLANS.get(sql)
+        if plan is None:
+            plan = _PLANS[sql] = self.plpy.prepare(sql, list(types))
+        return self.plpy.execute(plan, list(args))
+
+    def commit(self) -> None:
+        try:
+            self.plpy.commit()
+        except self.plpy.SPIError as exc:
+            if "invalid transaction termination" in str(exc):
+                raise LungSQLError(
+                    "generate_features commits each patient, so it cannot run inside a transaction block",
+                    hint="run CALL lungsql.generate_features(...) on its own, outside BEGIN ... COMMIT",
+                ) from None
+            raise
+
+    def notice(self, text: str) -> None:
+        self.plpy.notice(text)
+
+    # -- CNNs and features ---------------------------------------------------
+    def cnn_model(self, name: str | None) -> dict[str, Any]:
+        if name is None:
+            rows = self._run("SELECT * FROM lungsql.cnn_models ORDER BY created_at DESC, cnn_id DESC LIMIT 1")
+        else:
+            rows = self._run("SELECT * FROM lungsql.cnn_models WHERE name = $1", ["text"], [name])
+        if not rows:
+            raise ConfigurationError(
+                "no CNN is stored" if name is None else f"no CNN named {name!r}",
+                hint="import one: lungsql model import --builtin efficientnet-lite0",
+            )
+        return dict(rows[0])
+
+    def patients_to_featurize(self, cnn_id: int, only_missing: bool) -> list[str]:
+        rows = self._run(
+            """SELECT p.patient_id FROM lungsql.patients p
+               WHERE EXISTS (SELECT 1 FROM lungsql.scans s WHERE s.patient_id = p.patient_id)
+                 AND NOT ($2 AND EXISTS (SELECT 1 FROM lungsql.features f
+                                          WHERE f.patient_id = p.patient_id AND f.cnn_id = $1))
+               ORDER BY p.patient_id""",
+            ["integer", "boolean"], [cnn_id, only_missing],
+        )
+        return [r["patient_id"] for r in rows]
+
+    def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]:
+        rows = self._run(
+            "SELECT dicom, z_position, series_instance_uid FROM lungsql.scans WHERE patient_id = $1",
+            ["text"], [patient_id],
+        )
+        return [(r["dicom"], r["z_position"], r["series_instance_uid"]) for r in rows]
+
+    def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int:
+        return self._run(
+            "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards) VALUES ($1, $2, $3, $4) "
+            "RETURNING run_id",
+            ["integer", "text", "integer", "integer"], [cnn_id, provider, shard, shards],
+        )[0]["run_id"]
+
+    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures, run_id: int) -> None:
+        n_groups, dim = features.shape
+        data = features.to_bytes()
+        self._run(
+            """INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+               ON CONFLICT (patient_id, cnn_id) DO UPDATE SET n_slices = EXCLUDED.n_slices,
+                   n_groups = EXCLUDED.n_groups, dim = EXCLUDED.dim, data = EXCLUDED.data,
+                   sha256 = EXCLUDED.sha256, run_id = EXCLUDED.run_id, created_at = now()""",
+            ["text", "integer", "integer", "integer", "integer", "bytea", "text", "bigint"],
+            [patient_id, cnn_id, features.n_slices, n_groups, dim, data, features.sha256, run_id],
+        )
+
+    def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float, finished: bool) -> None:
+        self._run(
+            """UPDATE lungsql.feature_runs SET patients = $2, slices = $3, seconds = $4,
+                      finished_at = CASE WHEN $5 THEN now() END
+               WHERE run_id = $1""",
+            ["bigint", "integer", "integer", "double precision", "boolean"],
+            [run_id, patients, slices, seconds, finished],
+        )
+
+    # -- models and the registry ------------------------------------------------
+    def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]:
+        rows = self._run(
+            """SELECT f.patient_id, p.label, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256
+               FROM lungsql.features f JOIN lungsql.patients p USING (patient_id)
+               WHERE f.cnn_id = $1 AND p.label IS NOT NULL ORDER BY f.patient_id""",
+            ["integer"], [cnn_id],
+        )
+        return [dict(r) for r in rows]
+
+    def insert_model(self, row: dict[str, Any]) -> int:
+        return self._run(
+            """INSERT INTO lungsql.models (name, version, cnn_id, feature_set, feature_names, params,
+                                          model_text, sha256, metrics)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING model_id""",
+            ["text", "integer", "integer", "text", "jsonb", "jsonb", "text", "text", "jsonb"],
+            [row["name"], row["version"], row["cnn_id"], row["feature_set"], json.dumps(row["feature_names"]),
+             json.dumps(row["params"]), row["model_text"], row["sha256"], json.dumps(row["metrics"])],
+        )[0]["model_id"]
+
+    def models(self, name: str) -> list[dict[str, Any]]:
+        rows = self._run(
+            "SELECT model_id, version, metrics::text AS metrics FROM lungsql.models WHERE name = $1 "
+            "ORDER BY model_id", ["text"], [name])
+        return [dict(r) for r in rows]
+
+    def deployed(self, name: str | None) -> dict[str, Any] | None:
+        rows = self._run(
+            """SELECT m.model_id, m.sha256, m.cnn_id, m.metrics::text AS metrics
+               FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
+               WHERE $1::text IS NULL OR d.name = $1
+               ORDER BY d.deployment_id DESC LIMIT 1""",
+            ["text"], [name],
+        )
+        return dict(rows[0]) if rows else None
+
+    def deployment_history(self, name: str) -> list[int]:
+        rows = self._run(
+            "SELECT model_id FROM lungsql.deployments WHERE name = $1 ORDER BY deployment_id DESC",
+            ["text"], [name])
+        return [r["model_id"] for r in rows]
+
+    def insert_deployment(self, name: str, model_id: int, strategy: str) -> None:
+        self._run("INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES ($1, $2, $3)",
+                  ["text", "integer", "text"], [name, model_id, strategy])
+
+    def model_text(self, model_id: int) -> str:
+        return self._run("SELECT model_text FROM lungsql.models WHERE model_id = $1",
+                         ["integer"], [model_id])[0]["model_text"]
+
+    # -- scoring ------------------------------------------------------------------
+    def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]:
+        rows = self._run(
+            """SELECT f.patient_id, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256
+               FROM lungsql.features f JOIN lungsql.patients p USING (patient_id)
+               WHERE f.cnn_id = $2 AND f.patient_id = ANY($1)""",
+            ["text[]", "integer"], [list(patient_ids), cnn_id],
+        )
+        return [dict(r) for r in rows]
+
+    def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None:
+        if rows:
+            self._run(
+                """INSERT INTO lungsql.predictions (patient_id, model_id, probability)
+                   SELECT unnest($1::text[]), $2, unnest($3::double precision[])""",
+                ["text[]", "integer", "double precision[]"],
+                [[p for p, _ in rows], model_id, [prob for _, prob in rows]],
+            )

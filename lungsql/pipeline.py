@@ -1,0 +1,247 @@
+"""The pipeline the stored procedures run: featurize, train, deploy, score.
+
+Each step takes a data-access object (`PipelineData`): backed by plpy inside
+PostgreSQL (lungsql.dataaccess.plpy), by InputDataSet and OutputDataSet
+inside SQL Server, or by anything else in tests. The science is here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from lungsql import featurize, scoring, training
+from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
+from lungsql.preprocess import Preprocessing
+
+#: The patient vector: the CNN recipe of lungsql.featurize, then age and sex.
+FEATURE_SET = featurize.FEATURE_SET + "+age-sex"
+STRATEGIES = ("best_score", "most_recent", "rollback")
+
+
+class PipelineData(Protocol):
+    """What the pipeline reads and writes; see lungsql.dataaccess.plpy for the reference."""
+
+    def cnn_model(self, name: str | None) -> dict[str, Any]: ...
+    def patients_to_featurize(self, cnn_id: int, only_missing: bool) -> list[str]: ...
+    def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]: ...
+    def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int: ...
+    def write_features(self, patient_id: str, cnn_id: int, features: featurize.GroupFeatures,
+                       run_id: int) -> None: ...
+    def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
+                           finished: bool) -> None: ...
+    def commit(self) -> None: ...
+    def notice(self, text: str) -> None: ...
+    def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]: ...
+    def insert_model(self, row: dict[str, Any]) -> int: ...
+    def models(self, name: str) -> list[dict[str, Any]]: ...
+    def deployed(self, name: str | None) -> dict[str, Any] | None: ...
+    def deployment_history(self, name: str) -> list[int]: ...
+    def insert_deployment(self, name: str, model_id: int, strategy: str) -> None: ...
+    def model_text(self, model_id: int) -> str: ...
+    def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]: ...
+    def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None: ...
+
+
+# -- featurization -------------------------------------------------------------
+@dataclass
+class FeatureRun:
+    run_id: int
+    cnn: str
+    provider: str
+    patients: int
+    slices: int
+    seconds: float
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.slices / self.seconds if self.seconds else 0.0
+
+
+def in_shard(patient_id: str, shard: int, shards: int) -> bool:
+    """Stable assignment of a patient to one of `shards` disjoint sets."""
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") % shards == shard
+
+
+def load_featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
+    model = bytes(cnn["model"])
+    if hashlib.sha256(model).hexdigest() != cnn["sha256"]:
+        raise IntegrityError(
+            f"the bytes of CNN {cnn['name']!r} do not match their SHA-256: the stored model was altered; "
+            "nothing was featurized",
+            hint=f"import the CNN again: lungsql model import ... --name {cnn['name']}",
+        )
+    return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
+                                Preprocessing.from_json(_json(cnn["preprocessing"])))
+
+
+def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
+                      shard: int = 0, shards: int = 1) -> FeatureRun:
+    """Featurize every patient of this shard, each one committed on its own."""
+    if shards < 1 or not 0 <= shard < shards:
+        raise ConfigurationError(f"shard must be in 0..shards-1 and shards >= 1; got shard={shard}, shards={shards}",
+                                 hint="e.g. run shard => 0, shards => 2 and shard => 1, shards => 2 in two sessions")
+    cnn = data.cnn_model(cnn_name)
+    featurizer = load_featurizer(cnn)
+    patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing) if in_shard(p, shard, shards)]
+    run = FeatureRun(data.start_feature_run(cnn["cnn_id"], featurizer.provider, shard, shards),
+                     cnn["name"], featurizer.provider, 0, 0, 0.0)
+    data.commit()
+    data.notice(f"featurizing {len(patients)} patients with CNN {cnn['name']!r} on {featurizer.provider} "
+                f"(shard {shard} of {shards})")
+    started = time.perf_counter()
+    volumes = ((pid, _largest_series(data.patient_scans(pid))) for pid in patients)
+    for patient_id, features in featurizer.featurize_volumes(volumes):
+        data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
+        run.patients += 1
+        run.slices += features.n_slices
+        run.seconds = time.perf_counter() - started
+        data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, finished=False)
+        data.commit()  # this patient is done, whatever happens to the next
+        data.notice(f"{run.patients}/{len(patients)} patients, {run.slices} slices, "
+                    f"{run.slices_per_s:.0f} slices/s")
+    run.seconds = time.perf_counter() - started
+    data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, finished=True)
+    data.commit()
+    return run
+
+
+def _largest_series(scans: list[tuple[bytes, float, str]]) -> list[tuple[bytes, float]]:
+    """The slices of the patient's largest series (the CT volume), as (bytes, z)."""
+    if not scans:
+        return []
+    counts: dict[str, int] = {}
+    for _, _, series in scans:
+        counts[series] = counts.get(series, 0) + 1
+    biggest = max(counts, key=lambda s: (counts[s], s))
+    return [(dicom, z) for dicom, z, series in scans if series == biggest]
+
+
+# -- patient vectors -------------------------------------------------------------
+def patient_vector(row: dict[str, Any]) -> np.ndarray:
+    """A patient's model input from a features row: the CNN summary, age, sex (NaN when unknown)."""
+    features = featurize.GroupFeatures.from_bytes(row["data"], (row["n_groups"], row["dim"]), row["sha256"],
+                                                  n_slices=row["n_slices"])
+    age = row.get("age_years")
+    sex = row.get("sex")
+    extra = np.array([np.nan if age is None else float(age),
+                      {"M": 1.0, "F": 0.0}.get(sex, np.nan)], dtype=np.float32)
+    return np.concatenate([features.patient_vector(), extra])
+
+
+def feature_names(dim: int) -> list[str]:
+    return featurize.patient_vector_names(dim) + ["age_years", "sex_male"]
+
+
+# -- training and the registry ---------------------------------------------------------
+def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict | None = None,
+                cnn_name: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Train a LightGBM classifier on the labelled patients; returns (model id, metrics)."""
+    if not model_name or not model_name.strip():
+        raise ConfigurationError("model_name must not be empty", hint="e.g. model_name => 'lightgbm'")
+    cnn = data.cnn_model(cnn_name)
+    rows = data.labelled_features(cnn["cnn_id"])
+    if not rows:
+        raise ConfigurationError(
+            f"no labelled patient has features from CNN {cnn['name']!r}",
+            hint="load labels with `lungsql ingest --labels`, then CALL lungsql.generate_features()",
+        )
+    data.notice(f"training {model_name!r} on {len(rows)} labelled patients (CNN {cnn['name']!r})")
+    X = np.stack([patient_vector(r) for r in rows])
+    y = np.array([int(r["label"]) for r in rows])
+    result = training.train(X, y, [r["patient_id"] for r in rows], feature_names(rows[0]["dim"]),
+                            params=params, progress=data.notice)
+    versions = [m["version"] for m in data.models(model_name)]
+    model_id = data.insert_model({
+        "name": model_name,
+        "version": max(versions, default=0) + 1,
+        "cnn_id": cnn["cnn_id"],
+        "feature_set": FEATURE_SET,
+        "feature_names": result.feature_names,
+        "params": result.params,
+        "model_text": result.model_text,
+        "sha256": result.sha256,
+        "metrics": result.metrics,
+    })
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        data.insert_deployment(model_name, model_id, "first model")
+        data.notice(f"model {model_id} deployed as {model_name!r}: the first of its name")
+    elif result.metrics["log_loss"] < _json(deployed["metrics"])["log_loss"]:
+        data.insert_deployment(model_name, model_id, "best_score")
+        data.notice(f"model {model_id} deployed as {model_name!r}: validation log loss "
+                    f"{result.metrics['log_loss']:.4f} beats {_json(deployed['metrics'])['log_loss']:.4f}")
+    else:
+        data.notice(f"model {deployed['model_id']} stays deployed as {model_name!r}: it has the better "
+                    "validation log loss")
+    return model_id, result.metrics
+
+
+def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") -> int:
+    """Deploy a model of `model_name` by strategy (or by model id); returns the deployed model id."""
+    models = data.models(model_name)
+    if not models:
+        raise ConfigurationError(f"there is no model named {model_name!r}",
+                                 hint="train one first: SELECT * FROM lungsql.train_model('...')")
+    strategy = str(strategy).strip()
+    if strategy == "best_score":
+        chosen = min(models, key=lambda m: (_json(m["metrics"])["log_loss"], -m["model_id"]))["model_id"]
+    elif strategy == "most_recent":
+        chosen = max(m["model_id"] for m in models)
+    elif strategy == "rollback":
+        history = data.deployment_history(model_name)
+        if len(history) < 2:
+            raise ConfigurationError(f"{model_name!r} has no earlier deployment to roll back to")
+        current = history[0]
+        chosen = next((m for m in history[1:] if m != current), None)
+        if chosen is None:
+            raise ConfigurationError(f"every earlier deployment of {model_name!r} is the current model")
+    elif strategy.isdigit():
+        chosen = int(strategy)
+        if chosen not in {m["model_id"] for m in models}:
+            raise ConfigurationError(f"model {chosen} is not a model named {model_name!r}",
+                                     hint="SELECT model_id, name, version FROM lungsql.models")
+    else:
+        raise ConfigurationError(f"unknown strategy {strategy!r}",
+                                 hint="use 'best_score', 'most_recent', 'rollback' or a model id")
+    data.insert_deployment(model_name, chosen, strategy)
+    return chosen
+
+
+# -- scoring ----------------------------------------------------------------------
+def predict(data: PipelineData, patient_ids: Sequence[str], model_name: str | None = None
+            ) -> Iterator[tuple[str, float]]:
+    """(patient id, probability of cancer) from the deployed model, each one recorded."""
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        raise LungSQLError(
+            "no model is deployed" + (f" as {model_name!r}" if model_name else ""),
+            hint="train one: SELECT * FROM lungsql.train_model()",
+        )
+    model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
+                                 lambda: data.model_text(deployed["model_id"]))
+    rows = {r["patient_id"]: r for r in data.patient_features(patient_ids, deployed["cnn_id"])}
+    missing = [p for p in patient_ids if p not in rows]
+    if missing:
+        raise LungSQLError(
+            f"no features for patient {missing[0]!r} from the CNN of model {deployed['model_id']}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            hint="check the patient id, or featurize: CALL lungsql.generate_features()",
+        )
+    vectors = np.stack([patient_vector(rows[p]) for p in patient_ids]) if patient_ids else None
+    probabilities = model.predict(vectors) if vectors is not None else []
+    results = [(p, float(min(1.0, max(0.0, prob)))) for p, prob in zip(patient_ids, probabilities)]
+    data.record_predictions(deployed["model_id"], results)
+    return iter(results)
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, (str, bytes)):
+        import json
+
+        return json.loads(value)
+    return value
