@@ -302,7 +302,7 @@ def settings() -> None:
 @click.pass_context
 @reports_errors
 def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool) -> None:
-    """Run the whole pipeline on a synthetic cohort: database, cohort, upload."""
+    """Run the whole pipeline on a synthetic cohort: database, upload, CNN, features, training, scores."""
     import json
 
     if not (ctx.obj.get("db") or config.get("LUNGSQL_DATABASE_URL")):
@@ -313,7 +313,9 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
     ctx.invoke(check)
 
     cohort = Path(config.get("LUNGSQL_DATA_PATH")) / "demo-cohort"
-    recipe = {"patients": patients, "slices": slices, "seed": seed}
+    from lungsql.synth import GENERATOR_VERSION
+
+    recipe = {"patients": patients, "slices": slices, "seed": seed, "generator": GENERATOR_VERSION}
     marker = cohort.with_name("demo-cohort.json")  # beside the cohort: ingest reads every file inside
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         _step(f"synthetic cohort already in {cohort}")
@@ -329,9 +331,34 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
 
     _step("uploading the cohort into lungsql.scans")
     ctx.invoke(ingest, directory=cohort, labels_csv=None, deidentify=False, batch_size=None)
+    _step("storing the ImageNet CNN (EfficientNet-Lite0, ONNX) in lungsql.cnn_models")
+    ctx.invoke(model_import, path=None, builtin="efficientnet-lite0", name=None, output=None, replace=False)
+    _step("CALL lungsql.generate_features(): CNN features of every patient, inside the server")
+    ctx.invoke(featurize, cnn_name=None, redo=False, shard=0, shards=1)
+    _step("SELECT * FROM lungsql.train_model(): LightGBM, inside the server")
+    ctx.invoke(train, model_name="lightgbm", params="{}", cnn_name=None)
+    _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")
+    _demo_predictions(ctx)
     _step("done")
-    click.echo("Look at the data from psql:  lungsql db psql -c 'SELECT patient_id, name, sex, age_years, label "
-               "FROM lungsql.patients LIMIT 5'")
+    click.echo("From psql (lungsql db psql):\n"
+               "  SELECT patient_id, name, lungsql.predict_lung_cancer(patient_id) FROM lungsql.patients LIMIT 5;")
+
+
+def _demo_predictions(ctx: click.Context) -> None:
+    import sqlalchemy as sa
+
+    from lungsql import procedure_calls
+
+    engine = _engine(ctx)
+    with engine.connect() as conn:
+        patients = conn.execute(sa.text(
+            "(SELECT patient_id, name, label FROM lungsql.patients WHERE label = 1 ORDER BY patient_id LIMIT 3) "
+            "UNION ALL (SELECT patient_id, name, label FROM lungsql.patients WHERE label = 0 "
+            "ORDER BY patient_id LIMIT 3)")).all()
+    scores = dict(procedure_calls.predict(engine, [p.patient_id for p in patients], None))
+    _table(["patient_id", "name", "label", "probability"],
+           [(p.patient_id, p.name, "cancer" if p.label else "no cancer", f"{scores[p.patient_id]:.1%}")
+            for p in patients])
 
 
 @db_group.command("psql", context_settings={"ignore_unknown_options": True})

@@ -30,6 +30,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+#: Bumped whenever the same seed would draw different patients or pixels.
+GENERATOR_VERSION = 2
 ROWS = COLS = 512
 RESCALE_SLOPE = 1.0
 RESCALE_INTERCEPT = -1024.0
@@ -193,7 +195,7 @@ def _draw_vessel(rng: np.random.Generator) -> Vessel:
     r, angle = 0.85 * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)  # uniform in a disc
     return Vessel(lung=int(rng.integers(2)), u=r * math.cos(angle), v=r * math.sin(angle),
                   amplitude=(rng.uniform(2, 10), rng.uniform(2, 10)), period=rng.uniform(80, 250),
-                  phase=rng.uniform(0, 2 * math.pi), radius=rng.uniform(0.8, 2.8))
+                  phase=rng.uniform(0, 2 * math.pi), radius=rng.uniform(0.5, 1.5))
 
 
 def _draw_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -272,10 +274,10 @@ def _try_nodule(rng: np.random.Generator, a: Anatomy, g: VolumeGeometry, diamete
 
 
 def _draw_nodules(rng: np.random.Generator, a: Anatomy, g: VolumeGeometry) -> tuple[Nodule, ...]:
-    """1 to 3 non-overlapping spheres of 5..30 mm (log-uniform), each inside a lung."""
+    """1 to 3 non-overlapping spheres of 5..30 mm (uniform), each inside a lung."""
     nodules: list[Nodule] = []
     for _ in range(int(rng.integers(1, 4))):
-        diameter = float(np.exp(rng.uniform(math.log(5.0), math.log(30.0))))
+        diameter = float(rng.uniform(5.0, 30.0))
         for attempt in range(300):  # shrink the sphere a little after every 60 misses
             nodule = _try_nodule(rng, a, g, max(5.0, diameter * 0.8 ** (attempt // 60)), nodules)
             if nodule is not None:

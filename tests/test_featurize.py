@@ -186,14 +186,14 @@ def test_altered_features_raise_integrity_error() -> None:
 # ----------------------------------------------------------------------------- patient vector
 
 
-def test_patient_vector_is_mean_max_and_log_slices() -> None:
+def test_patient_vector_is_mean_max_minus_mean_and_log_slices() -> None:
     features = np.array([[1.0, 2.0, -1.0], [3.0, 0.0, -3.0]], np.float32)
     vector = patient_vector(features, n_slices=5)
     assert vector.shape == (2 * 3 + 1,) and vector.dtype == np.float32
-    np.testing.assert_allclose(vector, [2.0, 1.0, -2.0, 3.0, 2.0, -1.0, math.log1p(5)], rtol=1e-6)
+    np.testing.assert_allclose(vector, [2.0, 1.0, -2.0, 1.0, 1.0, 1.0, math.log1p(5)], rtol=1e-6)
     names = patient_vector_names(3)
-    assert names == ["mean_0", "mean_1", "mean_2", "max_0", "max_1", "max_2", "log_slices"]
-    assert FEATURE_SET == "mean-max-v1"
+    assert names == ["mean_0", "mean_1", "mean_2", "delta_0", "delta_1", "delta_2", "log_slices"]
+    assert FEATURE_SET == "mean-delta-v1"
     np.testing.assert_array_equal(GroupFeatures(features, 5).patient_vector(), vector)
 
 
