@@ -94,8 +94,20 @@ def import_file(engine: sa.Engine, path: Path, name: str, output: str | None = N
         info = cnn_export.describe_onnx(data, output)
     except ValueError as exc:
         raise ConfigurationError(f"{path}: {exc}", hint="name the feature output with --output TENSOR") from None
-    size = info.get("input_size") or 224
-    preprocessing = dataclasses.replace(Preprocessing.from_settings(mean=mean, std=std), image_size=size)
+    if info["input_layout"] != "NCHW" or info["input_channels"] != 3:
+        raise ConfigurationError(
+            f"{path}: the input {info['input_name']!r} is {info['input_layout']} with "
+            f"{info['input_channels']} channels; lungsql feeds NCHW images of three slices",
+            hint="export the CNN with an (N, 3, H, W) float32 input",
+        )
+    size = info["input_size"]
+    if isinstance(size, list):
+        raise ConfigurationError(f"{path}: the input is {size[0]}x{size[1]}; lungsql feeds square images",
+                                 hint="export the CNN with a square input, e.g. 224x224")
+    preprocessing = Preprocessing.from_settings(mean=mean, std=std)
+    if size is not None:  # a dynamic size takes LUNGSQL_IMAGE_SIZE
+        preprocessing = dataclasses.replace(preprocessing, image_size=size)
+    size = preprocessing.image_size
     return store(engine, name, data, info["input_name"], size, info["output_name"], info["feature_dim"],
                  preprocessing, {"file": Path(path).name, "describe": _jsonable(info)}, replace=replace)
 
