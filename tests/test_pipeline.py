@@ -144,3 +144,35 @@ def test_unknown_patient_is_a_clear_error(loaded):
     call(loaded, "SELECT * FROM lungsql.train_model()")
     with pytest.raises(psycopg.Error, match="no features for patient 'nobody'"):
         call(loaded, "SELECT lungsql.predict_lung_cancer('nobody')")
+
+
+def test_registry_deploys_only_better_models_and_follows_strategies(loaded):
+    call(loaded, "CALL lungsql.generate_features()")
+
+    def current():
+        return scalar(loaded, "SELECT model_id FROM lungsql.deployments WHERE name = 'reg' "
+                              "ORDER BY deployment_id DESC LIMIT 1")
+
+    def train():
+        return call(loaded, "SELECT * FROM lungsql.train_model('reg')")[0]
+
+    first, _ = train()
+    assert current() == first  # the first model of a name is deployed on its own
+    second, _ = train()
+    assert current() == first  # the same validation log loss is not better
+    with loaded.begin() as conn:  # make the deployed model look poor
+        conn.execute(sa.text("UPDATE lungsql.models SET metrics = jsonb_set(metrics, '{log_loss}', '9.9') "
+                             "WHERE model_id = :m"), {"m": first})
+    third, _ = train()
+    assert current() == third  # better than the deployed one: replaces it
+    assert call(loaded, "SELECT lungsql.deploy('reg', 'rollback')")[0][0] == first and current() == first
+    assert call(loaded, "SELECT lungsql.deploy('reg', 'most_recent')")[0][0] == third
+    assert call(loaded, "SELECT lungsql.deploy('reg', %s)", (str(second),))[0][0] == second
+    assert call(loaded, "SELECT lungsql.deploy('reg')")[0][0] == third  # best_score, ties to the newest
+    with pytest.raises(psycopg.Error, match="unknown strategy 'newest'"):
+        call(loaded, "SELECT lungsql.deploy('reg', 'newest')")
+    with pytest.raises(psycopg.Error, match="no model named 'other'"):
+        call(loaded, "SELECT lungsql.deploy('other')")
+    patient = scalar(loaded, "SELECT min(patient_id) FROM lungsql.patients")
+    call(loaded, "SELECT lungsql.predict_lung_cancer(%s, 'reg')", (patient,))
+    assert scalar(loaded, "SELECT model_id FROM lungsql.predictions ORDER BY prediction_id DESC LIMIT 1") == third
