@@ -1,13 +1,11 @@
-"""Export an ImageNet-pretrained CNN to ONNX, and describe ONNX CNNs.
+"""Export an ImageNet-pretrained CNN to ONNX.
 
 The feature extractor that runs inside the database is an ONNX model executed
 by ONNX Runtime.  This module produces that model from a built-in network
-(``export_builtin``) and inspects user-supplied ONNX models
-(``describe_onnx``).
+(``export_builtin``); ``lungsql.onnx_inspect`` reads user-supplied ones.
 
 Only ``export_builtin`` needs PyTorch and the weight packages (the ``export``
-extra); they are imported inside it.  Everything else here needs only numpy
-and, for ``describe_onnx``, onnxruntime.
+extra); they are imported inside it.  Everything else here needs only numpy.
 
 The exported model
 ------------------
@@ -51,7 +49,6 @@ __all__ = [
     "ExportedCNN",
     "cache_key",
     "default_cache_dir",
-    "describe_onnx",
     "export_builtin",
     "load_torch_feature_model",
 ]
@@ -501,147 +498,3 @@ def _quiet_export_warnings():
 
 # --------------------------------------------------------------------------
 # describing arbitrary ONNX CNNs
-
-
-def _dims(shape: Any) -> list[int | str | None]:
-    if shape is None:
-        return []
-    return [d if isinstance(d, int) or d is None else str(d) for d in shape]
-
-
-def _fmt(shape: list[int | str | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
-def _feature_shape(shape: list[int | str | None]) -> tuple[bool, bool]:
-    """(usable, needs_flatten) for an output shape."""
-    if len(shape) == 2:
-        return True, False
-    if len(shape) == 4 and shape[2] == 1 and shape[3] == 1:
-        return True, True
-    return False, False
-
-
-def describe_onnx(onnx_bytes: bytes, output: str | None = None) -> dict[str, Any]:
-    """Inspect an ONNX CNN with onnxruntime (no torch needed).
-
-    Finds the image input (name, shape, layout, size) and the feature output:
-    the one named by ``output``, or the model's only output (or, with several
-    outputs, the only one shaped like features).  Accepted output shapes are
-    ``(N, D)`` and ``(N, C, 1, 1)``; the latter is reported with
-    ``"flatten": True`` (take ``reshape(N, C)``).  Raises ``ValueError`` with
-    the names to choose from when the output is missing, ambiguous or not a
-    feature vector.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(bytes(onnx_bytes), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise ValueError(f"not a loadable ONNX model: {e}") from e
-
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        listing = ", ".join(f"{i.name} {_fmt(_dims(i.shape))}" for i in inputs)
-        raise ValueError(
-            f"expected a CNN with exactly one image input, found {len(inputs)}: {listing}"
-        )
-    inp = inputs[0]
-    in_shape = _dims(inp.shape)
-    if len(in_shape) != 4:
-        raise ValueError(
-            f"input {inp.name!r} has shape {_fmt(in_shape)}; expected a 4-D image "
-            "batch (N, C, H, W) or (N, H, W, C)"
-        )
-    notes: list[str] = []
-    if in_shape[1] in (1, 3):
-        layout, channels, hw = "NCHW", in_shape[1], in_shape[2:4]
-    elif in_shape[3] in (1, 3):
-        layout, channels, hw = "NHWC", in_shape[3], in_shape[1:3]
-    else:
-        layout, channels, hw = "NCHW", in_shape[1], in_shape[2:4]
-        notes.append(f"could not tell the channel axis from {_fmt(in_shape)}; assuming NCHW")
-    static_hw = all(isinstance(d, int) for d in hw)
-    if static_hw and hw[0] == hw[1]:
-        input_size: int | list[int] | None = hw[0]
-    elif static_hw:
-        input_size = list(hw)  # type: ignore[arg-type]
-    else:
-        input_size = None
-        notes.append("input height/width are dynamic; choose the size the model was trained at")
-
-    outputs = sess.get_outputs()
-    by_name = {o.name: o for o in outputs}
-    listing = ", ".join(f"{o.name!r} {_fmt(_dims(o.shape))}" for o in outputs)
-    if output is not None:
-        if output not in by_name:
-            raise ValueError(
-                f"model has no output {output!r}; its outputs are {listing}. "
-                "An intermediate tensor must first be made a graph output "
-                "(e.g. with onnx.utils.extract_model)"
-            )
-        chosen = by_name[output]
-    elif len(outputs) == 1:
-        chosen = outputs[0]
-    else:
-        candidates = [o for o in outputs if _feature_shape(_dims(o.shape))[0]]
-        if len(candidates) != 1:
-            raise ValueError(
-                f"model has {len(outputs)} outputs ({listing}) and "
-                f"{len(candidates)} of them look like (N, D) features; pass "
-                "output=<name> to say which one holds the image features"
-            )
-        chosen = candidates[0]
-        notes.append(f"picked {chosen.name!r}, the only feature-shaped of {len(outputs)} outputs")
-
-    out_shape = _dims(chosen.shape)
-    usable, flatten = _feature_shape(out_shape)
-    if not usable:
-        others = [o.name for o in outputs if o.name != chosen.name]
-        raise ValueError(
-            f"output {chosen.name!r} has shape {_fmt(out_shape)}; a feature output must be "
-            "2-D (N, D) or (N, C, 1, 1). Pass output=<name> naming a pooled feature "
-            "tensor" + (f" (other outputs: {', '.join(others)})" if others else "")
-            + ", or add global average pooling to the model"
-        )
-
-    feat = out_shape[1]
-    if not isinstance(feat, int):
-        feat = _probe_feature_dim(sess, inp, layout, channels, hw, chosen.name)
-        notes.append("feature dimension found by running one blank image")
-    if flatten:
-        notes.append(f"output is (N, {feat}, 1, 1); reshape to (N, {feat})")
-    if feat == 1000:
-        notes.append(
-            "1000 values per image look like ImageNet class logits, not pooled features; "
-            "prefer the tensor before the classifier if the model exposes it"
-        )
-
-    return {
-        "input_name": inp.name,
-        "input_shape": in_shape,
-        "input_type": inp.type,
-        "input_layout": layout,
-        "input_channels": channels,
-        "input_size": input_size,
-        "dynamic_batch": not isinstance(in_shape[0], int),
-        "output_name": chosen.name,
-        "output_shape": out_shape,
-        "feature_dim": int(feat),
-        "flatten": flatten,
-        "outputs": [o.name for o in outputs],
-        "metadata": dict(sess.get_modelmeta().custom_metadata_map),
-        "notes": notes,
-    }
-
-
-def _probe_feature_dim(sess, inp, layout, channels, hw, out_name) -> int:
-    h, w = (d if isinstance(d, int) else 224 for d in hw)
-    c = channels if isinstance(channels, int) else 3
-    shape = (1, c, h, w) if layout == "NCHW" else (1, h, w, c)
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    (res,) = sess.run([out_name], {inp.name: np.zeros(shape, dtype)})
-    return int(np.prod(res.shape[1:]))

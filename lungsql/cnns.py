@@ -87,11 +87,11 @@ def import_file(engine: sa.Engine, path: Path, name: str, output: str | None = N
 
     `mean` and `std` default to the usual ImageNet normalization in 0-255 units.
     """
-    from lungsql import cnn_export
+    from lungsql.onnx_inspect import describe_onnx
 
     data = Path(path).read_bytes()
     try:
-        info = cnn_export.describe_onnx(data, output)
+        info = describe_onnx(data, output)
     except ValueError as exc:
         raise ConfigurationError(f"{path}: {exc}", hint="name the feature output with --output TENSOR") from None
     if info["input_layout"] != "NCHW" or info["input_channels"] != 3:

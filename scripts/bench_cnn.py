@@ -28,7 +28,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungsql.cnn_export import default_cache_dir, describe_onnx, export_builtin  # noqa: E402
+from lungsql.cnn_export import default_cache_dir, export_builtin  # noqa: E402
+from lungsql.onnx_inspect import describe_onnx  # noqa: E402
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

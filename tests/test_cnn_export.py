@@ -25,9 +25,9 @@ from lungsql.cnn_export import (  # noqa: E402
     ExportedCNN,
     cache_key,
     default_cache_dir,
-    describe_onnx,
     export_builtin,
 )
+from lungsql.onnx_inspect import describe_onnx  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # a minimal ONNX (protobuf) writer, enough for small test graphs
