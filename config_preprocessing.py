@@ -61,6 +61,18 @@ SETTINGS: dict[str, Setting] = {
             "unset means the local cluster managed by `lungsql db`.",
         ),
         Setting(
+            "LUNGSQL_WEB_DATABASE_URL",
+            None,
+            "SQLAlchemy URL the web app connects with, as the least-privileged role lungsql_web; "
+            "unset means that role on the local cluster.",
+        ),
+        Setting(
+            "LUNGSQL_SECRET_KEY",
+            None,
+            "Key that signs the web app's session cookies; unset means a key generated once into "
+            "$LUNGSQL_HOME/flask.key.",
+        ),
+        Setting(
             "LUNGSQL_HOME",
             PROJECT_ROOT / ".lungsql",
             "Folder of the local PostgreSQL cluster, its logs and the site's secrets.",

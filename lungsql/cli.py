@@ -285,6 +285,51 @@ def deploy(ctx, model_name: str, strategy: str) -> None:
     click.echo(f"model {model_id} is now deployed as {model_name!r}")
 
 
+# -- the web app ---------------------------------------------------------------------
+@main.group()
+def user() -> None:
+    """People who log in to the web app (lungsql.users)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["clinician", "admin"]), default="clinician", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input instead of a prompt.")
+@click.option("--replace", is_flag=True, help="Set a new password and role if the user exists.")
+@click.pass_context
+@reports_errors
+def user_add(ctx, name: str, role: str, password_stdin: bool, replace: bool) -> None:
+    """Create a web app user; the password is prompted for (or read from stdin)."""
+    from lungsql import users
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    user_id = users.add_user(_engine(ctx), name, password, role, replace=replace)
+    click.echo(f"user {name!r} ({role}) saved, id {user_id}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1), help="Worker threads.")
+@click.option("--web-db", metavar="URL", help="URL for the role lungsql_web (default: LUNGSQL_WEB_DATABASE_URL, "
+              "else the local cluster).")
+@reports_errors
+def serve(host: str, port: int, threads: int, web_db: str | None) -> None:
+    """Serve the clinician web app with waitress, connected as the role lungsql_web."""
+    import waitress
+
+    from lungsql.db import resolve_web_url
+    from webapp import create_app
+
+    app = create_app({"DATABASE_URL": resolve_web_url(web_db)})
+    click.echo(f"lungsql web app on http://{'localhost' if host == '127.0.0.1' else host}:{port} "
+               "(Ctrl+C stops it)")
+    waitress.serve(app, host=host, port=port, threads=threads, ident="lungsql")
+
+
 @main.command()
 @reports_errors
 def settings() -> None:

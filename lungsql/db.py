@@ -24,6 +24,17 @@ def resolve_url(explicit: str | None = None) -> str:
     return LocalCluster().url()
 
 
+WEB_ROLE = "lungsql_web"
+
+
+def resolve_web_url(explicit: str | None = None) -> str:
+    """The URL of the web app: --db, else LUNGSQL_WEB_DATABASE_URL, else lungsql_web on the local cluster."""
+    url = explicit or config.get("LUNGSQL_WEB_DATABASE_URL")
+    if url:
+        return normalise_url(url)
+    return LocalCluster().url(user=WEB_ROLE)
+
+
 def normalise_url(url: str) -> str:
     """Accept plain postgresql:// URLs and use psycopg 3 for them."""
     try:

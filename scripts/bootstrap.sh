@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib)
+# chromium and chromium-driver: the web app's end-to-end test runs in a real headless browser.
+APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core)
 EXTRAS="ml,codecs,export,dev"
 
 say() { printf '==> %s\n' "$*"; }
