@@ -241,3 +241,4 @@ def test_deidentified_upload_keeps_no_patient_name(engine, cohort, monkeypatch):
             assert not any(part.encode() in header for header in headers), part
     # Stable pseudonyms: a rerun with the same key stores nothing new.
     assert ingest.ingest(engine, cohort, deidentify=True).stored == 0
+
