@@ -430,7 +430,8 @@ def _step(text: str) -> None:
 def _bar(desc: str, **kwargs):
     from tqdm import tqdm
 
-    return tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kwargs)
+    # disable=None: a bar on a terminal, nothing in a log file.
+    return tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=None, **kwargs)
 
 
 def _slice_range(text: str) -> tuple[int, int]:

@@ -56,7 +56,7 @@ def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: boo
                       shards: int) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(desc="featurizing", unit=" patients", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(desc="featurizing", unit=" patients", file=sys.stderr, dynamic_ncols=True, disable=None)
 
     def notice(text: str) -> None:
         match = _PROGRESS.match(text)
