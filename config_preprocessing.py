@@ -44,6 +44,15 @@ def _hu_window(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
 def _positive_int(text: str) -> int:
     number = int(text)
     if number <= 0:
@@ -71,6 +80,12 @@ SETTINGS: dict[str, Setting] = {
             None,
             "Key that signs the web app's session cookies; unset means a key generated once into "
             "$LUNGSQL_HOME/flask.key.",
+        ),
+        Setting(
+            "LUNGSQL_SECURE_COOKIES",
+            False,
+            "Send the web app's session cookie over https only; set it when the app is served through https.",
+            _flag,
         ),
         Setting(
             "LUNGSQL_HOME",

@@ -316,8 +316,10 @@ def user_add(ctx, name: str, role: str, password_stdin: bool, replace: bool) -> 
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1), help="Worker threads.")
 @click.option("--web-db", metavar="URL", help="URL for the role lungsql_web (default: LUNGSQL_WEB_DATABASE_URL, "
               "else the local cluster).")
+@click.option("--trusted-proxy", metavar="ADDR",
+              help="Address of a reverse proxy (https) whose X-Forwarded-For/-Proto headers are believed.")
 @reports_errors
-def serve(host: str, port: int, threads: int, web_db: str | None) -> None:
+def serve(host: str, port: int, threads: int, web_db: str | None, trusted_proxy: str | None) -> None:
     """Serve the clinician web app with waitress, connected as the role lungsql_web."""
     import waitress
 
@@ -327,7 +329,9 @@ def serve(host: str, port: int, threads: int, web_db: str | None) -> None:
     app = create_app({"DATABASE_URL": resolve_web_url(web_db)})
     click.echo(f"lungsql web app on http://{'localhost' if host == '127.0.0.1' else host}:{port} "
                "(Ctrl+C stops it)")
-    waitress.serve(app, host=host, port=port, threads=threads, ident="lungsql")
+    proxy = {"trusted_proxy": trusted_proxy, "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
+             "clear_untrusted_proxy_headers": True} if trusted_proxy else {}
+    waitress.serve(app, host=host, port=port, threads=threads, ident="lungsql", **proxy)
 
 
 @main.command()
@@ -347,7 +351,7 @@ def settings() -> None:
 @click.pass_context
 @reports_errors
 def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool) -> None:
-    """Run the whole pipeline on a synthetic cohort: database, upload, CNN, features, training, scores."""
+    """Run the whole pipeline on a synthetic cohort, then serve the web app (until Ctrl+C)."""
     import json
 
     if not (ctx.obj.get("db") or config.get("LUNGSQL_DATABASE_URL")):
@@ -384,9 +388,32 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
     ctx.invoke(train, model_name="lightgbm", params="{}", cnn_name=None)
     _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")
     _demo_predictions(ctx)
-    _step("done")
+    _step("web app users")
+    logins = _demo_users(ctx)
     click.echo("From psql (lungsql db psql):\n"
                "  SELECT patient_id, name, lungsql.predict_lung_cancer(patient_id) FROM lungsql.patients LIMIT 5;")
+    if no_serve:
+        _step("done (--no-serve: start the web app with `lungsql serve`)")
+        return
+    _step("serving the web app: open http://localhost:5000 and sign in with")
+    for name, role, password in logins:
+        click.echo(f"  {name} / {password}   ({role})")
+    ctx.invoke(serve, host="127.0.0.1", port=5000, threads=8, web_db=None, trusted_proxy=None)
+
+
+def _demo_users(ctx: click.Context) -> list[tuple[str, str, str]]:
+    """A clinician and an administrator with fresh random passwords, printed once."""
+    import secrets
+
+    from lungsql import users
+
+    logins = []
+    for name, role in (("demo", "clinician"), ("demo-admin", "admin")):
+        password = secrets.token_urlsafe(9)
+        users.add_user(_engine(ctx), name, password, role, replace=True)
+        logins.append((name, role, password))
+        click.echo(f"user {name!r} ({role}), password {password}")
+    return logins
 
 
 def _demo_predictions(ctx: click.Context) -> None:

@@ -1,0 +1,775 @@
+"""The clinician web app against a real database, as its users see it.
+
+One database for the module (tests/webapp_fixtures.py): a synthetic cohort,
+CNN features, two models of one name, a clinician 'clin' and an admin 'boss'.
+The app connects as the least-privileged role lungsql_web, as `lungsql serve`
+does; the tests check what they need as the superuser.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+
+import cv2
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from lungsql import dicom, preprocess, users
+from lungsql.errors import ConfigurationError
+from webapp import create_app
+from webapp.auth import THROTTLE
+from webapp.db import ENGINE
+from webapp.scoring import band_of
+from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, build, csrf_token,
+                             drop_database, login)
+
+WINDOW = "-1000:400"  # LUNGSQL_HU_WINDOW's default, part of every slice's ETag
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
+# -- fixtures ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def web_db(cluster, tmp_path_factory):
+    try:
+        built = build(cluster, tmp_path_factory.mktemp("web-cohort"))
+    except ConfigurationError as exc:  # the built-in CNN cannot be exported here
+        pytest.skip(f"no CNN for the web app's database: {exc}")
+    yield built
+    drop_database(cluster, built.name)
+
+
+@pytest.fixture(scope="module")
+def su(web_db):
+    """The superuser's engine on the web app's database, for setting up and checking."""
+    engine = web_db.engine()
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def app(web_db):
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True})
+    yield app
+    app.extensions[ENGINE].dispose()
+
+
+_addresses = (f"10.1.{i // 250}.{i % 250 + 1}" for i in itertools.count())
+
+
+@pytest.fixture
+def client(app):
+    """A browser of its own: a fresh cookie jar and its own address (failed sign-ins are counted per address)."""
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = next(_addresses)
+    return client
+
+
+@pytest.fixture
+def clinician(client):
+    assert login(client, "clin").status_code == 302
+    return client
+
+
+@pytest.fixture
+def boss(app):
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = next(_addresses)
+    assert login(client, "boss").status_code == 302
+    return client
+
+
+def audit_rows(su, action: str, **where) -> list:
+    clauses = "".join(f" AND {column} = :{column}" for column in where)
+    with su.connect() as conn:
+        return conn.execute(sa.text(f"SELECT * FROM lungsql.audit_log WHERE action = :action{clauses} "
+                                    "ORDER BY audit_id"), {"action": action, **where}).all()
+
+
+def scalar(su, sql: str, **params):
+    with su.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar()
+
+
+def deployed(su, name: str = MODEL_NAME) -> int:
+    return scalar(su, "SELECT model_id FROM lungsql.deployments WHERE name = :n "
+                      "ORDER BY deployment_id DESC LIMIT 1", n=name)
+
+
+def text(response) -> str:
+    return response.get_data(as_text=True)
+
+
+# -- signing in and out -----------------------------------------------------------------
+def test_sign_in_opens_a_session_with_a_safe_cookie_and_is_audited(client, su):
+    response = login(client, "clin")
+    assert response.status_code == 302 and response.headers["Location"] == "/patients"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "lungsql_session=" in cookie
+    assert client.get("/patients").status_code == 200
+    address = client.environ_base["REMOTE_ADDR"]
+    assert [r.username for r in audit_rows(su, "login", address=address)] == ["clin"]
+
+
+@pytest.mark.parametrize("username, password", [("clin", "wrong-password"), ("nobody", "whatever-123"),
+                                                ("", ""), ("bad name\x00<b>", "x")])
+def test_failed_sign_in_says_so_opens_no_session_and_is_audited(client, su, username, password):
+    response = login(client, username, password)
+    assert response.status_code == 200
+    assert "Unknown user name or wrong password." in text(response)
+    assert "<b>" not in text(response)
+    assert client.get("/patients").status_code == 302
+    rows = audit_rows(su, "login_failed", address=client.environ_base["REMOTE_ADDR"])
+    assert len(rows) == 1 and rows[0].detail["failures"] == 1
+
+
+def test_next_page_after_sign_in_stays_on_this_site(client):
+    token = csrf_token(text(client.get("/login")))
+    for target, expected in (("/admin/audit", "/admin/audit"), ("//evil.example/x", "/patients"),
+                             ("https://evil.example/", "/patients"), ("/\\evil.example", "/patients")):
+        response = client.post("/login", data={"username": "clin", "password": PASSWORDS["clin"],
+                                               "csrf_token": token, "next": target})
+        assert response.headers["Location"] == expected
+        token = csrf_token(text(client.get("/patients")))
+
+
+def test_pages_redirect_to_sign_in_without_a_session(client, web_db):
+    for path in ("/", "/patients", "/patients?q=ana", f"/patients/{web_db.ana_id}",
+                 f"/patients/{web_db.ana_id}/slices/0.png", "/admin/", "/admin/audit", "/no-such-page"):
+        response = client.get(path)
+        assert response.status_code == 302, path
+        assert response.headers["Location"].startswith("/login?next="), path
+    assert client.get("/login").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/static/viewer.js").status_code == 200
+
+
+def test_api_answers_401_json_without_a_session(client, web_db):
+    for path in ("/api/patients?q=ana", f"/api/patients/{web_db.ana_id}",
+                 f"/api/patients/{web_db.ana_id}/prediction", "/api/nothing-here"):
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert response.is_json and response.json["status"] == 401, path
+
+
+def test_posts_without_csrf_token_are_rejected(client, boss, su):
+    response = client.post("/login", data={"username": "clin", "password": PASSWORDS["clin"]})
+    assert response.status_code == 400 and "CSRF" in text(response)
+    assert client.get("/patients").status_code == 302  # not signed in
+    before = scalar(su, "SELECT count(*) FROM lungsql.deployments")
+    response = boss.post("/admin/deploy", data={"name": MODEL_NAME, "strategy": "most_recent"})
+    assert response.status_code == 400
+    assert scalar(su, "SELECT count(*) FROM lungsql.deployments") == before
+    response = boss.post("/logout", data={"csrf_token": "forged"})
+    assert response.status_code == 400
+    assert boss.get("/patients").status_code == 200  # still signed in
+
+
+def test_sign_out_needs_a_post_with_token_ends_the_session_and_is_audited(clinician, su):
+    assert clinician.get("/logout").status_code == 405
+    token = csrf_token(text(clinician.get("/patients")))
+    response = clinician.post("/logout", data={"csrf_token": token})
+    assert response.status_code == 302 and response.headers["Location"] == "/login"
+    assert "You are signed out." in text(clinician.get("/login"))
+    assert clinician.get("/patients").status_code == 302
+    assert len(audit_rows(su, "logout", address=clinician.environ_base["REMOTE_ADDR"])) == 1
+
+
+def test_repeated_failed_sign_ins_are_slowed_down(app, client, monkeypatch):
+    now = [time.monotonic()]
+    monkeypatch.setattr(app.extensions[THROTTLE], "clock", lambda: now[0])
+    for attempt in range(1, 6):
+        response = login(client, "clin", "not-the-password")
+        assert response.status_code == 200
+    assert "wait 30 s" in text(response)  # the fifth failure says how long to wait
+    # Locked: even the right password is not checked.
+    response = login(client, "clin")
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "30" and "wait 30 s" in text(response)
+    now[0] += 20
+    assert login(client, "clin").headers["Retry-After"] == "10"
+    # Another user from the same address, or the same user elsewhere, is not held up.
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = next(_addresses)
+    assert login(other, "clin").status_code == 302
+    # Once the wait is over one more try is allowed; failing again doubles the wait.
+    now[0] += 11
+    assert login(client, "clin", "still-wrong").status_code == 200
+    assert login(client, "clin").headers["Retry-After"] == "60"
+    now[0] += 61
+    assert login(client, "clin").status_code == 302  # the right password now works
+
+
+def test_a_disabled_user_loses_the_session_at_the_next_click(app, su):
+    users.add_user(su, "temp", "temporary-password", "clinician")
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = next(_addresses)
+    assert login(client, "temp", "temporary-password").status_code == 302
+    assert client.get("/patients").status_code == 200
+    with su.begin() as conn:
+        conn.execute(sa.text("UPDATE lungsql.users SET disabled = true WHERE username = 'temp'"))
+    assert client.get("/patients").status_code == 302
+    assert client.get("/api/patients?q=ana").status_code == 401
+
+
+# -- search ---------------------------------------------------------------------------
+@pytest.mark.parametrize("query", ["ana", "ANA", "fern", "  Ana   Fernandez ", "ANA FERNANDEZ"])
+def test_search_by_part_of_the_name_in_any_case(clinician, web_db, query):
+    response = clinician.get("/patients", query_string={"q": query}, follow_redirects=True)
+    assert response.status_code == 200
+    body = text(response)
+    assert "Ana Fernandez" in body
+    assert f"/patients/{web_db.ana_id}" in body or response.request.path == f"/patients/{web_db.ana_id}"
+
+
+def test_search_lists_several_matches_with_their_details(clinician, su):
+    with su.connect() as conn:
+        expected = conn.execute(sa.text("SELECT name FROM lungsql.patients WHERE name ILIKE '%an%'")).scalars().all()
+    assert len(expected) > 1
+    response = clinician.get("/patients?q=an")
+    body = text(response)
+    assert response.status_code == 200 and "<table" in body
+    for name in expected:
+        assert name in body
+    assert f"{len(expected)} patients match" in body
+    assert "Known outcome" not in body  # training labels are for administrators
+
+
+def test_search_results_are_capped(app, clinician):
+    app.config["SEARCH_LIMIT"] = 3
+    try:
+        body = text(clinician.get("/patients?q=e"))
+        assert body.count('<td class="mono">') == 3 and "The first 3 of" in body
+        data = clinician.get("/api/patients?q=e").json
+        assert len(data["patients"]) == 3 and data["truncated"] and data["total"] > 3
+    finally:
+        app.config["SEARCH_LIMIT"] = 50
+
+
+def test_search_by_patient_id_prefix_or_whole_id(clinician, web_db):
+    ana = web_db.ana_id
+    response = clinician.get(f"/patients?q={ana}")
+    assert response.status_code == 302 and response.headers["Location"] == f"/patients/{ana}"
+    prefix = ana[:6]
+    response = clinician.get(f"/patients?q={prefix.upper()}", follow_redirects=True)
+    assert ana in text(response)
+    data = clinician.get(f"/api/patients?q={prefix}").json
+    assert ana in [p["patient_id"] for p in data["patients"]]
+    assert all(p["patient_id"].startswith(prefix) or prefix in (p["name"] or "").lower() for p in data["patients"])
+
+
+def test_search_says_when_no_patient_is_found(clinician):
+    response = clinician.get("/patients?q=Zzyzx%20Nobody")
+    assert response.status_code == 200 and "No patient found" in text(response)
+    assert clinician.get("/api/patients?q=Zzyzx").json["patients"] == []
+
+
+def test_like_metacharacters_match_themselves(clinician):
+    for query in ("%", "_", "\\", "Per%cent_Under"):
+        response = clinician.get("/patients", query_string={"q": query})
+        assert response.status_code == 302, query  # only Olive's name holds them
+        assert response.headers["Location"] == f"/patients/{METACHARACTERS[0]}"
+    assert clinician.get("/patients?q=Per_cent").status_code == 200  # '_' is not a wildcard
+
+
+HOSTILE = [
+    "O'Brien", "ana'", '"ana"', "'; DROP TABLE lungsql.patients; --", "' OR '1'='1", "1; SELECT pg_sleep(10)",
+    "<script>alert(1)</script>", "\"><script>alert(1)</script>", "<img src=x onerror=alert(1)>",
+    "x" * 10_000, "ana" * 4000, "\u200fana\u200e", "\u202eana", "ana\x00", "\x00", "\x00<script>alert(1)</script>",
+    "😀", "Ana 😀", "Ｆｅｒｎａｎｄｅｚ", "\ufeff", "%", "%%%%", "\\", "_", "' || pg_sleep(5) || '",
+    "\r\n\t", "\u0000\u0001\u001f", "ç⁄€ﬁ", "𝔄𝔫𝔞",
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE, ids=lambda q: repr(q[:20]))
+def test_hostile_search_input_gives_an_ordinary_answer(clinician, su, query):
+    started = time.monotonic()
+    response = clinician.get("/patients", query_string={"q": query}, follow_redirects=True)
+    assert response.status_code == 200
+    body = text(response)
+    assert "<script>alert" not in body and "<img src=x" not in body
+    assert "No patient found" in body or "<table" in body or "Predicted probability" in body
+    api = clinician.get("/api/patients", query_string={"q": query})
+    assert api.status_code == 200 and api.is_json
+    assert len(api.json["query"]) <= 200
+    assert time.monotonic() - started < 5  # nothing slept
+    assert scalar(su, "SELECT count(*) FROM lungsql.patients") > 0
+
+
+def test_nul_and_invisible_marks_are_dropped_and_long_input_is_cut(clinician, web_db):
+    response = clinician.get("/patients", query_string={"q": "ana fern\x00\u200fandez"})
+    assert response.headers["Location"] == f"/patients/{web_db.ana_id}"
+    body = text(clinician.get("/patients", query_string={"q": "fernandez" + "x" * 500}))
+    assert "Only the first 200 characters" in body and "No patient found" in body
+
+
+# -- the patient page ------------------------------------------------------------------------
+def test_patient_page_shows_details_viewer_probability_and_model(clinician, web_db, su):
+    ana = web_db.ana_id
+    response = clinician.get(f"/patients/{ana}")
+    assert response.status_code == 200
+    body = text(response)
+    with su.connect() as conn:
+        patient = conn.execute(sa.text("SELECT * FROM lungsql.patients WHERE patient_id = :p"), {"p": ana}).one()
+        slices = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans WHERE patient_id = :p"), {"p": ana}).scalar()
+        model = conn.execute(sa.text(
+            "SELECT m.* FROM lungsql.deployments d JOIN lungsql.models m USING (model_id) "
+            "ORDER BY d.deployment_id DESC LIMIT 1")).one()
+    assert "Ana Fernandez" in body and ana in body and "Female" in body
+    assert f"{int(patient.age_years)} years" in body
+    assert f"<dt>CT slices</dt><dd>{slices}</dd>" in body
+    # The probability, from the database, as a percentage in its colour band.
+    match = re.search(r'<div class="probability band-(low|intermediate|high)">\s*<p class="percent">'
+                      r'<span class="value">(\d+\.\d) %</span>', body)
+    assert match, body
+    band, percent = match.group(1), float(match.group(2))
+    assert band == band_of(percent)[0]
+    with su.connect() as conn:
+        direct = conn.execute(sa.text("SELECT lungsql.predict_lung_cancer(:p)"), {"p": ana}).scalar()
+    assert percent == round(direct * 100, 1)
+    # The model that answered.
+    assert f"{model.name} version {model.version}" in body and f"(model {model.model_id})" in body
+    assert f"{model.metrics['auc']:.3f}" in body and "Validation AUC" in body
+    assert model.trained_at.strftime("%Y-%m-%d") in body
+    assert "Research tool, not a diagnosis" in body
+    # The viewer: a slider over every slice and the middle one first.
+    assert f'<img class="slice-image" src="/patients/{ana}/slices/{slices // 2}.png"' in body
+    assert f'type="range" min="0" max="{slices - 1}"' in body
+    assert '<script src="/static/viewer.js">' in body
+    assert "Known outcome" not in body
+
+
+def test_admins_also_see_the_known_outcome(boss, web_db):
+    body = text(boss.get(f"/patients/{web_db.ana_id}"))
+    assert "Known outcome" in body
+
+
+@pytest.mark.parametrize("percent, band", [(0.0, "low"), (19.9, "low"), (20.0, "intermediate"),
+                                           (39.9, "intermediate"), (40.0, "high"), (100.0, "high")])
+def test_colour_bands(percent, band):
+    assert band_of(percent)[0] == band
+    assert band_of(percent)[1] == {"low": "green", "intermediate": "orange", "high": "red"}[band]
+
+
+def test_slice_images_are_lung_window_pngs_in_z_order_with_http_caching(clinician, web_db, su):
+    ana = web_db.ana_id
+    with su.connect() as conn:
+        scans = conn.execute(sa.text(
+            "SELECT dicom, sha256, rows, columns FROM lungsql.scans WHERE patient_id = :p "
+            "ORDER BY z_position"), {"p": ana}).all()
+    etags = []
+    for index, scan in enumerate(scans):
+        response = clinician.get(f"/patients/{ana}/slices/{index}.png")
+        assert response.status_code == 200 and response.mimetype == "image/png"
+        assert response.headers["Cache-Control"].startswith("private, max-age=")
+        etags.append(response.headers["ETag"])
+        image = cv2.imdecode(np.frombuffer(response.data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert image.dtype == np.uint8 and image.shape == (scan.rows, scan.columns)
+        expected = preprocess.window(dicom.hounsfield(dicom.parse(bytes(scan.dicom))), -1000, 400, dtype=np.uint8)
+        np.testing.assert_array_equal(image, expected)
+    assert etags == [f'"{bytes(s.sha256).hex()}-{WINDOW}"' for s in scans]  # content and window
+    # The browser asks again with the ETag: 304, no body.
+    again = clinician.get(f"/patients/{ana}/slices/0.png", headers={"If-None-Match": etags[0]})
+    assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == etags[0]
+    other = clinician.get(f"/patients/{ana}/slices/0.png", headers={"If-None-Match": '"0000"'})
+    assert other.status_code == 200 and other.data
+
+
+def test_slices_out_of_range_and_of_unknown_patients_are_404(clinician, web_db):
+    ana = web_db.ana_id
+    with_slices = text(clinician.get(f"/patients/{ana}"))
+    count = int(re.search(r"<dt>CT slices</dt><dd>(\d+)</dd>", with_slices).group(1))
+    assert clinician.get(f"/patients/{ana}/slices/{count - 1}.png").status_code == 200
+    for path in (f"/patients/{ana}/slices/{count}.png", f"/patients/{ana}/slices/999999999.png",
+                 f"/patients/{ana}/slices/-1.png", f"/patients/{ana}/slices/x.png",
+                 "/patients/nobody/slices/0.png", f"/patients/{NO_FEATURES[0]}/slices/0.png"):
+        assert clinician.get(path).status_code == 404, path
+
+
+def test_a_damaged_stored_scan_gives_a_readable_error(clinician):
+    response = clinician.get(f"/patients/{BROKEN_SCAN[0]}/slices/0.png")
+    assert response.status_code == 500
+    body = text(response).lower()
+    assert "not a dicom file" in body or "corrupt dicom" in body
+
+
+@pytest.mark.parametrize("patient_id", ["nobody", "x" * 65, "%00", "a%00b", "%3Cscript%3E", "..", "%E2%80%8F"])
+def test_unknown_patients_are_404_page_and_json(clinician, patient_id):
+    page = clinician.get(f"/patients/{patient_id}")
+    assert page.status_code == 404 and "Not found" in text(page) and "<script>" not in text(page)
+    for path in (f"/api/patients/{patient_id}", f"/api/patients/{patient_id}/prediction"):
+        api = clinician.get(path)
+        assert api.status_code == 404 and api.is_json and api.json["status"] == 404, path
+
+
+def test_a_patient_without_features_gets_a_message_instead_of_a_probability(clinician, su):
+    patient_id = NO_FEATURES[0]
+    response = clinician.get(f"/patients/{patient_id}")
+    assert response.status_code == 200
+    body = text(response)
+    assert "No probability" in body and "No features for patient" in body
+    assert "No CT slices are stored for this patient." in body
+    assert 'class="probability band-' not in body
+    api = clinician.get(f"/api/patients/{patient_id}/prediction")
+    assert api.status_code == 409 and "no features" in api.json["message"]
+    failures = audit_rows(su, "score_failed", patient_id=patient_id)
+    assert len(failures) == 2 and {f.detail["via"] for f in failures} == {"web", "api"}
+
+
+def test_without_a_deployed_model_the_page_says_so(cluster, engine, tmp_path):
+    """A fresh database: a patient, a user, no model."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO lungsql.patients (patient_id, name) VALUES ('p1', 'Paula Nomodel')"))
+    users.add_user(engine, "clin", PASSWORDS["clin"], "clinician")
+    app = create_app({"DATABASE_URL": cluster.url(dbname=engine.url.database, user="lungsql_web"),
+                      "SECRET_KEY": "test-only-secret"})
+    try:
+        client = app.test_client()
+        login(client, "clin")
+        response = client.get("/patients/p1")
+        assert response.status_code == 200 and "No model is deployed" in text(response)
+        assert client.get("/api/patients/p1/prediction").json["message"] == "no model is deployed"
+    finally:
+        app.extensions[ENGINE].dispose()
+
+
+def test_views_and_scores_are_audited(clinician, web_db, su):
+    ana = web_db.ana_id
+    address = clinician.environ_base["REMOTE_ADDR"]
+    clinician.get(f"/patients/{ana}")
+    views = audit_rows(su, "view_patient", patient_id=ana, address=address)
+    scores = audit_rows(su, "score_patient", patient_id=ana, address=address)
+    assert len(views) == 1 and views[0].username == "clin" and views[0].detail == {"via": "web"}
+    assert len(scores) == 1
+    detail = scores[0].detail
+    assert detail["model_id"] == deployed(su, detail["model_name"]) and 0.0 <= detail["probability"] <= 1.0
+    assert detail["via"] == "web"
+    clinician.get(f"/api/patients/{ana}")
+    clinician.get(f"/api/patients/{ana}/prediction")
+    assert len(audit_rows(su, "view_patient", patient_id=ana, address=address)) == 2
+    assert [r.detail["via"] for r in audit_rows(su, "score_patient", patient_id=ana, address=address)] == ["web", "api"]
+
+
+# -- the JSON API ---------------------------------------------------------------------------
+def test_api_search_details_and_prediction(clinician, web_db, su):
+    ana = web_db.ana_id
+    found = clinician.get("/api/patients?q=fernandez").json
+    assert found["total"] == 1 and found["patients"][0]["patient_id"] == ana
+    assert "label" not in found["patients"][0]
+    details = clinician.get(f"/api/patients/{ana}").json
+    slices = scalar(su, "SELECT count(*) FROM lungsql.scans WHERE patient_id = :p", p=ana)
+    assert details["name"] == "Ana Fernandez" and details["sex"] == "F" and details["slices"] == slices
+    prediction = clinician.get(f"/api/patients/{ana}/prediction")
+    assert prediction.status_code == 200 and prediction.headers["Cache-Control"] == "no-store"
+    data = prediction.json
+    assert 0.0 <= data["probability"] <= 1.0 and data["percent"] == round(data["probability"] * 100, 1)
+    assert data["band"] == band_of(data["percent"])[0]
+    assert data["model"]["name"] == MODEL_NAME and data["model"]["model_id"] == deployed(su)
+    assert 0.0 <= data["model"]["auc"] <= 1.0 and data["model"]["version"] >= 1
+
+
+# -- administration -------------------------------------------------------------------------
+def test_admin_pages_are_forbidden_to_clinicians(clinician, su):
+    token = csrf_token(text(clinician.get("/patients")))
+    for path in ("/admin/", "/admin/audit"):
+        response = clinician.get(path)
+        assert response.status_code == 403 and "Not allowed" in text(response)
+    before = scalar(su, "SELECT count(*) FROM lungsql.deployments")
+    response = clinician.post("/admin/deploy", data={"csrf_token": token, "name": MODEL_NAME,
+                                                     "strategy": "most_recent"})
+    assert response.status_code == 403
+    assert scalar(su, "SELECT count(*) FROM lungsql.deployments") == before
+    assert 'href="/admin/' not in text(clinician.get("/patients"))
+
+
+def test_models_page_shows_metrics_roc_curves_and_the_deployed_model(boss, web_db, su):
+    response = boss.get("/admin/")
+    assert response.status_code == 200
+    body = text(response)
+    assert body.count('<svg class="roc"') == len(web_db.models)
+    assert re.search(r'<polyline class="roc-curve" points="(\d+\.\d,\d+\.\d ?){2,}"', body)
+    assert "ROC curve of lightgbm version 1" in body
+    with su.connect() as conn:
+        auc = conn.execute(sa.text("SELECT (metrics->>'auc')::float FROM lungsql.models WHERE model_id = :m"),
+                           {"m": web_db.models[0]}).scalar()
+    assert f"{auc:.3f}" in body
+    assert f"<strong>model {deployed(su)}</strong>" in body
+    for label in ("Deploy best score", "Deploy most recent", "Roll back"):
+        assert label in body
+
+
+def test_deploy_and_roll_back_through_the_buttons(boss, web_db, su):
+    first, second = web_db.models
+    address = boss.environ_base["REMOTE_ADDR"]
+    token = csrf_token(text(boss.get("/admin/")))
+
+    def press(strategy: str):
+        response = boss.post("/admin/deploy", data={"csrf_token": token, "name": MODEL_NAME, "strategy": strategy})
+        assert response.status_code == 303 and response.headers["Location"] == "/admin/"
+        return text(boss.get("/admin/"))
+
+    body = press("most_recent")
+    assert deployed(su) == second and f"Model {second} is now deployed" in body
+    patient_page = text(boss.get(f"/patients/{web_db.ana_id}"))
+    assert f"(model {second})" in patient_page
+    body = press("rollback")
+    assert deployed(su) == first and f"Model {first} is now deployed" in body
+    body = press(str(second))
+    assert deployed(su) == second
+    body = press("rollback")
+    assert deployed(su) == first
+    rows = audit_rows(su, "deploy", address=address)
+    assert [(r.detail["strategy"], r.detail["model_id"]) for r in rows] == [
+        ("most_recent", second), ("rollback", first), (str(second), second), ("rollback", first)]
+    assert all(r.username == "boss" for r in rows)
+
+
+def test_a_refused_deployment_is_reported_and_audited(boss, su):
+    token = csrf_token(text(boss.get("/admin/")))
+    before = scalar(su, "SELECT count(*) FROM lungsql.deployments")
+    response = boss.post("/admin/deploy", data={"csrf_token": token, "name": "no-such-model",
+                                                 "strategy": "best_score"}, follow_redirects=True)
+    assert response.status_code == 200 and "Not deployed: there is no model named &#39;no-such-model&#39;" in text(response)
+    response = boss.post("/admin/deploy", data={"csrf_token": token, "name": MODEL_NAME, "strategy": "99999"},
+                          follow_redirects=True)
+    assert "Not deployed: model 99999 is not a model named" in text(response)
+    for bad in ("newest", "1; DROP TABLE x", "", "１"):
+        response = boss.post("/admin/deploy", data={"csrf_token": token, "name": MODEL_NAME, "strategy": bad})
+        assert response.status_code == 400, bad
+    assert scalar(su, "SELECT count(*) FROM lungsql.deployments") == before
+    failed = audit_rows(su, "deploy_failed", address=boss.environ_base["REMOTE_ADDR"])
+    assert [r.detail["strategy"] for r in failed] == ["best_score", "99999"]
+
+
+def test_audit_page_lists_the_latest_events_newest_first(app, boss, web_db, su):
+    boss.get(f"/patients/{NO_FEATURES[0]}")
+    response = boss.get("/admin/audit")
+    assert response.status_code == 200
+    body = text(response)
+    rows = re.findall(r'<tr class="action-([a-z_]+)">', body)
+    assert rows[:2] == ["score_failed", "view_patient"]  # the view came first, then the score
+    assert len(rows) == min(200, scalar(su, "SELECT count(*) FROM lungsql.audit_log"))
+    app.config["AUDIT_ROWS"] = 5
+    try:
+        assert len(re.findall(r'<tr class="action-', text(boss.get("/admin/audit")))) == 5
+    finally:
+        app.config["AUDIT_ROWS"] = 200
+
+
+# -- headers, markup and privileges ------------------------------------------------------------
+def test_security_headers_and_no_inline_code(client, boss, web_db):
+    responses = [client.get("/login"), client.get("/static/style.css"), boss.get("/patients?q=an"),
+                 boss.get(f"/patients/{web_db.ana_id}"), boss.get(f"/patients/{web_db.ana_id}/slices/0.png"),
+                 boss.get("/admin/"), boss.get("/admin/audit"), boss.get("/patients/nobody"),
+                 boss.get("/api/patients?q=ana")]
+    for response in responses:
+        for header, value in SECURITY_HEADERS.items():
+            assert response.headers[header] == value
+        csp = response.headers["Content-Security-Policy"]
+        for directive in ("default-src 'self'", "img-src 'self' data:", "style-src 'self'", "script-src 'self'"):
+            assert directive in csp
+        if response.mimetype == "text/html":
+            body = text(response)
+            assert " style=" not in body and "<style" not in body
+            assert re.findall(r"<script(?![^>]*\bsrc=)", body) == []
+            assert not re.search(r"<[^>]+\son[a-z]+\s*=", body)  # no inline event handlers
+            assert response.headers["Cache-Control"] == "no-store"
+            assert "http://" not in body and "https://" not in body  # nothing from the internet
+
+
+def test_the_web_role_cannot_touch_what_it_must_not(app):
+    statements = [
+        "UPDATE lungsql.models SET name = name",
+        "DELETE FROM lungsql.audit_log",
+        "UPDATE lungsql.audit_log SET username = 'x'",
+        "SELECT * FROM lungsql.features",
+        "INSERT INTO lungsql.users (username, password_hash, role) VALUES ('mallory', 'x', 'admin')",
+        "UPDATE lungsql.users SET role = 'admin'",
+        "INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES ('x', 1, 'x')",
+        "SELECT created_at FROM lungsql.users",
+        "CALL lungsql.generate_features()",
+        "SELECT * FROM lungsql.train_model()",
+    ]
+    engine = app.extensions[ENGINE]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT current_user")).scalar() == "lungsql_web"
+    for statement in statements:
+        with engine.connect() as conn:
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                conn.execute(sa.text(statement))
+
+
+def test_the_secret_key_comes_from_the_config_the_environment_or_a_site_file(monkeypatch, tmp_path):
+    url = "postgresql+psycopg://lungsql_web@/nowhere"
+    monkeypatch.setenv("LUNGSQL_HOME", str(tmp_path))
+    monkeypatch.delenv("LUNGSQL_SECRET_KEY", raising=False)
+    generated = create_app({"DATABASE_URL": url}).secret_key
+    key_file = tmp_path / "flask.key"
+    assert key_file.exists() and key_file.stat().st_mode & 0o777 == 0o600
+    assert generated == key_file.read_bytes().strip() and len(generated) >= 32
+    assert create_app({"DATABASE_URL": url}).secret_key == generated  # the same on every start
+    monkeypatch.setenv("LUNGSQL_SECRET_KEY", "from-the-environment")
+    assert create_app({"DATABASE_URL": url}).secret_key == b"from-the-environment"
+    assert create_app({"DATABASE_URL": url, "SECRET_KEY": "given"}).secret_key == "given"
+    app = create_app({"DATABASE_URL": url, "SECRET_KEY": "k", "SESSION_COOKIE_SECURE": True})
+    assert app.config["SESSION_COOKIE_SECURE"] and app.config["SESSION_COOKIE_SAMESITE"] == "Lax"
+    monkeypatch.setenv("LUNGSQL_SECURE_COOKIES", "1")
+    assert create_app({"DATABASE_URL": url, "SECRET_KEY": "k"}).config["SESSION_COOKIE_SECURE"]
+
+
+def test_error_pages_are_small_templates(clinician):
+    response = clinician.get("/no-such-page")
+    assert response.status_code == 404 and "<h1>Not found" in text(response)
+    response = clinician.post("/patients")
+    assert response.status_code in (400, 405)  # no CSRF token: refused before the method is checked
+    token = csrf_token(text(clinician.get("/patients")))
+    response = clinician.post("/patients", data={"csrf_token": token})
+    assert response.status_code == 405 and "Method not allowed" in text(response)
+    assert json.loads(clinician.get("/api/patients/nobody").data)["error"] == "not found"
+
+
+# -- a real browser ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live_server(app):
+    """The app served by waitress on a free port, as `lungsql serve` serves it."""
+    import threading
+
+    import waitress
+
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.fail("chromium and chromedriver are needed for the browser test: run `make bootstrap` "
+                    "(Debian packages chromium and chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                     "--disable-gpu", "--no-first-run", "--disable-quic", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def _sign_in(browser, live_server, username):
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    browser.get(f"{live_server}/login")
+    browser.find_element(By.ID, "username").send_keys(username)
+    browser.find_element(By.ID, "password").send_keys(PASSWORDS[username])
+    browser.find_element(By.CSS_SELECTOR, "form.stacked button[type=submit]").click()
+
+
+def test_in_a_browser_search_view_slices_and_play(browser, live_server, web_db, output_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 10)
+    _sign_in(browser, live_server, "clin")
+    wait.until(lambda d: d.find_elements(By.ID, "q"))
+    search = browser.find_element(By.ID, "q")
+    search.send_keys("fern")
+    search.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Ana Fernandez")
+    assert browser.current_url.endswith(f"/patients/{web_db.ana_id}")
+    image = browser.find_element(By.CSS_SELECTOR, "img.slice-image")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    assert browser.execute_script("return arguments[0].naturalWidth", image) == 512
+    slider = browser.find_element(By.CSS_SELECTOR, "input.slice-slider")
+    label = browser.find_element(By.CSS_SELECTOR, ".slice-label")
+    count = int(slider.get_attribute("max")) + 1
+    start = int(slider.get_attribute("value"))
+    assert label.text == f"Slice {start + 1} of {count}"
+
+    play = browser.find_element(By.CSS_SELECTOR, "button.play")
+    play.click()
+    assert play.get_attribute("aria-pressed") == "true" and play.text == "Pause"
+    seen = set()
+    wait.until(lambda d: seen.add(d.execute_script("return arguments[0].getAttribute('src')", image))
+               or len(seen) >= 3)
+    play.click()
+    assert play.get_attribute("aria-pressed") == "false" and play.text == "Play"
+    stopped = slider.get_attribute("value")
+    time.sleep(0.4)
+    assert slider.get_attribute("value") == stopped  # paused stays paused
+
+    slider.send_keys(Keys.HOME)
+    wait.until(lambda d: label.text == f"Slice 1 of {count}")
+    slider.send_keys(Keys.ARROW_RIGHT)
+    wait.until(lambda d: label.text == f"Slice 2 of {count}")
+    assert image.get_attribute("src").endswith("/slices/1.png")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    probability = browser.find_element(By.CSS_SELECTOR, ".probability .value").text
+    assert re.fullmatch(r"\d+\.\d %", probability)
+    browser.save_screenshot(str(output_dir / "webapp-patient.png"))
+
+    problems = [entry["message"] for entry in browser.get_log("browser")
+                if entry["level"] == "SEVERE" or "Content Security Policy" in entry["message"]]
+    assert problems == []
+
+
+def test_in_a_browser_the_admin_sees_roc_curves(browser, live_server, output_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _sign_in(browser, live_server, "boss")
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "q"))
+    browser.get(f"{live_server}/admin/")
+    charts = browser.find_elements(By.CSS_SELECTOR, "svg.roc")
+    assert charts and all(c.is_displayed() and c.size["width"] > 200 for c in charts)
+    browser.save_screenshot(str(output_dir / "webapp-models.png"))
+    browser.get(f"{live_server}/admin/audit")
+    assert browser.find_elements(By.CSS_SELECTOR, "tr.action-login")
+    problems = [entry["message"] for entry in browser.get_log("browser")
+                if entry["level"] == "SEVERE" or "Content Security Policy" in entry["message"]]
+    assert problems == []
+
+
+# -- load ----------------------------------------------------------------------------------------
+def test_32_concurrent_clients_get_correct_predictions(live_server, su, output_dir):
+    from lungsql import http_load
+
+    with su.connect() as conn:
+        expected = dict(conn.execute(sa.text(
+            "SELECT patient_id, probability FROM lungsql.predict_lung_cancer_batch("
+            "ARRAY(SELECT patient_id FROM lungsql.features))")).all())
+    assert expected
+    paths = [f"/api/patients/{pid}/prediction" for pid in sorted(expected)]
+
+    def check(path: str, answer: dict) -> str | None:
+        patient = path.split("/")[3]
+        if abs(answer["probability"] - expected[patient]) > 1e-12:
+            return f"{patient}: {answer['probability']} instead of {expected[patient]}"
+        return None
+
+    result = http_load.run(live_server, "clin", PASSWORDS["clin"], paths, clients=32, requests_per_client=10,
+                           seconds=60, check=check)
+    (output_dir / "webapp-load.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    assert result.errors == []
+    assert len(result.latencies_ms) == 32 * 10

@@ -1,0 +1,81 @@
+"""Administrators' pages: the models, their metrics and ROC curves, deployment, the audit log.
+
+Deploying calls ``lungsql.deploy(name, strategy)``, which runs with its
+owner's rights; the web app's role cannot change the registry otherwise.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+
+from webapp import audit
+from webapp.auth import admin_required
+from webapp.charts import roc_chart
+from webapp.db import database_message, get_db
+from webapp.records import clean_query
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp.before_request(admin_required)
+
+STRATEGIES = ("best_score", "most_recent", "rollback")
+MODELS_SHOWN = 200
+
+
+@bp.get("/")
+def models():
+    conn = get_db()
+    rows = conn.execute(sa.text(
+        "SELECT model_id, name, version, algorithm, trained_at, metrics FROM lungsql.models "
+        "ORDER BY name, version DESC LIMIT :limit"), {"limit": MODELS_SHOWN}).mappings().all()
+    current = {r["name"]: r for r in conn.execute(sa.text(
+        "SELECT DISTINCT ON (name) name, model_id, strategy, deployed_at, deployment_id "
+        "FROM lungsql.deployments ORDER BY name, deployment_id DESC")).mappings()}
+    history = conn.execute(sa.text(
+        "SELECT d.deployment_id, d.name, d.model_id, m.version, d.strategy, d.deployed_at "
+        "FROM lungsql.deployments d JOIN lungsql.models m ON m.model_id = d.model_id "
+        "ORDER BY d.deployment_id DESC LIMIT 20")).mappings().all()
+    default = max(current.values(), key=lambda r: r["deployment_id"], default=None)
+    names: dict[str, list[dict]] = {}
+    for row in rows:
+        model = dict(row)
+        model["chart"] = roc_chart(model["metrics"])
+        model["deployed"] = current.get(row["name"], {}).get("model_id") == row["model_id"]
+        names.setdefault(row["name"], []).append(model)
+    return render_template("admin/models.html", names=names, current=current, default=default,
+                           history=history, strategies=STRATEGIES)
+
+
+@bp.post("/deploy")
+def deploy():
+    name = clean_query(request.form.get("name", ""), 200)
+    strategy = request.form.get("strategy", "").strip()
+    if not name or not (strategy in STRATEGIES or (strategy.isascii() and strategy.isdigit() and len(strategy) < 10)):
+        abort(400, description="Choose a model name and a strategy (best_score, most_recent, rollback or a "
+                               "model id).")
+    conn = get_db()
+    conn.commit()
+    try:
+        model_id = conn.execute(sa.text("SELECT lungsql.deploy(:name, :strategy)"),
+                                {"name": name, "strategy": strategy}).scalar_one()
+    except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        raise
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        conn.rollback()
+        message, hint = database_message(exc)
+        audit.record("deploy_failed", detail={"name": name, "strategy": strategy, "error": message})
+        flash(f"Not deployed: {message}" + (f" ({hint})" if hint else ""), "error")
+        return redirect(url_for("admin.models"), 303)
+    audit.record("deploy", detail={"name": name, "strategy": strategy, "model_id": model_id}, commit=False)
+    conn.commit()  # the deployment and its audit row together
+    current_app.logger.info("model %s deployed as %r (%s)", model_id, name, strategy)
+    flash(f"Model {model_id} is now deployed as {name!r} ({strategy.replace('_', ' ')}).", "success")
+    return redirect(url_for("admin.models"), 303)
+
+
+@bp.get("/audit")
+def audit_log():
+    rows = audit.latest(current_app.config["AUDIT_ROWS"])
+    return render_template("admin/audit.html", rows=rows)

@@ -1,0 +1,71 @@
+"""The web app's database: one SQLAlchemy engine per app, one connection per request.
+
+The app connects as the least-privileged role ``lungsql_web``: it reads
+patients, scans, models and deployments, appends to the audit log, and calls
+the scoring and deployment functions. Every statement binds its parameters.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from flask import Flask, current_app, g
+
+from lungsql.errors import DatabaseUnavailable
+
+ENGINE = "lungsql_engine"
+
+
+def init_app(app: Flask) -> None:
+    app.extensions[ENGINE] = sa.create_engine(
+        app.config["DATABASE_URL"],
+        pool_pre_ping=True,
+        pool_size=app.config["DATABASE_POOL_SIZE"],
+        connect_args={"application_name": "lungsql-web"},
+    )
+    app.teardown_appcontext(close_db)
+
+
+def get_engine() -> sa.Engine:
+    return current_app.extensions[ENGINE]
+
+
+def get_db() -> sa.Connection:
+    """This request's connection, opened on first use and closed (rolled back) at teardown."""
+    if "db" not in g:
+        try:
+            g.db = get_engine().connect()
+        except sa.exc.OperationalError as exc:
+            raise DatabaseUnavailable(
+                "the web app cannot reach its database: " + _first_line(exc),
+                hint="check that PostgreSQL runs and that LUNGSQL_WEB_DATABASE_URL (or --web-db) "
+                     "points at it as the role lungsql_web",
+            ) from None
+    return g.db
+
+
+def close_db(exc: BaseException | None = None) -> None:
+    conn = g.pop("db", None)
+    if conn is not None:
+        conn.close()
+
+
+def database_message(exc: sa.exc.DBAPIError) -> tuple[str, str | None]:
+    """(message, hint) of a PostgreSQL error, e.g. one raised by a lungsql function."""
+    diag = getattr(exc.orig, "diag", None)
+    message = (getattr(diag, "message_primary", None) or _first_line(exc)).strip()
+    hint = getattr(diag, "message_hint", None)
+    for prefix in ("plpy.Error: ", "lungsql: "):  # as PL/Python and lungsql.procedures write it
+        message = message.removeprefix(prefix)
+    return message, hint
+
+
+def is_lungsql_error(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a database error was raised on purpose by a lungsql function (not a lost connection)."""
+    diag = getattr(exc.orig, "diag", None)
+    return (getattr(diag, "message_primary", None) or "").removeprefix("plpy.Error: ").startswith("lungsql: ")
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__

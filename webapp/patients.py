@@ -1,0 +1,72 @@
+"""Pages for clinicians: patient search, the patient page with its scan viewer and probability."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
+
+from webapp import audit, records
+from webapp.scoring import ScoringUnavailable, score
+from webapp.slices import render_png
+
+bp = Blueprint("patients", __name__)
+
+SLICE_CACHE = "lungsql_slice_cache"
+
+
+@bp.get("/")
+def index():
+    return redirect(url_for("patients.search"))
+
+
+@bp.get("/patients")
+def search():
+    """Search by name (any part, any case) or by patient ID (whole or first characters)."""
+    raw = request.args.get("q", "")
+    query = records.clean_query(raw, current_app.config["QUERY_MAX_CHARS"])
+    result = records.search(query, current_app.config["SEARCH_LIMIT"])
+    if len(result.patients) == 1 and result.total == 1:
+        return redirect(url_for("patients.patient", patient_id=result.patients[0]["patient_id"]))
+    return render_template("search.html", query=query, searched=bool(raw), result=result,
+                           shortened=len(raw) > current_app.config["QUERY_MAX_CHARS"])
+
+
+@bp.get("/patients/<patient_id>")
+def patient(patient_id: str):
+    """The patient page; 404 for an unknown patient."""
+    found = records.patient(patient_id)
+    if found is None:
+        abort(404, description="There is no patient with this ID.")
+    audit.record("view_patient", patient_id=patient_id, detail={"via": "web"})
+    try:
+        result, failure = score(patient_id, via="web"), None
+    except ScoringUnavailable as exc:
+        result, failure = None, exc
+    return render_template("patient.html", patient=found, score=result, failure=failure,
+                           start=found["slices"] // 2)
+
+
+@bp.get("/patients/<patient_id>/slices/<int:index>.png")
+def slice_png(patient_id: str, index: int):
+    """Slice number `index` (0-based, series by series in z order) as PNG; 404 beyond the last one."""
+    ref = records.slice_ref(patient_id, index)
+    if ref is None:
+        abort(404, description="There is no such slice.")
+    low, high = current_app.config["HU_WINDOW"]
+    etag = f"{ref['sha256']}-{low:g}:{high:g}"  # a new window is a new image
+    headers = {"Cache-Control": f"private, max-age={current_app.config['SLICE_MAX_AGE_S']}"}
+    if etag in request.if_none_match:
+        response = Response(status=304, headers=headers)
+    else:
+        cache = current_app.extensions[SLICE_CACHE]
+        png = cache.get(etag)
+        if png is None:
+            png = render_png(records.slice_dicom(ref["scan_id"]), current_app.config["HU_WINDOW"])
+            cache.put(etag, png)
+        response = Response(png, mimetype="image/png", headers=headers)
+    response.set_etag(etag)
+    return response
+
+
+def can_see_labels() -> bool:
+    """Known outcomes (training labels) are shown to administrators only."""
+    return bool(g.get("user")) and g.user["role"] == "admin"

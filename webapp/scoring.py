@@ -1,0 +1,140 @@
+"""A patient's probability of lung cancer, from the database's scoring function.
+
+The web app never loads a model: it calls ``lungsql.predict_lung_cancer`` and
+shows which model answered. Both run in one REPEATABLE READ transaction, so
+the model shown is the model the function used, even while an administrator
+deploys another one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+import sqlalchemy as sa
+from flask import current_app
+
+from webapp import audit
+from webapp.db import database_message, get_db, is_lungsql_error
+
+# Colour bands of the probability, in percent: [lower bound, band, colour, wording).
+BANDS = (
+    (40.0, "high", "red", "40 % or more"),
+    (20.0, "intermediate", "orange", "20 % to 40 %"),
+    (0.0, "low", "green", "below 20 %"),
+)
+
+# What predict_lung_cancer(patient_id) uses when no model name is given: the latest deployment row.
+_DEPLOYED = sa.text("""
+SELECT d.deployment_id, d.name AS deployment_name, d.strategy, d.deployed_at,
+       m.model_id, m.name, m.version, m.trained_at,
+       (m.metrics ->> 'auc')::double precision AS auc
+FROM lungsql.deployments d JOIN lungsql.models m ON m.model_id = d.model_id
+ORDER BY d.deployment_id DESC LIMIT 1
+""")
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    model_id: int
+    name: str
+    version: int
+    trained_at: dt.datetime
+    auc: float | None
+    deployment_name: str
+    strategy: str
+    deployed_at: dt.datetime
+
+    def as_json(self) -> dict:
+        out = asdict(self)
+        out["trained_at"] = self.trained_at.isoformat()
+        out["deployed_at"] = self.deployed_at.isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class Score:
+    patient_id: str
+    probability: float
+    model: DeployedModel
+
+    @property
+    def percent(self) -> float:
+        return round(self.probability * 100.0, 1)
+
+    @property
+    def band(self) -> str:
+        return band_of(self.percent)[0]
+
+    @property
+    def colour(self) -> str:
+        return band_of(self.percent)[1]
+
+    @property
+    def band_wording(self) -> str:
+        return band_of(self.percent)[2]
+
+    def as_json(self) -> dict:
+        return {"patient_id": self.patient_id, "probability": self.probability, "percent": self.percent,
+                "band": self.band, "colour": self.colour, "model": self.model.as_json()}
+
+
+class ScoringUnavailable(Exception):
+    """No probability for this patient now (no features, no deployed model...); the message says why."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def band_of(percent: float) -> tuple[str, str, str]:
+    """(band, colour, wording) of a percentage as shown (rounded to 0.1)."""
+    for lower, band, colour, wording in BANDS:
+        if percent >= lower:
+            return band, colour, wording
+    return BANDS[-1][1:]
+
+
+def deployed_model(conn: sa.Connection) -> DeployedModel | None:
+    row = conn.execute(_DEPLOYED).mappings().first()
+    if row is None:
+        return None
+    return DeployedModel(model_id=row["model_id"], name=row["name"], version=row["version"],
+                         trained_at=row["trained_at"], auc=row["auc"], deployment_name=row["deployment_name"],
+                         strategy=row["strategy"], deployed_at=row["deployed_at"])
+
+
+def score(patient_id: str, via: str) -> Score:
+    """Score one (existing) patient in the database and audit it; ScoringUnavailable when it cannot be."""
+    conn = get_db()
+    conn.commit()  # end the request's reads: the next transaction must start REPEATABLE READ
+    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    model = deployed_model(conn)
+    try:
+        if model is None:
+            raise ScoringUnavailable("no model is deployed",
+                                     "an administrator trains one: SELECT * FROM lungsql.train_model()")
+        try:
+            probability = conn.execute(sa.text("SELECT lungsql.predict_lung_cancer(:patient_id)"),
+                                       {"patient_id": patient_id}).scalar_one()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            raise  # the database is gone: an error page, not a message about this patient
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            if not is_lungsql_error(exc):
+                current_app.logger.exception("scoring patient %r failed", patient_id)
+            raise ScoringUnavailable(*database_message(exc)) from None
+        conn.commit()  # keeps the row lungsql.predictions got
+    except ScoringUnavailable as exc:
+        conn.rollback()
+        audit.record("score_failed", patient_id=patient_id,
+                     detail={"via": via, "error": exc.message,
+                             "model_id": model.model_id if model else None})
+        raise
+    result = Score(patient_id, float(probability), model)
+    audit.record("score_patient", patient_id=patient_id,
+                 detail={"via": via, "model_id": model.model_id, "model_name": model.name,
+                         "model_version": model.version, "probability": result.probability})
+    return result
