@@ -121,10 +121,15 @@ def init(ctx: click.Context) -> None:
 @click.pass_context
 @reports_errors
 def check(ctx: click.Context) -> None:
-    """Run lungsql.check_environment() inside the server and print what it sees."""
+    """Run lungsql.check_environment() (SQL Server: dbo.CheckLungSQLEnvironment) inside the server."""
     import sqlalchemy as sa
 
     engine = _engine(ctx)
+    if engine.dialect.name == "mssql":
+        from lungsql.dialects import mssql
+
+        _table(["component", "version", "location"], mssql.call(engine, mssql.CHECK_ENVIRONMENT))
+        return
     try:
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT * FROM lungsql.check_environment()")).all()

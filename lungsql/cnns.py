@@ -15,6 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from lungsql import dialects
 from lungsql.errors import ConfigurationError
 from lungsql.preprocess import Preprocessing
 
@@ -42,17 +43,8 @@ def store(engine: sa.Engine, name: str, onnx_bytes: bytes, input_name: str, inpu
                     f"a different CNN named {name!r} is already stored (cnn_id {existing.cnn_id})",
                     hint="choose another --name, or pass --replace (its features are deleted with it)",
                 )
-            conn.execute(sa.text("DELETE FROM lungsql.cnn_models WHERE cnn_id = :id"), {"id": existing.cnn_id})
-        return conn.execute(
-            sa.text(
-                """INSERT INTO lungsql.cnn_models (name, model, sha256, input_name, input_size, output_name,
-                                                  feature_dim, preprocessing, source)
-                   VALUES (:name, :model, :sha256, :input_name, :input_size, :output_name, :feature_dim,
-                           CAST(:preprocessing AS jsonb), CAST(:source AS jsonb))
-                   RETURNING cnn_id"""
-            ),
-            row,
-        ).scalar_one()
+            dialects.of(conn).delete_cnn(conn, existing.cnn_id)
+        return dialects.of(conn).insert_cnn(conn, row)
 
 
 def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name: str | None = None,

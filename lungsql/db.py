@@ -2,7 +2,9 @@
 
 The URL comes from --db, else LUNGSQL_DATABASE_URL, else the local cluster
 managed by `lungsql db`. URLs are SQLAlchemy URLs; PostgreSQL goes through
-psycopg 3 (`postgresql+psycopg://`).
+psycopg 3 (`postgresql+psycopg://`), SQL Server through pyodbc
+(`mssql+pyodbc://`, ODBC Driver 18 unless the URL names another driver).
+What differs between the two lives in lungsql.dialects.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def resolve_web_url(explicit: str | None = None) -> str:
     return LocalCluster().url(user=WEB_ROLE)
 
 
+#: The ODBC driver of mssql+pyodbc URLs that name none (Debian's FreeTDS: ?driver=FreeTDS).
+MSSQL_ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
+
+
 def normalise_url(url: str) -> str:
-    """Accept plain postgresql:// URLs and use psycopg 3 for them."""
+    """Accept plain postgresql:// and mssql:// URLs: psycopg 3 for the one, pyodbc for the other."""
     try:
         parsed = make_url(url)
     except Exception:
@@ -46,17 +52,30 @@ def normalise_url(url: str) -> str:
         ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if not parsed.drivername.startswith("postgresql"):
+    elif parsed.drivername == "mssql":
+        parsed = parsed.set(drivername="mssql+pyodbc")
+    if parsed.drivername == "mssql+pyodbc":
+        if parsed.host and not {"driver", "odbc_connect"} & set(parsed.query):
+            parsed = parsed.update_query_dict({"driver": MSSQL_ODBC_DRIVER})
+    elif not parsed.drivername.startswith("postgresql"):
         raise ConfigurationError(
             f"unsupported database {parsed.drivername!r}",
-            hint="lungsql runs on PostgreSQL 15 with plpython3u (postgresql+psycopg://...)",
+            hint="lungsql runs on PostgreSQL 15 with plpython3u (postgresql+psycopg://...) or on SQL Server "
+                 "with Machine Learning Services (mssql+pyodbc://...?driver=ODBC+Driver+18+for+SQL+Server)",
         )
     return parsed.render_as_string(hide_password=False)
 
 
+def dialect_name(url: str) -> str:
+    """'postgresql' or 'mssql': which lungsql.dialects module a URL's database needs."""
+    return make_url(url).get_backend_name()
+
+
 @functools.lru_cache(maxsize=8)
 def engine(url: str) -> Engine:
-    return sa.create_engine(url, pool_pre_ping=True, future=True)
+    from lungsql import dialects
+
+    return sa.create_engine(url, pool_pre_ping=True, future=True, **dialects.engine_options(dialect_name(url)))
 
 
 def connect(url: str | None = None) -> Engine:

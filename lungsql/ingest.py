@@ -26,7 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import config_preprocessing as config
-from lungsql.dialects.postgres import ScanStore
+from lungsql import dialects
 from lungsql.dicom import PatientInfo, ScanRecord, read_scan
 from lungsql.errors import ConfigurationError, InvalidScan
 
@@ -174,7 +174,7 @@ def ingest(
         labels = {deidentifier.pseudonym(pid): label for pid, label in labels.items()}
 
     summary = IngestSummary()
-    store = ScanStore(engine)
+    store = dialects.scan_store(engine)
     started = time.perf_counter()
     try:
         if labels:

@@ -56,6 +56,11 @@ def server_python_path() -> list[str]:
 
 def init(engine: sa.Engine, sql_dir: Path = SQL_DIR) -> InitReport:
     report = InitReport()
+    if engine.dialect.name == "mssql":  # sql/mssql: tables and procedures, see its README
+        from lungsql.dialects import mssql
+
+        report.applied = mssql.install(engine)
+        return report
     with engine.begin() as conn:
         pg = driver_connection(conn)
         pg.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))

@@ -94,7 +94,7 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
     data.notice(f"featurizing {len(patients)} patients with CNN {cnn['name']!r} on {featurizer.provider} "
                 f"(shard {shard} of {shards})")
     started = time.perf_counter()
-    volumes = ((pid, _largest_series(data.patient_scans(pid))) for pid in patients)
+    volumes = ((pid, largest_series(data.patient_scans(pid))) for pid in patients)
     for patient_id, features in featurizer.featurize_volumes(volumes):
         data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
         run.patients += 1
@@ -110,7 +110,7 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
     return run
 
 
-def _largest_series(scans: list[tuple[bytes, float, str]]) -> list[tuple[bytes, float]]:
+def largest_series(scans: list[tuple[bytes, float, str]]) -> list[tuple[bytes, float]]:
     """The slices of the patient's largest series (the CT volume), as (bytes, z)."""
     if not scans:
         return []

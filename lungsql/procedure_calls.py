@@ -1,5 +1,8 @@
 """The CLI's side of the stored procedures: call them as a DBA would, show their
-NOTICE lines as progress, and turn their errors into LungSQLError."""
+NOTICE lines as progress, and turn their errors into LungSQLError.
+
+On SQL Server the same calls go to lungsql.dialects.mssql (EXEC dbo.GenerateFeatures ...),
+whose PRINT lines have the same form as PostgreSQL's NOTICE lines."""
 
 from __future__ import annotations
 
@@ -69,6 +72,9 @@ def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: boo
             tqdm.write(text, file=sys.stderr)
 
     try:
+        if _on_sql_server(engine):
+            _mssql().generate_features(engine, cnn_name, only_missing, shard, shards, notice)
+            return
         with session(engine, notice, autocommit=True) as pg:
             pg.execute("CALL lungsql.generate_features(cnn_name => %s, only_missing => %s, shard => %s, "
                        "shards => %s)", (cnn_name, only_missing, shard, shards))
@@ -77,6 +83,8 @@ def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: boo
 
 
 def train_model(engine: sa.Engine, model_name: str, params: str, cnn_name: str | None) -> tuple[int, dict]:
+    if _on_sql_server(engine):
+        return _mssql().train_model(engine, model_name, params, cnn_name, lambda text: print(text, file=sys.stderr))
     with session(engine, lambda text: print(text, file=sys.stderr)) as pg:
         model_id, metrics = pg.execute(
             "SELECT * FROM lungsql.train_model(model_name => %s, params => %s::jsonb, cnn_name => %s)",
@@ -85,6 +93,8 @@ def train_model(engine: sa.Engine, model_name: str, params: str, cnn_name: str |
 
 
 def predict(engine: sa.Engine, patient_ids: list[str], model_name: str | None) -> list[tuple[str, float]]:
+    if _on_sql_server(engine):
+        return _mssql().predict(engine, patient_ids, model_name)
     with session(engine) as pg:
         return pg.execute(
             "SELECT patient_id, probability FROM lungsql.predict_lung_cancer_batch(%s, %s)",
@@ -92,8 +102,20 @@ def predict(engine: sa.Engine, patient_ids: list[str], model_name: str | None) -
 
 
 def deploy(engine: sa.Engine, model_name: str, strategy: str) -> int:
+    if _on_sql_server(engine):
+        return _mssql().deploy(engine, model_name, strategy)
     with session(engine) as pg:
         return pg.execute("SELECT lungsql.deploy(%s, %s)", (model_name, strategy)).fetchone()[0]
+
+
+def _on_sql_server(engine: sa.Engine) -> bool:
+    return engine.dialect.name == "mssql"
+
+
+def _mssql():
+    from lungsql.dialects import mssql
+
+    return mssql
 
 
 def metric_rows(metrics: dict) -> list[tuple[str, str]]:

@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # chromium and chromium-driver: the web app's end-to-end test runs in a real headless browser.
-APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core)
-EXTRAS="ml,codecs,export,dev"
+# unixodbc: pyodbc's library, for SQL Server URLs (an ODBC driver such as tdsodbc is the site's choice).
+APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core
+              unixodbc)
+EXTRAS="ml,codecs,export,mssql,dev"
 
 say() { printf '==> %s\n' "$*"; }
 

@@ -179,3 +179,23 @@ class ScanStore:
             copy.set_types(_COLUMN_TYPES)
             for scan in scans:
                 copy.write_row(_scan_row(scan))
+
+
+# -- CNNs ------------------------------------------------------------------------------
+def insert_cnn(conn: sa.Connection, row: dict) -> int:
+    """Insert a CNN row (preprocessing and source as JSON text); returns its cnn_id."""
+    return conn.execute(
+        sa.text(
+            """INSERT INTO lungsql.cnn_models (name, model, sha256, input_name, input_size, output_name,
+                                              feature_dim, preprocessing, source)
+               VALUES (:name, :model, :sha256, :input_name, :input_size, :output_name, :feature_dim,
+                       CAST(:preprocessing AS jsonb), CAST(:source AS jsonb))
+               RETURNING cnn_id"""
+        ),
+        row,
+    ).scalar_one()
+
+
+def delete_cnn(conn: sa.Connection, cnn_id: int) -> None:
+    """Delete a CNN; its features and featurization runs go with it (ON DELETE CASCADE)."""
+    conn.execute(sa.text("DELETE FROM lungsql.cnn_models WHERE cnn_id = :id"), {"id": cnn_id})

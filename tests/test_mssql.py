@@ -1,0 +1,213 @@
+"""The Python of the SQL Server procedures, run as sp_execute_external_script
+runs it (tests/mssql_harness.py), against what the PostgreSQL procedures give
+on the same synthetic cohort: the same features, the same model, the same
+probabilities. No SQL Server is involved; see sql/mssql/README.md."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from lungsql import cnns, ingest, migrations, pipeline, synth
+from lungsql.featurize import GroupFeatures
+
+pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
+pytest.importorskip("pandas", reason="InputDataSet is a pandas DataFrame (pip install pandas)")
+import mssql_harness as harness  # noqa: E402  (needs pandas)
+
+PATIENTS = 10
+MODEL = "lgbm"
+
+
+@pytest.fixture(scope="module")
+def pg_db(cluster, tmp_path_factory):
+    """A database where the PostgreSQL procedures have run: the cohort uploaded,
+    the built-in CNN imported, every patient featurized, a model trained."""
+    cohort = tmp_path_factory.mktemp("mssql-cohort")
+    synth.write_cohort(cohort, patients=PATIENTS, slices=(4, 7), seed=11)
+    name = f"t_mssql_{uuid.uuid4().hex[:8]}"
+    admin = dict(host=str(cluster.socket_dir), port=cluster.status().port, user="postgres", dbname="postgres",
+                 autocommit=True)
+    with psycopg.connect(**admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    engine = sa.create_engine(cluster.url(dbname=name))
+    try:
+        migrations.init(engine)
+        ingest.ingest(engine, cohort)
+        cnns.import_builtin(engine)
+        _call(engine, "CALL lungsql.generate_features()")
+        _call(engine, "SELECT * FROM lungsql.train_model(%s)", (MODEL,))
+        yield engine
+    finally:
+        engine.dispose()
+        with psycopg.connect(**admin) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _call(engine, sql, params=()):
+    with engine.connect() as conn:
+        pg = conn.connection.driver_connection
+        conn.commit()
+        pg.autocommit = True
+        try:
+            cur = pg.execute(sql, params)
+            return cur.fetchall() if cur.description else None
+        finally:
+            pg.autocommit = False
+
+
+@pytest.fixture
+def pg(pg_db):
+    """A psycopg connection to that database, for the harness's input queries."""
+    with pg_db.connect() as conn:
+        yield conn.connection.driver_connection
+
+
+def _row(engine, sql, **params):
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).mappings().one()
+
+
+def _cnn(engine) -> dict:
+    return dict(_row(engine, "SELECT cnn_id, name AS cnn_name, model AS cnn_model, sha256 AS cnn_sha256, input_name, "
+                             "output_name, preprocessing::text AS preprocessing FROM lungsql.cnn_models"))
+
+
+def _deployed(engine) -> dict:
+    return dict(_row(engine, "SELECT m.model_id, m.sha256 AS model_sha256, m.model_text, m.cnn_id "
+                             "FROM lungsql.deployments d JOIN lungsql.models m USING (model_id) "
+                             "WHERE d.name = :n ORDER BY d.deployment_id DESC LIMIT 1", n=MODEL))
+
+
+def _patients(engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT patient_id FROM lungsql.patients ORDER BY patient_id")).scalars())
+
+
+# -- dbo.GenerateFeatures ---------------------------------------------------------------------
+def test_shards_are_chosen_as_pipeline_in_shard_chooses_them(pg_db, pg):
+    cnn_id = _cnn(pg_db)["cnn_id"]
+    everyone = _patients(pg_db)
+    parts = []
+    for shard in range(3):
+        result = harness.run_on(pg, "dbo.GenerateFeatures", {"cnn_id": cnn_id, "only_missing": False,
+                                                             "shard": shard, "shards": 3}, index=0)
+        parts.append(list(result.output_data_set.patient_id))
+        assert parts[-1] == [p for p in everyone if pipeline.in_shard(p, shard, 3)]
+    assert sorted(sum(parts, [])) == everyone  # disjoint, and together every patient
+    # Every patient has features already: with @OnlyMissing = 1 nothing is left to do.
+    result = harness.run_on(pg, "dbo.GenerateFeatures", {"cnn_id": cnn_id, "only_missing": True, "shard": 0,
+                                                         "shards": 1}, index=0)
+    assert len(result.output_data_set) == 0 and list(result.output_data_set.columns) == ["patient_id"]
+
+
+def test_featurize_script_gives_the_features_postgresql_stored(pg_db, pg):
+    cnn = _cnn(pg_db)
+    with pg_db.connect() as conn:
+        stored = {r.patient_id: r for r in conn.execute(sa.text("SELECT * FROM lungsql.features"))}
+    assert len(stored) == PATIENTS
+    for patient_id, row in stored.items():
+        out = harness.run_on(pg, "dbo.GenerateFeatures", {**cnn, "patient_id": patient_id}).outputs
+        assert out["error"] is None
+        assert out["provider"] == "CPUExecutionProvider"
+        assert (out["n_slices"], out["n_groups"], out["dim"]) == (row.n_slices, row.n_groups, row.dim)
+        ours = GroupFeatures.from_bytes(out["data"], (out["n_groups"], out["dim"]), out["sha256"],
+                                        n_slices=out["n_slices"])
+        theirs = GroupFeatures.from_bytes(row.data, (row.n_groups, row.dim), row.sha256, n_slices=row.n_slices)
+        assert ours.shape == theirs.shape == (-(-row.n_slices // 3), 1280)
+        np.testing.assert_allclose(ours.array, theirs.array, rtol=1e-4, atol=1e-5)
+
+
+def test_featurize_script_refuses_a_tampered_cnn(pg_db, pg):
+    cnn = _cnn(pg_db)
+    model = bytearray(cnn["cnn_model"])
+    model[1000] ^= 0xFF
+    out = harness.run_on(pg, "dbo.GenerateFeatures",
+                         {**cnn, "cnn_model": bytes(model), "patient_id": _patients(pg_db)[0]}).outputs
+    assert "do not match their SHA-256" in out["error"] and out["error"].startswith("lungsql: ")
+    assert "Hint: import the CNN again" in out["error"]
+    assert out["data"] is None
+
+
+# -- dbo.TrainLungCancerModel -----------------------------------------------------------------------
+def test_training_script_gives_the_model_train_model_gave(pg_db, pg):
+    model = _row(pg_db, "SELECT * FROM lungsql.models WHERE name = :n", n=MODEL)
+    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": model.cnn_id, "lightgbm_params": "{}"}).outputs
+    assert out["error"] is None
+    assert out["feature_set"] == model.feature_set == pipeline.FEATURE_SET
+    assert json.loads(out["feature_names"]) == model.feature_names
+    assert json.loads(out["used_params"]) == model.params
+    metrics = json.loads(out["metrics"])
+    assert {k: v for k, v in metrics.items() if k != "seconds"} == \
+        {k: v for k, v in model.metrics.items() if k != "seconds"}
+    assert out["model_text"] == model.model_text and out["model_sha256"] == model.sha256  # deterministic training
+
+
+def test_training_script_says_what_is_wrong_with_params(pg_db, pg):
+    cnn_id = _cnn(pg_db)["cnn_id"]
+    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": cnn_id, "lightgbm_params": "[7]"}).outputs
+    assert out["error"].startswith("lungsql: @Params must be a JSON object") and out["model_text"] is None
+    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": cnn_id,
+                                                          "lightgbm_params": '{"num_leaves": 1}'}).outputs
+    assert "LightGBM rejected training parameter 'num_leaves'" in out["error"]
+
+
+# -- dbo.PredictLungCancer and dbo.PredictLungCancerBatch --------------------------------------------
+def test_predict_script_gives_the_postgresql_probability(pg_db, pg):
+    deployed = _deployed(pg_db)
+    for patient_id in _patients(pg_db)[:3]:
+        (expected,), = _call(pg_db, "SELECT lungsql.predict_lung_cancer(%s, %s)", (patient_id, MODEL))
+        out = harness.run_on(pg, "dbo.PredictLungCancer", {**deployed, "patient_id": patient_id}).outputs
+        assert out["error"] is None
+        assert out["probability"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert 0.0 <= out["probability"] <= 1.0  # @PredictionResult = @probability * 100
+
+
+def test_batch_script_gives_the_postgresql_batch(pg_db, pg):
+    deployed = _deployed(pg_db)
+    expected = dict(_call(pg_db, "SELECT * FROM lungsql.predict_lung_cancer_batch("
+                                 "ARRAY(SELECT patient_id FROM lungsql.patients), %s)", (MODEL,)))
+    out = harness.run_on(pg, "dbo.PredictLungCancerBatch", {**deployed, "patient_ids": None}).outputs
+    assert out["error"] is None
+    scores = {s["patient_id"]: s["probability"] for s in json.loads(out["scores"])}
+    assert scores.keys() == expected.keys() and len(scores) == PATIENTS
+    assert all(scores[p] == pytest.approx(expected[p], rel=1e-12, abs=1e-15) for p in expected)
+    some = _patients(pg_db)[:2]
+    out = harness.run_on(pg, "dbo.PredictLungCancerBatch",
+                         {**deployed, "patient_ids": json.dumps([some[1], some[0], some[1]])}).outputs
+    assert [s["patient_id"] for s in json.loads(out["scores"])] == [some[1], some[0]]
+
+
+def test_tampered_model_text_is_refused(pg_db, pg):
+    deployed = _deployed(pg_db)
+    patient_id = _patients(pg_db)[0]
+    harness.run_on(pg, "dbo.PredictLungCancer", {**deployed, "patient_id": patient_id})  # parsed and cached
+    tampered = {**deployed, "model_text": deployed["model_text"].replace("objective=binary", "objective=regression")}
+    for procedure, extra in (("dbo.PredictLungCancer", {"patient_id": patient_id}),
+                             ("dbo.PredictLungCancerBatch", {"patient_ids": None})):
+        out = harness.run_on(pg, procedure, {**tampered, **extra}).outputs
+        assert "do not match their SHA-256" in out["error"] and "nothing was scored" in out["error"]
+        assert out.get("probability") is None and out.get("scores") is None
+
+
+def test_unknown_patient_is_a_clear_error(pg_db, pg):
+    out = harness.run_on(pg, "dbo.PredictLungCancer", {**_deployed(pg_db), "patient_id": "nobody"}).outputs
+    assert out["error"].startswith("lungsql: no features for patient 'nobody'")
+    assert "Hint: check the patient id" in out["error"]
+    out = harness.run_on(pg, "dbo.PredictLungCancerBatch",
+                         {**_deployed(pg_db), "patient_ids": "[1, 2]"}).outputs
+    assert out["error"].startswith("lungsql: @PatientIds must be a JSON array of patient ids")
+
+
+# -- dbo.CheckLungSQLEnvironment -------------------------------------------------------------------
+def test_environment_script_lists_what_python_sees():
+    result = harness.run(harness.external_script("dbo.CheckLungSQLEnvironment"), None, {})
+    assert result.outputs["error"] is None
+    rows = {r.component: r for r in result.output_data_set.itertuples()}
+    assert {"python", "numpy", "pydicom", "onnxruntime", "lightgbm", "cv2", "lungsql"} <= rows.keys()
+    assert all(r.version for r in rows.values())
