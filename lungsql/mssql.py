@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from lungsql import environment, featurize, pipeline, scoring, training
+from lungsql import environment, featurize, pipeline, scoring
 from lungsql.errors import ConfigurationError, LungSQLError
 
 
@@ -144,16 +144,6 @@ def featurize_patient(scans, cnn_name: str, cnn_model: bytes, cnn_sha256: str, i
 
 
 # -- training ------------------------------------------------------------------------
-def _params(text: str | None) -> dict[str, Any]:
-    try:
-        parsed = json.loads(text) if text else {}
-    except ValueError as exc:
-        raise ConfigurationError(f"@Params is not JSON: {exc}", hint="e.g. N'{\"num_leaves\": 7}'") from None
-    if not isinstance(parsed, dict):
-        raise ConfigurationError("@Params must be a JSON object", hint="e.g. N'{\"num_leaves\": 7}'")
-    return parsed
-
-
 @_reports_errors(lambda error: Trained(error))
 def train_model(rows, params: str | None) -> Trained:
     """LightGBM on the labelled patients' features rows, as pipeline.train_model trains it.
@@ -162,17 +152,14 @@ def train_model(rows, params: str | None) -> Trained:
     parameters, the validation metrics and the feature names (JSON); T-SQL
     stores them and applies the registry rule.
     """
-    parsed = _params(params)
+    parsed = pipeline.parse_params(params, "@Params")
     records = _records(rows)
     if not records:
         raise ConfigurationError(
             "no labelled patient has features from this CNN",
             hint="load labels with `lungsql ingest --labels`, then EXEC dbo.GenerateFeatures",
         )
-    X = np.stack([pipeline.patient_vector(r) for r in records])
-    y = np.array([int(r["label"]) for r in records])
-    result = training.train(X, y, [r["patient_id"] for r in records], pipeline.feature_names(int(records[0]["dim"])),
-                            params=parsed, progress=print)
+    result = pipeline.fit(records, parsed, print)
     return Trained(None, result.model_text, result.sha256, pipeline.FEATURE_SET, json.dumps(result.params),
                    json.dumps(result.metrics), json.dumps(result.feature_names))
 

@@ -138,6 +138,20 @@ def feature_names(dim: int) -> list[str]:
 
 
 # -- training and the registry ---------------------------------------------------------
+def parse_params(text: str | None, argument: str = "params") -> dict[str, Any]:
+    """LightGBM parameters given to a procedure as JSON text: an object, or nothing."""
+    import json
+
+    example = '{"num_leaves": 7}'
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ConfigurationError(f"{argument} is not JSON: {exc}", hint=f"e.g. {example}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigurationError(f"{argument} must be a JSON object", hint=f"e.g. {example}")
+    return parsed
+
+
 def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict | None = None,
                 cnn_name: str | None = None) -> tuple[int, dict[str, Any]]:
     """Train a LightGBM classifier on the labelled patients; returns (model id, metrics)."""
@@ -151,10 +165,7 @@ def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict |
             hint="load labels with `lungsql ingest --labels`, then CALL lungsql.generate_features()",
         )
     data.notice(f"training {model_name!r} on {len(rows)} labelled patients (CNN {cnn['name']!r})")
-    X = np.stack([patient_vector(r) for r in rows])
-    y = np.array([int(r["label"]) for r in rows])
-    result = training.train(X, y, [r["patient_id"] for r in rows], feature_names(rows[0]["dim"]),
-                            params=params, progress=data.notice)
+    result = fit(rows, params, data.notice)
     versions = [m["version"] for m in data.models(model_name)]
     model_id = data.insert_model({
         "name": model_name,
@@ -179,6 +190,15 @@ def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict |
         data.notice(f"model {deployed['model_id']} stays deployed as {model_name!r}: it has the better "
                     "validation log loss")
     return model_id, result.metrics
+
+
+def fit(rows: Sequence[dict[str, Any]], params: dict | None, progress=None) -> training.TrainResult:
+    """LightGBM on labelled features rows (patient_id, label, age_years, sex, data, n_groups, dim,
+    n_slices, sha256): the patient vectors, the labels, the training."""
+    X = np.stack([patient_vector(r) for r in rows])
+    y = np.array([int(r["label"]) for r in rows])
+    return training.train(X, y, [r["patient_id"] for r in rows], feature_names(int(rows[0]["dim"])),
+                          params=params, progress=progress)
 
 
 def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") -> int:

@@ -54,14 +54,8 @@ def train_model(plpy, model_name, params, cnn_name) -> list[tuple[int, str]]:
 
     from lungsql import pipeline
     from lungsql.dataaccess.plpy import PlpyData
-    from lungsql.errors import ConfigurationError
 
-    try:
-        parsed = json.loads(params) if params else {}
-    except ValueError as exc:
-        raise ConfigurationError(f"params is not JSON: {exc}", hint='e.g. \'{"num_leaves": 7}\'') from None
-    if not isinstance(parsed, dict):
-        raise ConfigurationError("params must be a JSON object", hint='e.g. \'{"num_leaves": 7}\'')
+    parsed = pipeline.parse_params(params)
     model_id, metrics = pipeline.train_model(PlpyData(plpy), model_name, parsed, cnn_name)
     return [(model_id, json.dumps(metrics))]
 

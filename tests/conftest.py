@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 
+from databases import create_database, drop_database
 from lungsql import db, migrations
 from lungsql.cluster import LocalCluster
 
@@ -37,13 +37,12 @@ def admin(cluster):
 
 
 @pytest.fixture
-def empty_db(cluster, admin):
+def empty_db(cluster):
     """The URL of a new, empty database, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
+    name = create_database(cluster)
     yield cluster.url(dbname=name)
     db.engine.cache_clear()  # engines the CLI cached for this URL
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(cluster, name)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ package versions, and later runs reuse that file.
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 

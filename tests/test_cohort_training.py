@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 
+from databases import create_database, drop_database
 from lungsql import cnns, ingest, migrations, synth
 
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
@@ -24,17 +24,14 @@ def cohort_db(cluster, tmp_path_factory):
     """One database for the module: the demo cohort uploaded, the built-in CNN imported."""
     out = tmp_path_factory.mktemp("demo-cohort")
     synth.write_cohort(out, patients=PATIENTS, slices=SLICES, seed=SEED)
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(cluster.url(dbname="postgres").replace("+psycopg", ""), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    name = create_database(cluster)
     engine = sa.create_engine(cluster.url(dbname=name))
     migrations.init(engine)
     ingest.ingest(engine, out)
     cnns.import_builtin(engine)
     yield engine, cluster.url(dbname=name).replace("+psycopg", "")
     engine.dispose()
-    with psycopg.connect(cluster.url(dbname="postgres").replace("+psycopg", ""), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(cluster, name)
 
 
 def count(url: str, sql: str) -> int:

@@ -6,10 +6,8 @@ probabilities. No SQL Server is involved; see sql/mssql/README.md."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
-import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -19,6 +17,7 @@ from lungsql.featurize import GroupFeatures
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
 pytest.importorskip("pandas", reason="InputDataSet is a pandas DataFrame (pip install pandas)")
 import mssql_harness as harness  # noqa: E402  (needs pandas)
+from databases import call, create_database, drop_database  # noqa: E402
 
 PATIENTS = 10
 MODEL = "lgbm"
@@ -30,35 +29,18 @@ def pg_db(cluster, tmp_path_factory):
     the built-in CNN imported, every patient featurized, a model trained."""
     cohort = tmp_path_factory.mktemp("mssql-cohort")
     synth.write_cohort(cohort, patients=PATIENTS, slices=(4, 7), seed=11)
-    name = f"t_mssql_{uuid.uuid4().hex[:8]}"
-    admin = dict(host=str(cluster.socket_dir), port=cluster.status().port, user="postgres", dbname="postgres",
-                 autocommit=True)
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name = create_database(cluster, "t_mssql")
     engine = sa.create_engine(cluster.url(dbname=name))
     try:
         migrations.init(engine)
         ingest.ingest(engine, cohort)
         cnns.import_builtin(engine)
-        _call(engine, "CALL lungsql.generate_features()")
-        _call(engine, "SELECT * FROM lungsql.train_model(%s)", (MODEL,))
+        call(engine, "CALL lungsql.generate_features()")
+        call(engine, "SELECT * FROM lungsql.train_model(%s)", (MODEL,))
         yield engine
     finally:
         engine.dispose()
-        with psycopg.connect(**admin) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _call(engine, sql, params=()):
-    with engine.connect() as conn:
-        pg = conn.connection.driver_connection
-        conn.commit()
-        pg.autocommit = True
-        try:
-            cur = pg.execute(sql, params)
-            return cur.fetchall() if cur.description else None
-        finally:
-            pg.autocommit = False
+        drop_database(cluster, name)
 
 
 @pytest.fixture
@@ -161,7 +143,7 @@ def test_training_script_says_what_is_wrong_with_params(pg_db, pg):
 def test_predict_script_gives_the_postgresql_probability(pg_db, pg):
     deployed = _deployed(pg_db)
     for patient_id in _patients(pg_db)[:3]:
-        (expected,), = _call(pg_db, "SELECT lungsql.predict_lung_cancer(%s, %s)", (patient_id, MODEL))
+        (expected,), = call(pg_db, "SELECT lungsql.predict_lung_cancer(%s, %s)", (patient_id, MODEL))
         out = harness.run_on(pg, "dbo.PredictLungCancer", {**deployed, "patient_id": patient_id}).outputs
         assert out["error"] is None
         assert out["probability"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
@@ -170,7 +152,7 @@ def test_predict_script_gives_the_postgresql_probability(pg_db, pg):
 
 def test_batch_script_gives_the_postgresql_batch(pg_db, pg):
     deployed = _deployed(pg_db)
-    expected = dict(_call(pg_db, "SELECT * FROM lungsql.predict_lung_cancer_batch("
+    expected = dict(call(pg_db, "SELECT * FROM lungsql.predict_lung_cancer_batch("
                                  "ARRAY(SELECT patient_id FROM lungsql.patients), %s)", (MODEL,)))
     out = harness.run_on(pg, "dbo.PredictLungCancerBatch", {**deployed, "patient_ids": None}).outputs
     assert out["error"] is None

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from databases import call
 from lungsql import cnn_export, cnns, ingest, pipeline, synth
 from lungsql.featurize import Featurizer, GroupFeatures, read_volume
 from lungsql.preprocess import Preprocessing
@@ -35,20 +36,6 @@ def loaded(engine, small_cohort, exported_cnn):
     ingest.ingest(engine, small_cohort)
     cnns.import_builtin(engine)
     return engine
-
-
-def call(engine, sql: str, params=(), notices=None):
-    with engine.connect() as conn:
-        pg = conn.connection.driver_connection
-        conn.commit()
-        pg.autocommit = True
-        if notices is not None:
-            pg.add_notice_handler(lambda diag: notices.append(diag.message_primary))
-        try:
-            cur = pg.execute(sql, params)
-            return cur.fetchall() if cur.description else None
-        finally:
-            pg.autocommit = False
 
 
 def scalar(engine, sql: str, **params):

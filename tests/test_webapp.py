@@ -24,8 +24,9 @@ from webapp import create_app
 from webapp.auth import THROTTLE
 from webapp.db import ENGINE
 from webapp.scoring import band_of
+from databases import drop_database
 from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, build, csrf_token,
-                             drop_database, login)
+                             login)
 
 WINDOW = "-1000:400"  # LUNGSQL_HU_WINDOW's default, part of every slice's ETag
 

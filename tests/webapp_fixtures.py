@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 import sqlalchemy as sa
 
+from databases import call, create_database
 from lungsql import cnns, ingest, migrations, synth, users
 
 PATIENTS = 10
@@ -43,35 +42,8 @@ class WebDatabase:
         return sa.create_engine(self.url)
 
 
-def call(engine: sa.Engine, sql: str, params=()):
-    """Run `sql` as a DBA does in psql: autocommit (CALL generate_features commits per patient)."""
-    with engine.connect() as conn:
-        pg = conn.connection.driver_connection
-        conn.commit()
-        pg.autocommit = True
-        try:
-            cur = pg.execute(sql, params)
-            return cur.fetchall() if cur.description else None
-        finally:
-            pg.autocommit = False
-
-
-def create_database(cluster) -> str:
-    name = f"web_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(host=str(cluster.socket_dir), port=cluster.status().port, user="postgres",
-                         dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def drop_database(cluster, name: str) -> None:
-    with psycopg.connect(host=str(cluster.socket_dir), port=cluster.status().port, user="postgres",
-                         dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def build(cluster, cohort_dir: Path) -> WebDatabase:
-    name = create_database(cluster)
+    name = create_database(cluster, "web")
     url = cluster.url(dbname=name)
     engine = sa.create_engine(url)
     try:
