@@ -340,6 +340,22 @@ def serve(host: str, port: int, threads: int, web_db: str | None, trusted_proxy:
 
 
 @main.command()
+@click.option("--quick", is_flag=True, help="Tiny sizes, a smoke test in well under a minute; "
+              "BENCHMARKS.md is left as it is.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the JSON results go (default: bench-results.json; with --quick, a temporary file).")
+@click.option("--keep", is_flag=True, help="Keep the benchmark's throwaway PostgreSQL cluster for inspection.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime provider of the bare featurization run (default: the best available).")
+@reports_errors
+def bench(quick: bool, out: Path | None, keep: bool, provider: str | None) -> None:
+    """Benchmark upload, featurization, training, scoring and the web app; write BENCHMARKS.md."""
+    import bench as benchmarks
+
+    benchmarks.run(out=out, quick=quick, keep=keep, provider=provider, say=_step)
+
+
+@main.command()
 @reports_errors
 def settings() -> None:
     """Print every setting, its current value and what it does."""

@@ -35,7 +35,10 @@ def cli_reference() -> str:
     for path, command in _walk(main, ["lungsql"]):
         if isinstance(command, click.Group) and path != ["lungsql"]:
             continue
-        with click.Context(command, info_name=" ".join(path), terminal_width=100) as ctx:
+        # The settings of `lungsql` itself (e.g. -h), as when the command runs: click keeps the help
+        # option it first made on each command, so the reference must not depend on what ran before.
+        with click.Context(command, info_name=" ".join(path), terminal_width=100,
+                           **main.context_settings) as ctx:
             help_text = command.get_help(ctx)
         blocks.append(f"#### `{' '.join(path)}`\n\n```text\n{help_text}\n```")
     return "\n\n".join(blocks)

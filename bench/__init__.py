@@ -1,0 +1,59 @@
+"""The benchmark suite: `lungsql bench` measures upload, featurization, training, scoring and the web
+app in one run on one machine, in a throwaway PostgreSQL cluster, and writes the figures as JSON and
+as a Markdown table in BENCHMARKS.md (see BENCHMARKS.md for what each figure means).
+
+Benchmarks are not tests: `make test` only runs `lungsql bench --quick` as a smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from bench.sizes import FULL, QUICK
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def run(out: Path | None = None, quick: bool = False, keep: bool = False, provider: str | None = None,
+        markdown: Path | None = None, say: Callable[[str], None] = print) -> dict:
+    """Run every benchmark; write the JSON to `out` (quick: a temporary file when None) and, unless
+    `quick`, the table into `markdown` (default BENCHMARKS.md). Returns the results."""
+    from bench import featurize, gpu, machine, report, scoring, training, upload, web
+    from bench.database import throwaway
+
+    sizes = QUICK if quick else FULL
+    started = time.perf_counter()
+    results: dict = {"quick": quick, "sizes": sizes.as_json()}
+    with throwaway(keep=keep, say=say) as db, tempfile.TemporaryDirectory(prefix="lungsql-bench-") as work:
+        results["machine"] = machine.describe(db.engine)
+        load = results["machine"]["load_average"][0]
+        if load > 1.0:
+            results["note"] = (f"the machine was not quiet: load average {load:.2f} at the start "
+                               f"(other processes ran beside the benchmark), so figures may be low")
+        say("upload: lungsql ingest against pydicom alone")
+        results["upload"], cohort = upload.run(db.engine, Path(work), sizes)
+        say("featurization: CALL lungsql.generate_features against the bare ONNX Runtime session")
+        results["featurization"] = featurize.run(db, sizes, provider=provider)
+        say("training: pipeline.fit on synthetic features")
+        results["training"] = training.run(db, sizes)
+        say("scoring: lungsql.predict_lung_cancer")
+        results["scoring"] = scoring.run(db, sizes)
+        say(f"web app: {sizes.web_clients} clients for {sizes.web_seconds:g} s")
+        results["web"] = web.run(db, sizes)
+    results["gpu"] = gpu.status()
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    if out is None:
+        out = (Path(tempfile.gettempdir()) / "lungsql-bench-quick.json") if quick else Path("bench-results.json")
+    out = Path(out)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    say(f"results written to {out}")
+    if not quick:
+        target = Path(markdown) if markdown else BENCHMARKS_MD
+        report.update_markdown(target, results)
+        say(f"table written to {target}")
+    print(report.render_table(results))
+    return results

@@ -1,0 +1,170 @@
+"""Featurization: slices/s through `CALL lungsql.generate_features` against the bare ONNX Runtime
+session on the same preprocessed batches in memory (the efficiency ratio), where the time goes
+(reading, DICOM decoding, preprocessing, CNN, writing), and parallel `shard` sessions."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+
+import numpy as np
+
+import config_preprocessing as config
+from bench.database import BenchDatabase
+from bench.sizes import Sizes
+from lungsql import cnns, dicom, featurize, pipeline
+from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
+
+TARGET_SLICES_PER_S = 500.0
+TARGET_EFFICIENCY = 0.85
+BARE_PASSES = 3
+PROVIDERS = {"cpu": [featurize.CPU], "cuda": [featurize.CUDA, featurize.CPU]}
+
+
+def run(db: BenchDatabase, sizes: Sizes, provider: str | None = None) -> dict:
+    cnns.import_builtin(db.engine)
+    with db.connect() as conn:
+        cnn = conn.execute("SELECT cnn_id, name, model, input_name, output_name, preprocessing "
+                           "FROM lungsql.cnn_models ORDER BY cnn_id DESC LIMIT 1").fetchone()
+        patients = [r[0] for r in conn.execute("SELECT patient_id FROM lungsql.patients ORDER BY patient_id")]
+    end_to_end = _end_to_end(db)
+    providers = PROVIDERS[provider] if provider else featurize.choose_providers()
+    featurizer = featurize.Featurizer(bytes(cnn[2]), cnn[3], cnn[4], Preprocessing.from_json(_json(cnn[5])),
+                                      providers=providers)
+    split, bare = _split_and_bare(db, featurizer, patients)
+    efficiency = end_to_end["slices_per_s"] / bare["slices_per_s"]
+    return {
+        "cnn": cnn[1],
+        "batch_size": int(config.get("LUNGSQL_BATCH_SIZE")),
+        "threads": featurizer.threads,
+        "end_to_end": end_to_end,
+        "bare_onnxruntime": bare,
+        "efficiency": round(efficiency, 3),
+        "time_split": split,
+        "shards": _shards(db, sizes.shard_sessions),
+        "targets": {
+            "end_to_end_slices_per_s": _target(end_to_end["slices_per_s"], TARGET_SLICES_PER_S),
+            "efficiency": _target(efficiency, TARGET_EFFICIENCY),
+        },
+    }
+
+
+def _target(value: float, at_least: float) -> dict:
+    return {"value": round(value, 3), "at_least": at_least, "met": value >= at_least}
+
+
+def _end_to_end(db: BenchDatabase) -> dict:
+    """One CALL in a new session, as a DBA runs it; the figures lungsql.feature_runs records."""
+    with db.connect() as conn:
+        started = time.perf_counter()
+        conn.execute("CALL lungsql.generate_features()")
+        wall = time.perf_counter() - started
+        run_id, provider, patients, slices, seconds = conn.execute(
+            "SELECT run_id, provider, patients, slices, seconds FROM lungsql.feature_runs "
+            "ORDER BY run_id DESC LIMIT 1").fetchone()
+    return {"provider": provider, "patients": patients, "slices": slices, "seconds": round(seconds, 3),
+            "slices_per_s": round(slices / seconds, 1), "call_seconds": round(wall, 3),
+            "call_slices_per_s": round(slices / wall, 1)}
+
+
+def _split_and_bare(db: BenchDatabase, featurizer: featurize.Featurizer, patients: list[str]
+                    ) -> tuple[dict, dict]:
+    """The pipeline's steps one after the other, outside the database, each timed on its own.
+    The CNN step is the bare ONNX Runtime figure: the same model, batch size and threads, on the
+    same per-patient batches, preprocessed beforehand and held in memory."""
+    seconds = dict.fromkeys(("reading", "decoding", "preprocessing", "cnn", "writing"), 0.0)
+    prepared: list[tuple[str, np.ndarray, int]] = []
+    with db.connect() as conn:
+        for pid in patients:
+            t0 = time.perf_counter()
+            rows = conn.execute("SELECT dicom, z_position, series_instance_uid FROM lungsql.scans "
+                                "WHERE patient_id = %s", (pid,), binary=True).fetchall()  # bytea as bytes
+            t1 = time.perf_counter()
+            scans = pipeline.largest_series(rows)
+            hu = [dicom.hounsfield(dicom.parse(bytes(scans[i][0]))) for i in order_slices([z for _, z in scans])]
+            t2 = time.perf_counter()
+            groups = prepare_volume(hu, featurizer.preprocessing)
+            t3 = time.perf_counter()
+            seconds["reading"] += t1 - t0
+            seconds["decoding"] += t2 - t1
+            seconds["preprocessing"] += t3 - t2
+            prepared.append((pid, groups, len(hu)))
+
+        featurizer.run(prepared[0][1][:1])  # warm-up: the session allocates on its first run
+        passes = []
+        for _ in range(BARE_PASSES):  # the median pass: one pass is a few seconds, and noisy
+            started = time.perf_counter()
+            outputs = [(pid, featurize.GroupFeatures(featurizer.run(groups), n_slices=n))
+                       for pid, groups, n in prepared]
+            passes.append(time.perf_counter() - started)
+        seconds["cnn"] = statistics.median(passes)
+
+        conn.execute("CREATE TEMP TABLE bench_features (patient_id text, data bytea, shape integer[], "
+                     "sha256 text)")
+        started = time.perf_counter()
+        for pid, features in outputs:
+            conn.execute("INSERT INTO bench_features VALUES (%s, %s, %s, %s)",
+                         (pid, features.to_bytes(), list(features.shape), features.sha256))
+        seconds["writing"] = time.perf_counter() - started
+
+    slices = sum(n for _, _, n in prepared)
+    images = sum(g.shape[0] for _, g, _ in prepared)
+    total = sum(seconds.values())
+    split = {"slices": slices, "total_seconds": round(total, 3),
+             "steps": {step: {"seconds": round(s, 3), "share": round(s / total, 3)} for step, s in seconds.items()},
+             "bottleneck": max(seconds, key=seconds.get)}
+    bare = {"provider": featurizer.provider, "images": images, "slices": slices,
+            "seconds": round(seconds["cnn"], 3), "images_per_s": round(images / seconds["cnn"], 1),
+            "slices_per_s": round(slices / seconds["cnn"], 1), "passes_seconds": [round(p, 3) for p in passes]}
+    return split, bare
+
+
+def _shards(db: BenchDatabase, sessions: tuple[int, ...]) -> list[dict]:
+    """N sessions in parallel, each `CALL lungsql.generate_features(shard => i, shards => N)`."""
+    results = []
+    for n in sessions:
+        with db.connect() as conn:
+            conn.execute("DELETE FROM lungsql.features")
+            first = conn.execute("SELECT coalesce(max(run_id), 0) FROM lungsql.feature_runs").fetchone()[0]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(n + 1)
+
+        def session(shard: int) -> None:
+            try:
+                with db.connect() as conn:
+                    conn.execute("SELECT lungsql._load_python()")  # the import, not the work
+                    barrier.wait()
+                    conn.execute("CALL lungsql.generate_features(shard => %s, shards => %s)", (shard, n))
+            except BaseException as exc:  # reported below, after every thread ends
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        if errors:
+            raise errors[0]
+        with db.connect() as conn:
+            runs = conn.execute("SELECT patients, slices, seconds FROM lungsql.feature_runs WHERE run_id > %s",
+                                (first,)).fetchall()
+        slices = sum(r[1] for r in runs)
+        busiest = max(r[2] for r in runs)  # from the first patient to the last, without loading the CNN
+        results.append({"sessions": n, "slices": slices, "wall_seconds": round(wall, 3),
+                        "slices_per_s": round(slices / wall, 1),
+                        "in_run_slices_per_s": round(slices / busiest, 1),
+                        "patients_per_session": [r[0] for r in runs]})
+    base = results[0]["in_run_slices_per_s"]
+    for r in results:
+        r["speedup"] = round(r["in_run_slices_per_s"] / base, 2)
+    return results
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, str) else value

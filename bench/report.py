@@ -1,0 +1,126 @@
+"""The results as Markdown: the machine, one table of figures with their targets, and the details
+(time split, shard sessions, training curve), written between the markers of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _met(target: dict | None) -> str:
+    if not target:
+        return ""
+    return "met" if target["met"] else "not met"
+
+
+def _row(section: str, figure: str, value: str, target: str = "", met: str = "") -> str:
+    return f"| {section} | {figure} | {value} | {target} | {met} |"
+
+
+def render_table(r: dict) -> str:
+    up, fe, tr, sc, web = r["upload"], r["featurization"], r["training"], r["scoring"], r["web"]
+    e2e, bare, ft = fe["end_to_end"], fe["bare_onnxruntime"], fe["targets"]
+    rows = [
+        "| Section | Figure | Value | Target | Met |",
+        "| --- | --- | --- | --- | --- |",
+        _row("Upload", f"`lungsql ingest`, {up['files']} files of 512x512 ({up['mb']} MB)",
+             f"{up['files_per_s']:.0f} files/s, {up['mb_per_s']:.1f} MB/s"),
+        _row("Upload", "pydicom alone (dcmread + PixelData), same files", f"{up['pydicom_files_per_s']:.0f} files/s"),
+        _row("Upload", "ingest / pydicom", f"{up['ratio_to_pydicom']:.2f}"),
+        _row("Featurization", f"`CALL lungsql.generate_features` ({e2e['slices']} slices, {e2e['provider']})",
+             f"{e2e['slices_per_s']:.0f} slices/s", f">= {ft['end_to_end_slices_per_s']['at_least']:.0f}",
+             _met(ft["end_to_end_slices_per_s"])),
+        _row("Featurization", "bare ONNX Runtime session, batches in memory",
+             f"{bare['slices_per_s']:.0f} slices/s ({bare['images_per_s']:.0f} images/s)"),
+        _row("Featurization", "efficiency (end to end / bare)", f"{fe['efficiency']:.2f}",
+             f">= {ft['efficiency']['at_least']}", _met(ft["efficiency"])),
+    ]
+    for s in fe["shards"]:
+        rows.append(_row("Featurization", f"{s['sessions']} `shard` session(s) in parallel",
+                         f"{s['in_run_slices_per_s']:.0f} slices/s (x{s['speedup']:.2f}); "
+                         f"{s['slices_per_s']:.0f} counting the sessions' start"))
+    target = tr.get("target")
+    for p in tr["points"]:
+        is_target = target and p["patients"] == target["patients"]
+        rows.append(_row("Training", f"`pipeline.fit`, {p['patients']} patients",
+                         f"{p['seconds']:.1f} s (AUC {p['auc']:.2f})",
+                         f"<= {target['at_most']:.0f} s" if is_target else "", _met(target) if is_target else ""))
+    ind = tr["in_database"]
+    rows.append(_row("Training", f"`lungsql.train_model()`, {ind['patients']} real patients",
+                     f"{ind['seconds']:.1f} s"))
+    rows += [
+        _row("Scoring", f"`predict_lung_cancer` warm p50 ({sc['warm_calls']} calls)", f"{sc['warm_p50_ms']:.2f} ms",
+             f"<= {sc['target']['at_most']:.0f} ms", _met(sc["target"])),
+        _row("Scoring", "warm p99", f"{sc['warm_p99_ms']:.2f} ms"),
+        _row("Scoring", "first call in a new session", f"{sc['first_call_ms']:.0f} ms"),
+        _row("Scoring", "`predict_lung_cancer_batch`", f"{sc['batch_patients_per_s']:.0f} patients/s"),
+        _row("Web app", f"prediction API, {web['clients']} clients, {web['seconds']:.0f} s",
+             f"{web['requests_per_s']:.0f} requests/s, {web['errors']} errors"),
+        _row("Web app", "p50", f"{web['p50_ms']:.1f} ms"),
+        _row("Web app", "p99", f"{web['p99_ms']:.1f} ms", f"<= {web['target']['at_most']:.0f} ms",
+             _met(web["target"])),
+        _row("GPU", "featurization on a GPU",
+             "ran" if r["gpu"]["available"] else f"not run: {r['gpu']['reason']}"),
+    ]
+    return "\n".join(rows)
+
+
+def render_machine(m: dict) -> str:
+    v = m["versions"]
+    load = ", ".join(f"{x:.2f}" for x in m["load_average"])
+    return "\n".join([
+        f"- CPU: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB memory",
+        f"- {m['os']}; Python {m['python']}; PostgreSQL {m['postgresql']}",
+        f"- numpy {v['numpy']}, onnxruntime {v['onnxruntime']}, lightgbm {v['lightgbm']}, pydicom {v['pydicom']}, "
+        f"psycopg {v['psycopg']}, waitress {v['waitress']}",
+        f"- commit {m['commit'] or 'unknown'}, {m['date']}; load average at the start {load}",
+    ])
+
+
+def render_details(r: dict) -> str:
+    fe, tr = r["featurization"], r["training"]
+    split = fe["time_split"]
+    lines = [f"Time split of featurization, measured step by step outside the database on the same "
+             f"{split['slices']} slices (batch size {fe['batch_size']}, {fe['threads']} ONNX Runtime threads):", "",
+             "| Step | Seconds | Share |", "| --- | --- | --- |"]
+    for step, s in split["steps"].items():
+        lines.append(f"| {step} | {s['seconds']:.2f} | {s['share']:.0%} |")
+    lines += ["", "Shard sessions in parallel (`CALL lungsql.generate_features(shard => i, shards => N)`):", "",
+              "| Sessions | Patients per session | Wall s (with start) | Slices/s (with start) | Slices/s (in run) | "
+              "Speed-up (in run) |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in fe["shards"]:
+        lines.append(f"| {s['sessions']} | {', '.join(map(str, s['patients_per_session']))} | "
+                     f"{s['wall_seconds']:.1f} | {s['slices_per_s']:.0f} | {s['in_run_slices_per_s']:.0f} | x{s['speedup']:.2f} |")
+    lines += ["", f"Training on synthetic features ({tr['groups_per_patient']} images per patient, "
+              f"{tr['features_per_image']} features each):", "",
+              "| Patients | Seconds | Validation AUC | Trees |", "| --- | --- | --- | --- |"]
+    for p in tr["points"]:
+        lines.append(f"| {p['patients']} | {p['seconds']:.1f} | {p['auc']:.3f} | {p['best_iteration']} |")
+    return "\n".join(lines)
+
+
+def render_section(r: dict) -> str:
+    gpu = r["gpu"]
+    gpu_line = ("GPU: featurization ran on " + ", ".join(gpu["providers"]) + "." if gpu["available"] else
+                f"GPU: not measured, {gpu['reason']}. {gpu['how_to_run'][0].upper() + gpu['how_to_run'][1:]}.")
+    parts = [START, "", "Machine:", "", render_machine(r["machine"]), ""]
+    if r.get("note"):
+        parts += [f"Note: {r['note']}", ""]
+    parts += [render_table(r), "", gpu_line, "", render_details(r), "",
+              f"The whole run took {r['seconds']:.0f} s. Raw figures: `bench-results.json`.", "", END]
+    return "\n".join(parts)
+
+
+def update_markdown(path: Path, results: dict) -> None:
+    """Rewrite the section between the markers (the intro around it stays as written)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    section = render_section(results)
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)

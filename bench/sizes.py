@@ -1,0 +1,30 @@
+"""How big each benchmark is: the full run and the --quick smoke run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    patients: int              # synthetic cohort uploaded and featurized (>= 8: training needs 4 per class)
+    slices: tuple[int, int]    # slices per patient, 512 x 512 each
+    shard_sessions: tuple[int, ...]
+    training_patients: tuple[int, ...]
+    groups_per_patient: int
+    scoring_calls: int
+    batch_repeats: int
+    web_clients: int
+    web_seconds: float
+    web_warmup_seconds: float
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+FULL = Sizes(patients=16, slices=(60, 60), shard_sessions=(1, 2), training_patients=(100, 400, 1600),
+             groups_per_patient=20, scoring_calls=1000, batch_repeats=20, web_clients=32, web_seconds=30.0,
+             web_warmup_seconds=5.0)
+QUICK = Sizes(patients=8, slices=(4, 6), shard_sessions=(1, 2), training_patients=(20, 40),
+              groups_per_patient=4, scoring_calls=50, batch_repeats=2, web_clients=4, web_seconds=3.0,
+              web_warmup_seconds=0.5)

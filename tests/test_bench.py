@@ -1,0 +1,46 @@
+"""`lungsql bench --quick` keeps working: every section has figures, and BENCHMARKS.md is left alone.
+
+Benchmarks are not tests; this is the smoke test `make test` runs (in its own throwaway cluster)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lungsql.cli import main
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def test_quick_bench_writes_every_section(tmp_path):
+    before = BENCHMARKS_MD.read_bytes() if BENCHMARKS_MD.exists() else None
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+
+    assert results["quick"] is True
+    assert results["machine"]["cores"] >= 1 and results["machine"]["postgresql"]
+    up = results["upload"]
+    assert up["files"] > 0 and up["files_per_s"] > 0 and up["mb_per_s"] > 0 and up["ratio_to_pydicom"] > 0
+    fe = results["featurization"]
+    assert fe["end_to_end"]["slices"] == up["files"] and fe["end_to_end"]["slices_per_s"] > 0
+    assert fe["bare_onnxruntime"]["slices_per_s"] > 0 and fe["efficiency"] > 0
+    assert set(fe["time_split"]["steps"]) == {"reading", "decoding", "preprocessing", "cnn", "writing"}
+    assert all(step["seconds"] > 0 for step in fe["time_split"]["steps"].values())
+    assert [s["sessions"] for s in fe["shards"]] == [1, 2]
+    assert all(s["slices"] == up["files"] and s["slices_per_s"] > 0 for s in fe["shards"])
+    assert all(p["seconds"] > 0 and 0 <= p["auc"] <= 1 for p in results["training"]["points"])
+    sc = results["scoring"]
+    assert sc["warm_p50_ms"] > 0 and sc["warm_p99_ms"] >= sc["warm_p50_ms"] and sc["first_call_ms"] > 0
+    assert sc["batch_patients_per_s"] > 0
+    web = results["web"]
+    assert web["requests"] > 0 and web["requests_per_s"] > 0 and web["errors"] == 0, web["first_errors"]
+    gpu = results["gpu"]
+    assert (gpu["available"] is False and gpu["reason"]) or "CUDAExecutionProvider" in gpu["providers"]
+    assert "| Featurization |" in result.output  # the table is shown
+
+    after = BENCHMARKS_MD.read_bytes() if BENCHMARKS_MD.exists() else None
+    assert after == before, "a quick run must not write BENCHMARKS.md"
