@@ -23,6 +23,7 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence
 import numpy as np
 
 from lungsql import dicom
+from lungsql.dicom_fast import hounsfield_from_bytes
 from lungsql.errors import ConfigurationError, IntegrityError, InvalidScan, LungSQLError
 from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
 
@@ -165,7 +166,12 @@ def read_volume(scans: Iterable[tuple[bytes, float]]) -> list[np.ndarray]:
     slices = []
     for i in order:
         data, z = scans[i]
-        ds = dicom.parse(bytes(data))
+        data = bytes(data)
+        fast = hounsfield_from_bytes(data)  # most CT slices; None sends the others through pydicom
+        if fast is not None:
+            slices.append(fast)
+            continue
+        ds = dicom.parse(data)
         try:
             slices.append(dicom.hounsfield(ds))
         except Exception as exc:  # pydicom raises many kinds when a codec is missing or fails

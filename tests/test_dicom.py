@@ -27,3 +27,44 @@ def test_hounsfield_applies_slope_and_intercept(tmp_path):
     ds = dicom.parse(next(tmp_path.rglob("*.dcm")).read_bytes())
     expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     np.testing.assert_array_equal(dicom.hounsfield(ds), expected)
+
+
+def test_hounsfield_straight_from_bytes_equals_pydicoms_path(tmp_path):
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from lungsql.dicom_fast import hounsfield_from_bytes
+
+    synth.write_cohort(tmp_path / "c", patients=1, slices=(2, 2), seed=3)
+    files = {p.name: p.read_bytes() for p in sorted((tmp_path / "c").rglob("*.dcm"))}
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm",
+                 "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "rtdose_1frame.dcm",
+                 "liver_1frame.dcm", "examples_palette.dcm", "SC_rgb_small_odd.dcm", "image_dfl.dcm"):
+        files[name] = Path(get_testdata_file(name)).read_bytes()
+    # The synthetic slice again in implicit VR, with a nested sequence of undefined length before the pixels.
+    ds = dicom.parse(next(iter(files.values())))
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    inner = Dataset()
+    inner.CodeValue, inner.CodeMeaning = "113100", "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = Sequence([inner])
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out = tmp_path / "implicit.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    files["implicit"] = out.read_bytes()
+
+    fast_ones = 0
+    for name, data in files.items():
+        ds = dicom.parse(data)
+        fast = hounsfield_from_bytes(data)
+        syntax = ds.file_meta.TransferSyntaxUID
+        if syntax not in (ImplicitVRLittleEndian, "1.2.840.10008.1.2.1") or ds.get("NumberOfFrames", 1) != 1 \
+                or ds.get("SamplesPerPixel", 1) != 1 or ds.BitsAllocated not in (8, 16):
+            assert fast is None, name  # left to pydicom
+            continue
+        assert fast is not None, name
+        fast_ones += 1
+        np.testing.assert_array_equal(fast, dicom.hounsfield(ds), err_msg=name)
+    assert fast_ones >= 5
+    assert hounsfield_from_bytes(b"not dicom at all" * 20) is None
+    assert hounsfield_from_bytes(files["CT_small.dcm"][:2000]) is None  # cut short
