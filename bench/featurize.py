@@ -14,8 +14,9 @@ import numpy as np
 import config_preprocessing as config
 from bench.database import BenchDatabase
 from bench.sizes import Sizes
-from lungsql import cnns, dicom, featurize, pipeline
-from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
+from lungsql import cnns, featurize, pipeline
+from lungsql.featurize import read_volume
+from lungsql.preprocess import Preprocessing, prepare_volume
 
 TARGET_SLICES_PER_S = 500.0
 TARGET_EFFICIENCY = 0.85
@@ -83,7 +84,7 @@ def _split_and_bare(db: BenchDatabase, featurizer: featurize.Featurizer, patient
                                 "WHERE patient_id = %s", (pid,), binary=True).fetchall()  # bytea as bytes
             t1 = time.perf_counter()
             scans = pipeline.largest_series(rows)
-            hu = [dicom.hounsfield(dicom.parse(bytes(scans[i][0]))) for i in order_slices([z for _, z in scans])]
+            hu = read_volume(scans)  # what generate_features decodes with
             t2 = time.perf_counter()
             groups = prepare_volume(hu, featurizer.preprocessing)
             t3 = time.perf_counter()
