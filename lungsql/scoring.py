@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
+from lungsql.training import lightgbm_module
 
 __all__ = [
     "CACHE_SIZE",
@@ -129,13 +130,7 @@ def load_model(model_text: str, sha256: str, model_id: int | None = None) -> Mod
             f"its outputs would not be probabilities; nothing was scored",
             hint="train the model with lungsql, which uses objective=binary",
         )
-    try:
-        import lightgbm
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ConfigurationError(
-            "LightGBM is not installed in the Python that runs lungsql",
-            hint="install the ml extra: pip install 'lungsql[ml]'",
-        ) from exc
+    lightgbm = lightgbm_module()
     try:
         booster = lightgbm.Booster(model_str=model_text)
     except lightgbm.basic.LightGBMError as exc:

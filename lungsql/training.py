@@ -137,7 +137,8 @@ _FALLBACK_ALIASES: dict[str, list[str]] = {
 _PARAMETERS_DOC = "https://lightgbm.readthedocs.io/en/latest/Parameters.html"
 
 
-def _lightgbm():
+def lightgbm_module():
+    """The lightgbm package, or a ConfigurationError saying how to install it."""
     try:
         import lightgbm
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -434,7 +435,7 @@ def train(X: np.ndarray, y: np.ndarray, patient_ids: Sequence[str], feature_name
     say(f"training on {train_idx.size} patients ({train_pos} with cancer), validating on "
         f"{valid_idx.size} ({int(y_valid.sum())} with cancer), {len(names)} features")
 
-    lgb = _lightgbm()
+    lgb = lightgbm_module()
     # LightGBM returns a booster cut to its best iteration; count the rounds run ourselves.
     rounds_run = [0]
     callbacks = [_progress_callback(progress, max(1, int(progress_every)), rounds_run)]

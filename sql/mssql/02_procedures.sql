@@ -406,6 +406,20 @@ BEGIN
 END;
 GO
 
+-- The model that answers for a registry name (NULL: the most recently deployed
+-- one): the latest deployment row wins. Used by both scoring procedures.
+CREATE OR ALTER FUNCTION lungsql.DeployedModel (@ModelName nvarchar(100))
+RETURNS TABLE
+AS
+RETURN (
+    SELECT TOP (1) m.model_id, m.cnn_id, m.sha256, m.model_text
+    FROM lungsql.deployments AS d
+    JOIN lungsql.models AS m ON m.model_id = d.model_id
+    WHERE @ModelName IS NULL OR d.name = @ModelName
+    ORDER BY d.deployment_id DESC
+);
+GO
+
 -- The probability of lung cancer for a patient, from the deployed model, in
 -- percent (0-100) as in the 2017 original. Recorded, as a probability (0-1),
 -- in lungsql.predictions. This is a research tool, not a diagnosis.
@@ -427,11 +441,8 @@ BEGIN
 Hint: EXEC dbo.PredictLungCancer @PatientId = N''...'', @PredictionResult = @p OUTPUT', 1;
 
     DECLARE @model_id int, @cnn_id int, @model_sha256 char(64), @model_text nvarchar(max);
-    SELECT TOP (1) @model_id = m.model_id, @cnn_id = m.cnn_id, @model_sha256 = m.sha256, @model_text = m.model_text
-    FROM lungsql.deployments AS d
-    JOIN lungsql.models AS m ON m.model_id = d.model_id
-    WHERE @ModelName IS NULL OR d.name = @ModelName
-    ORDER BY d.deployment_id DESC;
+    SELECT @model_id = model_id, @cnn_id = cnn_id, @model_sha256 = sha256, @model_text = model_text
+    FROM lungsql.DeployedModel(@ModelName);
     IF @model_id IS NULL
     BEGIN
         SET @message = CONCAT(N'lungsql: no model is deployed',
@@ -492,11 +503,8 @@ BEGIN
 Hint: e.g. @PatientIds = N''["0a0c32c9e08cc2ea76a71649de56be6d"]''', 1;
 
     DECLARE @model_id int, @cnn_id int, @model_sha256 char(64), @model_text nvarchar(max);
-    SELECT TOP (1) @model_id = m.model_id, @cnn_id = m.cnn_id, @model_sha256 = m.sha256, @model_text = m.model_text
-    FROM lungsql.deployments AS d
-    JOIN lungsql.models AS m ON m.model_id = d.model_id
-    WHERE @ModelName IS NULL OR d.name = @ModelName
-    ORDER BY d.deployment_id DESC;
+    SELECT @model_id = model_id, @cnn_id = cnn_id, @model_sha256 = sha256, @model_text = model_text
+    FROM lungsql.DeployedModel(@ModelName);
     IF @model_id IS NULL
     BEGIN
         SET @message = CONCAT(N'lungsql: no model is deployed',
