@@ -1,6 +1,7 @@
 """Featurization: slices/s through `CALL lungsql.generate_features` against the bare ONNX Runtime
 session on the same preprocessed batches in memory (the efficiency ratio), where the time goes
-(reading, DICOM decoding, preprocessing, CNN, writing), and parallel `shard` sessions."""
+(the CPU time of reading, DICOM decoding, preprocessing, CNN and writing inside the run, as
+lungsql.feature_runs records it), and parallel `shard` sessions."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import config_preprocessing as config
 from bench.database import BenchDatabase
 from bench.sizes import Sizes
 from lungsql import cnns, featurize, pipeline
-from lungsql.featurize import read_volume
+from lungsql.featurize import read_slices
 from lungsql.preprocess import Preprocessing, prepare_volume
 
 TARGET_SLICES_PER_S = 500.0
@@ -30,11 +31,12 @@ def run(db: BenchDatabase, sizes: Sizes, provider: str | None = None) -> dict:
         cnn = conn.execute("SELECT cnn_id, name, model, input_name, output_name, preprocessing "
                            "FROM lungsql.cnn_models ORDER BY cnn_id DESC LIMIT 1").fetchone()
         patients = [r[0] for r in conn.execute("SELECT patient_id FROM lungsql.patients ORDER BY patient_id")]
-    end_to_end = _end_to_end(db)
+    end_to_end, split = _end_to_end(db)
     providers = PROVIDERS[provider] if provider else featurize.choose_providers()
     featurizer = featurize.Featurizer(bytes(cnn[2]), cnn[3], cnn[4], Preprocessing.from_json(_json(cnn[5])),
                                       providers=providers)
-    split, bare = _split_and_bare(db, featurizer, patients)
+    with featurizer:
+        bare = _bare(db, featurizer, patients)
     efficiency = end_to_end["slices_per_s"] / bare["slices_per_s"]
     return {
         "cnn": cnn[1],
@@ -56,70 +58,53 @@ def _target(value: float, at_least: float) -> dict:
     return {"value": round(value, 3), "at_least": at_least, "met": value >= at_least}
 
 
-def _end_to_end(db: BenchDatabase) -> dict:
-    """One CALL in a new session, as a DBA runs it; the figures lungsql.feature_runs records."""
+def _end_to_end(db: BenchDatabase) -> tuple[dict, dict]:
+    """One CALL in a new session, as a DBA runs it: the figures lungsql.feature_runs records, and
+    its CPU time per step (summed over the threads that ran each, so the shares say where the
+    cores went although the steps overlap in time)."""
     with db.connect() as conn:
         started = time.perf_counter()
         conn.execute("CALL lungsql.generate_features()")
         wall = time.perf_counter() - started
-        run_id, provider, patients, slices, seconds = conn.execute(
-            "SELECT run_id, provider, patients, slices, seconds FROM lungsql.feature_runs "
+        provider, patients, slices, seconds, cpu = conn.execute(
+            "SELECT provider, patients, slices, seconds, cpu_seconds FROM lungsql.feature_runs "
             "ORDER BY run_id DESC LIMIT 1").fetchone()
-    return {"provider": provider, "patients": patients, "slices": slices, "seconds": round(seconds, 3),
-            "slices_per_s": round(slices / seconds, 1), "call_seconds": round(wall, 3),
-            "call_slices_per_s": round(slices / wall, 1)}
+    figures = {"provider": provider, "patients": patients, "slices": slices, "seconds": round(seconds, 3),
+               "slices_per_s": round(slices / seconds, 1), "call_seconds": round(wall, 3),
+               "call_slices_per_s": round(slices / wall, 1)}
+    total = sum(cpu.values())
+    split = {"slices": slices, "cpu_seconds": round(total, 3),
+             "cores_busy": round(total / seconds, 2),
+             "steps": {step: {"cpu_seconds": round(s, 3), "ms_per_slice": round(1000 * s / slices, 3),
+                              "share": round(s / total, 3)} for step, s in cpu.items()},
+             "bottleneck": max(cpu, key=cpu.get)}
+    return figures, split
 
 
-def _split_and_bare(db: BenchDatabase, featurizer: featurize.Featurizer, patients: list[str]
-                    ) -> tuple[dict, dict]:
-    """The pipeline's steps one after the other, outside the database, each timed on its own.
-    The CNN step is the bare ONNX Runtime figure: the same model, batch size and threads, on the
-    same per-patient batches, preprocessed beforehand and held in memory."""
-    seconds = dict.fromkeys(("reading", "decoding", "preprocessing", "cnn", "writing"), 0.0)
-    prepared: list[tuple[str, np.ndarray, int]] = []
+def _bare(db: BenchDatabase, featurizer: featurize.Featurizer, patients: list[str]) -> dict:
+    """The CNN alone: the same model, batch size and threads, on the same per-patient batches,
+    read, decoded and preprocessed beforehand and held in memory; every batch queued at once, as
+    generate_features queues them."""
+    prepared: list[np.ndarray] = []
+    slices = 0
     with db.connect() as conn:
         for pid in patients:
-            t0 = time.perf_counter()
             rows = conn.execute("SELECT dicom, z_position, series_instance_uid FROM lungsql.scans "
                                 "WHERE patient_id = %s", (pid,), binary=True).fetchall()  # bytea as bytes
-            t1 = time.perf_counter()
-            scans = pipeline.largest_series(rows)
-            hu = read_volume(scans)  # what generate_features decodes with
-            t2 = time.perf_counter()
-            groups = prepare_volume(hu, featurizer.preprocessing)
-            t3 = time.perf_counter()
-            seconds["reading"] += t1 - t0
-            seconds["decoding"] += t2 - t1
-            seconds["preprocessing"] += t3 - t2
-            prepared.append((pid, groups, len(hu)))
-
-        featurizer.run(prepared[0][1][:1])  # warm-up: the session allocates on its first run
-        passes = []
-        for _ in range(BARE_PASSES):  # the median pass: one pass is a few seconds, and noisy
-            started = time.perf_counter()
-            outputs = [(pid, featurize.GroupFeatures(featurizer.run(groups), n_slices=n))
-                       for pid, groups, n in prepared]
-            passes.append(time.perf_counter() - started)
-        seconds["cnn"] = statistics.median(passes)
-
-        conn.execute("CREATE TEMP TABLE bench_features (patient_id text, data bytea, shape integer[], "
-                     "sha256 text)")
+            stored, rescale = read_slices(pipeline.largest_series(rows))
+            prepared.append(prepare_volume(stored, featurizer.preprocessing, rescale))
+            slices += len(stored)
+    featurizer.run_many(prepared[:2])  # warm-up: the first runs allocate
+    passes = []
+    for _ in range(BARE_PASSES):  # the median pass: one pass is a few seconds, and noisy
         started = time.perf_counter()
-        for pid, features in outputs:
-            conn.execute("INSERT INTO bench_features VALUES (%s, %s, %s, %s)",
-                         (pid, features.to_bytes(), list(features.shape), features.sha256))
-        seconds["writing"] = time.perf_counter() - started
-
-    slices = sum(n for _, _, n in prepared)
-    images = sum(g.shape[0] for _, g, _ in prepared)
-    total = sum(seconds.values())
-    split = {"slices": slices, "total_seconds": round(total, 3),
-             "steps": {step: {"seconds": round(s, 3), "share": round(s / total, 3)} for step, s in seconds.items()},
-             "bottleneck": max(seconds, key=seconds.get)}
-    bare = {"provider": featurizer.provider, "images": images, "slices": slices,
-            "seconds": round(seconds["cnn"], 3), "images_per_s": round(images / seconds["cnn"], 1),
-            "slices_per_s": round(slices / seconds["cnn"], 1), "passes_seconds": [round(p, 3) for p in passes]}
-    return split, bare
+        featurizer.run_many(prepared)
+        passes.append(time.perf_counter() - started)
+    seconds = statistics.median(passes)
+    images = sum(len(g) for g in prepared)
+    return {"provider": featurizer.provider, "images": images, "slices": slices, "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 1), "slices_per_s": round(slices / seconds, 1),
+            "passes_seconds": [round(p, 3) for p in passes]}
 
 
 def _shards(db: BenchDatabase, sessions: tuple[int, ...]) -> list[dict]:

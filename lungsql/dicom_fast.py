@@ -34,6 +34,21 @@ class _Unsupported(Exception):
 
 def hounsfield_from_bytes(data: bytes) -> np.ndarray | None:
     """float32 HU of a single-frame, one-sample, 8/16-bit uncompressed little-endian slice, else None."""
+    found = stored_from_bytes(data)
+    if found is None:
+        return None
+    stored, slope, intercept = found
+    hu = stored.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    return hu
+
+
+def stored_from_bytes(data: bytes) -> tuple[np.ndarray, float, float] | None:
+    """(stored pixel values, RescaleSlope, RescaleIntercept) of the slices `hounsfield_from_bytes`
+    reads, else None.  The values are a read-only view of `data`, in its own integer type."""
     try:
         syntax, offset = _file_meta(data)
         explicit = syntax == EXPLICIT_LE
@@ -56,13 +71,7 @@ def hounsfield_from_bytes(data: bytes) -> np.ndarray | None:
         return None
     dtype = np.dtype(("<i" if signed else "<u") + str(itemsize))
     stored = np.frombuffer(data, dtype, count=rows * cols, offset=start).reshape(rows, cols)
-    hu = stored.astype(np.float32)
-    slope, intercept = _number(values.get(_SLOPE), 1.0), _number(values.get(_INTERCEPT), 0.0)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
-    return hu
+    return stored, _number(values.get(_SLOPE), 1.0), _number(values.get(_INTERCEPT), 0.0)
 
 
 def _file_meta(data: bytes) -> tuple[bytes, int]:

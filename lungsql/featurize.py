@@ -16,14 +16,18 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from lungsql import dicom
-from lungsql.dicom_fast import hounsfield_from_bytes
+from lungsql.dicom_fast import stored_from_bytes
 from lungsql.errors import ConfigurationError, IntegrityError, InvalidScan, LungSQLError
 from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
 
@@ -31,9 +35,46 @@ from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
 #: its feature names, and a new recipe gets a new name.
 FEATURE_SET = "mean-delta-v1"
 
+#: Series decoded, preprocessed or run through the CNN while the next one is read (`featurize_volumes`).
+PIPELINE_DEPTH = 2
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
+
+
+class CpuClock:
+    """CPU seconds spent in each step, summed over the threads that ran it.
+
+    Threads share the cores, so wall-clock time per step says little when
+    steps overlap; the CPU time of each (``time.thread_time``) says where the
+    cores went.  ``with clock.step("cnn"): ...`` adds to "cnn".
+    """
+
+    STEPS = ("reading", "decoding", "preprocessing", "cnn", "writing")
+
+    def __init__(self) -> None:
+        self._seconds = dict.fromkeys(self.STEPS, 0.0)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            spent = time.thread_time() - started
+            with self._lock:
+                self._seconds[name] = self._seconds.get(name, 0.0) + spent
+
+    def seconds(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
+
+    def describe(self, slices: int) -> str:
+        """'reading 0.45, decoding 0.05, ... ms of CPU per slice'."""
+        per = ", ".join(f"{name} {1000 * s / max(slices, 1):.2f}" for name, s in self.seconds().items())
+        return f"{per} ms of CPU per slice"
 
 
 # ----------------------------------------------------------------------------- providers
@@ -159,17 +200,28 @@ def patient_vector_names(d: int) -> list[str]:
 
 def read_volume(scans: Iterable[tuple[bytes, float]]) -> list[np.ndarray]:
     """HU slices (float32) of (DICOM bytes, z position) pairs, in z order."""
+    slices, rescale = read_slices(scans)
+    return [(s * np.float32(a) + np.float32(b)).astype(np.float32, copy=False) for s, (a, b) in zip(slices, rescale)]
+
+
+def read_slices(scans: Iterable[tuple[bytes, float]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The pixels of (DICOM bytes, z position) pairs in z order, as stored, and
+    (slope, intercept) of each slice: HU = slope x stored + intercept (what
+    `prepare_volume` takes with `rescale`).  Uncompressed little-endian slices
+    are read straight from their bytes; pydicom decodes the others (to HU,
+    with slope 1 and intercept 0)."""
     scans = list(scans)
     if not scans:
         raise LungSQLError("the series has no slices", "store at least one CT slice of the patient")
     order = order_slices([z for _, z in scans])
-    slices = []
-    for i in order:
-        data, z = scans[i]
+    slices, rescale = [], np.empty((len(scans), 2), np.float64)
+    for i, index in enumerate(order):
+        data, z = scans[index]
         data = bytes(data)
-        fast = hounsfield_from_bytes(data)  # most CT slices; None sends the others through pydicom
+        fast = stored_from_bytes(data)  # most CT slices; None sends the others through pydicom
         if fast is not None:
-            slices.append(fast)
+            slices.append(fast[0])
+            rescale[i] = fast[1:]
             continue
         ds = dicom.parse(data)
         try:
@@ -177,7 +229,8 @@ def read_volume(scans: Iterable[tuple[bytes, float]]) -> list[np.ndarray]:
         except Exception as exc:  # pydicom raises many kinds when a codec is missing or fails
             raise InvalidScan(f"cannot decode the pixels of the slice at z = {z}: {str(exc).strip()[:200]}",
                               dicom.CODECS_HINT) from None
-    return slices
+        rescale[i] = (1.0, 0.0)
+    return slices, rescale
 
 
 # ----------------------------------------------------------------------------- the CNN
@@ -200,11 +253,11 @@ class Featurizer:
         self.threads = int(threads) if threads else default_threads()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
+        # One thread per run, and `threads` runs at a time (`_submit`): batches
+        # need no barrier between the threads of each layer, so a core taken
+        # for a while by decoding or another backend slows one run, not all.
+        options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        # Idle workers sleep instead of spinning: they would take the core the
-        # preprocessing thread (featurize_volumes) or other database backends need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: no warnings in psql
         try:
             self.session = ort.InferenceSession(
@@ -216,6 +269,9 @@ class Featurizer:
         self.input_name = self._pick("input", self.session.get_inputs(), input_name).name
         self.output_name = self._pick("output", self.session.get_outputs(), output_name).name
         self._check_input()
+        self._pool: ThreadPoolExecutor | None = None
+        #: CPU seconds of decoding, preprocessing and the CNN (the caller may add reading and writing).
+        self.cpu = CpuClock()
         shape = self._pick("output", self.session.get_outputs(), self.output_name).shape
         #: D when the model declares it, else None.
         self.feature_dim: int | None = shape[1] if len(shape) >= 2 and isinstance(shape[1], int) else None
@@ -245,7 +301,31 @@ class Featurizer:
         self._static_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
 
     def run(self, groups: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """CNN features of (n, C, S, S) images: float32 (n, D), `batch_size` images per call."""
+        """CNN features of (n, C, S, S) images: float32 (n, D), at most `batch_size` images per call."""
+        return self._gather(self._submit(groups, batch_size), len(groups))
+
+    def run_many(self, volumes: Sequence[np.ndarray], batch_size: int | None = None) -> list[np.ndarray]:
+        """`run` over several arrays of images, every batch queued at once."""
+        pending = [(self._submit(groups, batch_size), len(groups)) for groups in volumes]
+        return [self._gather(futures, n) for futures, n in pending]
+
+    def close(self) -> None:
+        """Stop the threads that run the CNN (a new `run` starts them again)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Featurizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _submit(self, groups: np.ndarray, batch_size: int | None) -> list[Future]:
+        """Queue the batches of `groups` on the CNN threads; futures of (images, D) arrays, in order.
+
+        A batch holds at most `batch_size` images and at most 1 / threads of
+        them, so that one series keeps every thread busy."""
         groups = np.ascontiguousarray(groups, dtype=np.float32)
         if groups.ndim != 4:
             raise ValueError(f"expected (n, C, S, S) images, got shape {groups.shape}")
@@ -255,22 +335,24 @@ class Featurizer:
             batch_size = int(config_preprocessing.get("LUNGSQL_BATCH_SIZE"))
         if batch_size < 1:
             raise ConfigurationError(f"batch size must be positive, got {batch_size}")
-        batch_size = self._static_batch or batch_size
         n = groups.shape[0]
-        if n == 0:
+        size = self._static_batch or max(1, min(batch_size, math.ceil(n / self.threads)))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lungsql-cnn")
+        return [self._pool.submit(self._run_batch, groups[start:start + size]) for start in range(0, n, size)]
+
+    def _gather(self, futures: list[Future], n: int) -> np.ndarray:
+        if not futures:
             return np.empty((0, self.feature_dim or 0), np.float32)
-        out: np.ndarray | None = None
-        for start in range(0, n, batch_size):
-            batch = groups[start:start + batch_size]
-            real = batch.shape[0]
-            if self._static_batch and real < self._static_batch:  # fixed-batch model: pad the last batch
-                batch = np.concatenate([batch, np.zeros((self._static_batch - real, *batch.shape[1:]), np.float32)])
+        return np.concatenate([f.result() for f in futures])[:n]
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        real = batch.shape[0]
+        if self._static_batch and real < self._static_batch:  # fixed-batch model: pad the last batch
+            batch = np.concatenate([batch, np.zeros((self._static_batch - real, *batch.shape[1:]), np.float32)])
+        with self.cpu.step("cnn"):
             result = self.session.run([self.output_name], {self.input_name: batch})[0]
-            result = self._flat(np.asarray(result))[:real]
-            if out is None:
-                out = np.empty((n, result.shape[1]), np.float32)
-            out[start:start + real] = result
-        return out
+        return np.ascontiguousarray(self._flat(np.asarray(result))[:real], dtype=np.float32)
 
     def _flat(self, result: np.ndarray) -> np.ndarray:
         if result.ndim < 2 or any(d != 1 for d in result.shape[2:]):
@@ -286,38 +368,55 @@ class Featurizer:
         return GroupFeatures(self.run(groups, batch_size), n_slices=len(hu_slices))
 
     def _prepare_scans(self, scans: list[tuple[bytes, float]]) -> tuple[np.ndarray, int]:
-        slices = read_volume(scans)
-        return prepare_volume(slices, self.preprocessing), len(slices)
+        with self.cpu.step("decoding"):
+            slices, rescale = read_slices(scans)
+        with self.cpu.step("preprocessing"):
+            return prepare_volume(slices, self.preprocessing, rescale), len(slices)
 
     def featurize_volumes(self, volumes: Iterable[tuple[Hashable, Iterable[tuple[bytes, float]]]],
                           batch_size: int | None = None,
                           overlap: bool = True) -> Iterator[tuple[Hashable, GroupFeatures]]:
-        """(key, GroupFeatures) for each (key, [(DICOM bytes, z position), ...]).
+        """(key, GroupFeatures) for each (key, [(DICOM bytes, z position), ...]), in order.
 
-        With `overlap`, a second thread decodes and preprocesses the next
-        series while ONNX Runtime runs the current one.  `volumes` itself is
-        read only by the calling thread (a database cursor stays in the
-        thread that opened it).
+        With `overlap`, the work is a pipeline: the calling thread reads the
+        next series from `volumes` (a database cursor stays in the thread that
+        opened it) and takes the results, one thread decodes and preprocesses,
+        and the CNN threads run the batches as they come (ONNX Runtime
+        releases the GIL).  At most `PIPELINE_DEPTH` series are held beyond
+        the one being read.
         """
         if not overlap:
             for key, scans in volumes:
                 groups, n = self._prepare_scans(list(scans))
                 yield key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
             return
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungsql-prepare")
+        prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungsql-prepare")
+        in_flight: deque[tuple[Hashable, Future]] = deque()
         try:
-            pending = None
             for key, scans in volumes:
-                future = pool.submit(self._prepare_scans, list(scans))
-                if pending is not None:
-                    yield self._finish(pending, batch_size)
-                pending = (key, future)
-            if pending is not None:
-                yield self._finish(pending, batch_size)
+                in_flight.append((key, prepare.submit(self._prepare_and_submit, list(scans), batch_size)))
+                while in_flight and (len(in_flight) > PIPELINE_DEPTH or _finished(in_flight[0][1])):
+                    yield self._collect(*in_flight.popleft())
+            while in_flight:
+                yield self._collect(*in_flight.popleft())
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            prepare.shutdown(wait=True, cancel_futures=True)
+            for _, future in in_flight:  # the consumer stopped early: drop what is queued
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    for batch in future.result()[0]:
+                        batch.cancel()
 
-    def _finish(self, pending, batch_size: int | None) -> tuple[Hashable, GroupFeatures]:
-        key, future = pending
-        groups, n = future.result()
-        return key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
+    def _prepare_and_submit(self, scans: list[tuple[bytes, float]], batch_size: int | None
+                            ) -> tuple[list[Future], int]:
+        groups, n = self._prepare_scans(scans)
+        return self._submit(groups, batch_size), n
+
+    def _collect(self, key: Hashable, prepared: Future) -> tuple[Hashable, GroupFeatures]:
+        futures, n_slices = prepared.result()
+        images = math.ceil(n_slices / self.preprocessing.slices_per_image)
+        return key, GroupFeatures(self._gather(futures, images), n_slices=n_slices)
+
+
+def _finished(prepared: Future) -> bool:
+    """The series is preprocessed and every batch of it has run."""
+    return prepared.done() and (prepared.exception() is not None or all(f.done() for f in prepared.result()[0]))

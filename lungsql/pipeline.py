@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -33,7 +33,7 @@ class PipelineData(Protocol):
     def write_features(self, patient_id: str, cnn_id: int, features: featurize.GroupFeatures,
                        run_id: int) -> None: ...
     def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
-                           finished: bool) -> None: ...
+                           cpu_seconds: dict[str, float], finished: bool) -> None: ...
     def commit(self) -> None: ...
     def notice(self, text: str) -> None: ...
     def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]: ...
@@ -56,6 +56,7 @@ class FeatureRun:
     patients: int
     slices: int
     seconds: float
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per step: featurize.CpuClock
 
     @property
     def slices_per_s(self) -> float:
@@ -86,27 +87,42 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
         raise ConfigurationError(f"shard must be in 0..shards-1 and shards >= 1; got shard={shard}, shards={shards}",
                                  hint="e.g. run shard => 0, shards => 2 and shard => 1, shards => 2 in two sessions")
     cnn = data.cnn_model(cnn_name)
-    featurizer = load_featurizer(cnn)
-    patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing) if in_shard(p, shard, shards)]
+    with load_featurizer(cnn) as featurizer:
+        patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing) if in_shard(p, shard, shards)]
+        return _featurize(data, cnn, featurizer, patients, shard, shards)
+
+
+def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Featurizer, patients: list[str],
+               shard: int, shards: int) -> FeatureRun:
     run = FeatureRun(data.start_feature_run(cnn["cnn_id"], featurizer.provider, shard, shards),
                      cnn["name"], featurizer.provider, 0, 0, 0.0)
     data.commit()
     data.notice(f"featurizing {len(patients)} patients with CNN {cnn['name']!r} on {featurizer.provider} "
                 f"(shard {shard} of {shards})")
     started = time.perf_counter()
-    volumes = ((pid, largest_series(data.patient_scans(pid))) for pid in patients)
-    for patient_id, features in featurizer.featurize_volumes(volumes):
-        data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
+    clock = featurizer.cpu
+
+    def read(patient_id: str) -> list[tuple[bytes, float]]:
+        with clock.step("reading"):
+            return largest_series(data.patient_scans(patient_id))
+
+    for patient_id, features in featurizer.featurize_volumes((pid, read(pid)) for pid in patients):
         run.patients += 1
         run.slices += features.n_slices
         run.seconds = time.perf_counter() - started
-        data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, finished=False)
-        data.commit()  # this patient is done, whatever happens to the next
+        with clock.step("writing"):
+            data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
+            data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, clock.seconds(),
+                                    finished=False)
+            data.commit()  # this patient is done, whatever happens to the next
         data.notice(f"{run.patients}/{len(patients)} patients, {run.slices} slices, "
                     f"{run.slices_per_s:.0f} slices/s")
     run.seconds = time.perf_counter() - started
-    data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, finished=True)
+    run.cpu_seconds = clock.seconds()
+    data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, run.cpu_seconds, finished=True)
     data.commit()
+    if run.slices:
+        data.notice(clock.describe(run.slices))
     return run
 
 

@@ -12,7 +12,9 @@ for speed, and gives the same numbers as running them one after the other:
    original scaled each slice by its own maximum);
 3. ``body_crop`` and ``crop_resize``: one square around the body, found over
    the whole volume so that every slice of a patient gets the same crop, then
-   resized to ``image_size`` (area averaging when shrinking);
+   resized to ``image_size`` (``Resampler``: the mean of blocks of pixels,
+   then a bilinear step that shrinks by less than 1.5, which averages every
+   pixel as area averaging does at a fraction of its cost);
 4. ``pack_groups``: slices (0, 1, 2), (3, 4, 5)... as the channels of one
    image each; the last image is completed by repeating the last slice (the
    original dropped the last one to three slices);
@@ -22,6 +24,10 @@ for speed, and gives the same numbers as running them one after the other:
 ``Preprocessing`` holds every number of the recipe.  It is stored as JSON next
 to the model that was trained on its output, so that the same recipe is
 applied when that model scores new patients.
+
+``prepare_volume`` also takes the slices as stored in the DICOM files
+(integers) with the rescale of each slice to HU, and then works on those
+integers directly: featurization never builds float32 HU slices.
 """
 
 from __future__ import annotations
@@ -34,11 +40,21 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+# Preprocessing runs in one thread beside the CNN's (lungsql.featurize): OpenCV's
+# own worker threads would only compete with them for the same cores.
+cv2.setNumThreads(1)
+
 from lungsql.errors import ConfigurationError, LungSQLError
 
 #: Version of the recipe written by ``Preprocessing.to_json``.  Bump it when a
 #: step changes what it computes, so that stored models say which one they saw.
 RECIPE_VERSION = 1
+
+#: How a square crop becomes ``image_size`` pixels wide (``Preprocessing.resampling``).
+RESAMPLINGS = {
+    "box": "the mean of k x k blocks, k = side // image size, then bilinear (see Resampler)",
+    "area": "OpenCV's area averaging straight to the image size (recipes stored before 'box' existed)",
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class Preprocessing:
     slices_per_image: int = 3
     body_threshold_hu: float = -500.0
     body_margin: float = 0.02
+    resampling: str = "box"
 
     def __post_init__(self) -> None:
         # Normalise types first (JSON gives lists, settings may give ints).
@@ -93,6 +110,9 @@ class Preprocessing:
             raise ConfigurationError(f"std must be positive, got {self.std!r}")
         if not 0.0 <= self.body_margin < 1.0:
             raise ConfigurationError(f"body_margin must be in [0, 1), got {self.body_margin!r}")
+        if self.resampling not in RESAMPLINGS:
+            raise ConfigurationError(f"resampling must be one of {sorted(RESAMPLINGS)}, got {self.resampling!r}",
+                                     "'box' is the default")
 
     @classmethod
     def from_settings(
@@ -121,10 +141,12 @@ class Preprocessing:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Preprocessing:
         """The recipe stored by `to_json`.  Keys it lacks take their defaults
-        (a field added later must default to what older records meant)."""
+        (a field added later must default to what older records meant), except
+        ``resampling``, which older records leave out and meant ``"area"``."""
         if not isinstance(data, dict):
             raise ConfigurationError(f"stored preprocessing must be a JSON object, got {type(data).__name__}")
         data = dict(data)
+        data.setdefault("resampling", "area")  # what every recipe stored before the field existed used
         version = data.pop("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise ConfigurationError(
@@ -197,12 +219,20 @@ def body_crop(hu_slices: Sequence[np.ndarray] | np.ndarray, threshold: float = -
     plus `margin` on each side, is centred on the box and is moved inside the
     image where it fits.  With no body found, the square covers the image.
     """
-    slices = _as_slices(hu_slices)
-    rows, cols = slices[0].shape
-    projection = np.array(slices[0], dtype=np.float32)
+    return _square_around(_max_projection(_as_slices(hu_slices)) > threshold, margin)
+
+
+def _max_projection(slices: list[np.ndarray]) -> np.ndarray:
+    """The largest value of each pixel over the slices, in their own type (int16 stays int16)."""
+    projection = np.array(slices[0], dtype=np.result_type(*slices))
     for s in slices[1:]:
         np.maximum(projection, s, out=projection)
-    body = projection > np.float32(threshold)
+    return projection
+
+
+def _square_around(body: np.ndarray, margin: float) -> SquareCrop:
+    """`body_crop`'s square for a mask of the pixels that belong to the body."""
+    rows, cols = body.shape
     row_hits = np.flatnonzero(body.sum(axis=1) >= max(1, math.ceil(0.01 * cols)))
     col_hits = np.flatnonzero(body.sum(axis=0) >= max(1, math.ceil(0.01 * rows)))
     if row_hits.size == 0 or col_hits.size == 0:
@@ -222,24 +252,64 @@ def _place(start: int, stop: int, side: int, size: int) -> int:
     return min(max(first, 0), size - side)
 
 
-def _interpolation(side: int, size: int) -> int:
-    # Area averaging when shrinking; OpenCV's INTER_AREA degrades to a blocky
-    # nearest-neighbour when enlarging (128x128 images), where bilinear is better.
-    return cv2.INTER_AREA if side >= size else cv2.INTER_LINEAR
+class Resampler:
+    """Resizes `side` x `side` float32 squares to `size` x `size` with one of RESAMPLINGS.
+
+    ``"box"`` averages k x k blocks, k = side // size (OpenCV's area
+    averaging at a whole-number ratio, which is fast), then resizes the
+    result bilinearly, which shrinks it by less than 1.5 when k >= 2.  A
+    square between 1.5 and 2 times `size` is first enlarged bilinearly to
+    twice `size` and then averaged in 2 x 2 blocks, so that the bilinear step
+    never shrinks by more than 1.5 and every pixel counts, as with area
+    averaging.  When side is not a multiple of k, the block step leaves out
+    the last side % k (< k) rows and columns, half on each side.
+    ``"area"`` is OpenCV's area averaging straight to `size`, several times
+    slower when side / size is not a whole number.  Both enlarge a square
+    smaller than `size` bilinearly: area averaging would make it blocky.
+    """
+
+    def __init__(self, side: int, size: int, method: str = "box") -> None:
+        if method not in RESAMPLINGS:
+            raise ConfigurationError(f"resampling must be one of {sorted(RESAMPLINGS)}, got {method!r}")
+        self.side, self.size = side, size
+        self._cut = slice(0, side)
+        self._work: np.ndarray | None = None
+        if side < size or (method == "box" and side <= 1.5 * size):
+            self._steps = [cv2.INTER_LINEAR]
+        elif method == "area" or side % size == 0:
+            self._steps = [cv2.INTER_AREA]
+        elif side < 2 * size:  # box, 1.5 to 2 times: enlarge to twice the size, then 2 x 2 blocks
+            self._work = np.empty((2 * size, 2 * size), np.float32)
+            self._steps = [cv2.INTER_LINEAR, cv2.INTER_AREA]
+        else:  # box, k x k blocks, then bilinear
+            k = side // size
+            kept = side // k * k
+            self._cut = slice((side - kept) // 2, (side - kept) // 2 + kept)
+            self._work = np.empty((kept // k, kept // k), np.float32)
+            self._steps = [cv2.INTER_AREA, cv2.INTER_LINEAR]
+
+    def __call__(self, square: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((self.size, self.size), np.float32)
+        square = square[self._cut, self._cut]
+        if self._work is not None:
+            square = cv2.resize(square, self._work.shape[::-1], dst=self._work, interpolation=self._steps[0])
+        return cv2.resize(square, (self.size, self.size), dst=out, interpolation=self._steps[-1])
 
 
 def crop_resize(images: Sequence[np.ndarray] | np.ndarray, crop: SquareCrop, size: int,
-                fill: float = 0.0) -> np.ndarray:
+                fill: float = 0.0, resampling: str = "box") -> np.ndarray:
     """Cut `crop` out of every image (`fill` outside the image) and resize it
-    to `size` x `size`: float32 (n, size, size)."""
+    to `size` x `size` with `resampling`: float32 (n, size, size)."""
     slices = _as_slices(images)
     rows, cols = slices[0].shape
     out = np.empty((len(slices), size, size), np.float32)
     src_r, src_c, dst_r, dst_c = crop.inside(rows, cols)
     square = np.full((crop.side, crop.side), fill, np.float32)
+    resize = Resampler(crop.side, size, resampling)
     for i, image in enumerate(slices):
         square[dst_r, dst_c] = image[src_r, src_c]
-        cv2.resize(square, (size, size), dst=out[i], interpolation=_interpolation(crop.side, size))
+        resize(square, out[i])
     return out
 
 
@@ -268,42 +338,86 @@ def normalize(groups: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 # ----------------------------------------------------------------------------- all steps
 
 
-def prepare_volume(hu_slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing = Preprocessing()) -> np.ndarray:
+def prepare_volume(slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing = Preprocessing(),
+                   rescale: Sequence[tuple[float, float]] | np.ndarray | None = None) -> np.ndarray:
     """The CNN input of one series: float32 (ceil(n / k), k, S, S).
 
-    `hu_slices` are 2-D HU arrays of one size, already in z order (see
-    `order_slices`).  Same numbers as window, body_crop, crop_resize,
+    `slices` are 2-D arrays of one size, already in z order (see
+    `order_slices`): Hounsfield units, or, with `rescale`, the values stored
+    in the DICOM files and one (slope, intercept) per slice, HU = slope x
+    stored + intercept.  Same numbers as window, body_crop, crop_resize,
     pack_groups and normalize one after the other, computed as: clip to the
-    window in HU, crop and resize, then one affine map per channel that does
-    the window's scaling and the normalisation together (resizing averages
-    linearly, so scaling before or after it is the same).
+    window (in the slices' own units), crop and resize, then one affine map
+    per slice that does the rescale, the window's scaling and the
+    normalisation together (resizing averages linearly, so mapping before or
+    after it is the same).
     """
-    slices = _as_slices(hu_slices)
+    slices = _as_slices(slices)
     n, k, size = len(slices), p.slices_per_image, p.image_size
     rows, cols = slices[0].shape
-    low, high = (np.float32(v) for v in p.hu_window)
-    crop = body_crop(slices, p.body_threshold_hu, p.body_margin)
+    slope, intercept = _rescale(rescale, n)
+    low, high = p.hu_window
+    lows, highs = (low - intercept) / slope, (high - intercept) / slope  # the window in stored units
+    if np.all(slope == slope[0]) and np.all(intercept == intercept[0]):
+        threshold = (p.body_threshold_hu - intercept[0]) / slope[0]
+        crop = _square_around(_max_projection(slices) > threshold, p.body_margin)
+    else:  # slices rescaled differently: find the body in HU
+        crop = body_crop([s * np.float32(a) + np.float32(b) for s, a, b in zip(slices, slope, intercept)],
+                         p.body_threshold_hu, p.body_margin)
     src_r, src_c, dst_r, dst_c = crop.inside(rows, cols)
-    interpolation = _interpolation(crop.side, size)
+    resize = Resampler(crop.side, size, p.resampling)
 
     groups = math.ceil(n / k)
     out = np.empty((groups * k, size, size), np.float32)
-    square = np.full((crop.side, crop.side), low, np.float32)
+    square = np.full((crop.side, crop.side), lows[0], np.float32)
     inner = square[dst_r, dst_c]
-    for i, hu in enumerate(slices):
-        np.clip(hu[src_r, src_c], low, high, out=inner)
-        cv2.resize(square, (size, size), dst=out[i], interpolation=interpolation)
+    air = lows[0]  # what the part of the square outside the image holds
+    clipped = np.empty(inner.shape, slices[0].dtype) if slices[0].dtype.kind in "iu" else None
+    for i, image in enumerate(slices):
+        if lows[i] != air and inner.size != square.size:
+            square.fill(lows[i])
+            air = lows[i]
+        if clipped is not None and image.dtype == clipped.dtype and _integral_within(lows[i], highs[i], image.dtype):
+            np.clip(image[src_r, src_c], int(lows[i]), int(highs[i]), out=clipped)  # twice as fast as into float32
+            np.copyto(inner, clipped)
+        else:
+            np.clip(image[src_r, src_c], np.float32(lows[i]), np.float32(highs[i]), out=inner)
+        resize(square, out[i])
     out[n:] = out[n - 1]
 
-    # value_255 = (hu - low) * 255 / (high - low); result = (value_255 - mean) / std
-    to_255 = 255.0 / (float(high) - float(low))
-    scale = np.array([to_255 / s for s in p.std], np.float32).reshape(1, k, 1, 1)
-    shift = np.array([(-float(low) * to_255 - m) / s for m, s in zip(p.mean, p.std)],
-                     np.float32).reshape(1, k, 1, 1)
-    images = out.reshape(groups, k, size, size)
-    images *= scale
-    images += shift
-    return images
+    # hu = slope * x + intercept; value_255 = (hu - low) * 255 / (high - low); result = (value_255 - mean) / std
+    last = np.full(groups * k - n, n - 1)
+    per_slice = np.concatenate([np.arange(n), last])
+    channel = np.arange(groups * k) % k
+    to_255 = 255.0 / (high - low)
+    mean, std = np.asarray(p.mean)[channel], np.asarray(p.std)[channel]
+    scale = (slope[per_slice] * to_255 / std).astype(np.float32).reshape(-1, 1, 1)
+    shift = (((intercept[per_slice] - low) * to_255 - mean) / std).astype(np.float32).reshape(-1, 1, 1)
+    out *= scale
+    out += shift
+    return out.reshape(groups, k, size, size)
+
+
+def _integral_within(low: float, high: float, dtype: np.dtype) -> bool:
+    """Both window ends are whole numbers that the stored integer type holds."""
+    info = np.iinfo(dtype)
+    return float(low).is_integer() and float(high).is_integer() and info.min <= low <= high <= info.max
+
+
+def _rescale(rescale: Sequence[tuple[float, float]] | np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(slopes, intercepts) as float64 arrays of n, checked."""
+    if rescale is None:
+        return np.ones(n), np.zeros(n)
+    pairs = np.asarray(rescale, np.float64)
+    if pairs.shape != (n, 2):
+        raise ValueError(f"rescale must hold one (slope, intercept) per slice: {n} pairs, got shape {pairs.shape}")
+    slope, intercept = pairs[:, 0].copy(), pairs[:, 1].copy()
+    bad = np.flatnonzero(~(np.isfinite(slope) & np.isfinite(intercept) & (slope > 0)))
+    if bad.size:
+        raise LungSQLError(f"slices {bad[:5].tolist()} have a rescale slope that is not a positive number "
+                           f"(or an intercept that is not finite)",
+                           "check RescaleSlope and RescaleIntercept of those files")
+    return slope, intercept
 
 
 def _as_slices(hu_slices: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:

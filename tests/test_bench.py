@@ -29,7 +29,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert fe["end_to_end"]["slices"] == up["files"] and fe["end_to_end"]["slices_per_s"] > 0
     assert fe["bare_onnxruntime"]["slices_per_s"] > 0 and fe["efficiency"] > 0
     assert set(fe["time_split"]["steps"]) == {"reading", "decoding", "preprocessing", "cnn", "writing"}
-    assert all(step["seconds"] > 0 for step in fe["time_split"]["steps"].values())
+    assert all(step["cpu_seconds"] >= 0 for step in fe["time_split"]["steps"].values())
+    assert fe["time_split"]["steps"]["cnn"]["cpu_seconds"] > 0 and fe["time_split"]["cores_busy"] > 0
     assert [s["sessions"] for s in fe["shards"]] == [1, 2]
     assert all(s["slices"] == up["files"] and s["slices_per_s"] > 0 for s in fe["shards"])
     assert all(p["seconds"] > 0 and 0 <= p["auc"] <= 1 for p in results["training"]["points"])

@@ -53,6 +53,11 @@ def test_generate_features_stores_every_patient_once_and_reports_progress(loaded
         slices = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans")).scalar()
     assert (run.patients, run.slices, run.provider) == (PATIENTS, slices, "CPUExecutionProvider")
     assert run.finished_at is not None
+    # Where the cores went: CPU seconds of every step, the CNN the largest, and the same in the last NOTICE.
+    assert set(run.cpu_seconds) == {"reading", "decoding", "preprocessing", "cnn", "writing"}
+    assert all(v >= 0 for v in run.cpu_seconds.values()) and run.cpu_seconds["cnn"] > 0
+    assert max(run.cpu_seconds, key=run.cpu_seconds.get) == "cnn"
+    assert any(n.startswith("reading ") and n.endswith("ms of CPU per slice") and " cnn " in n for n in notices)
     # A rerun finds nothing missing and adds nothing.
     call(loaded, "CALL lungsql.generate_features()")
     assert scalar(loaded, "SELECT count(*) FROM lungsql.features") == PATIENTS

@@ -12,6 +12,7 @@ from lungsql import synth
 from lungsql.errors import ConfigurationError, LungSQLError
 from lungsql.preprocess import (
     Preprocessing,
+    Resampler,
     SquareCrop,
     body_crop,
     crop_resize,
@@ -148,6 +149,69 @@ def test_square_reaching_outside_a_narrow_image_is_filled_with_air() -> None:
     np.testing.assert_allclose(out[20:30], window(np.float32(40.0)), atol=1e-4)
 
 
+@pytest.mark.parametrize("side", [448, 460, 461, 350, 300, 224, 180, 700])
+def test_box_resampling_is_block_means_and_a_mild_bilinear_step(side: int) -> None:
+    import cv2
+
+    square = np.random.default_rng(side).normal(0, 100, (side, side)).astype(np.float32)
+    linear = cv2.INTER_LINEAR
+
+    def blocks(image: np.ndarray, k: int) -> np.ndarray:  # the mean of each k x k block
+        n = image.shape[0] // k
+        return image.reshape(n, k, n, k).mean(axis=(1, 3))
+
+    if side <= 1.5 * 224:
+        expected = cv2.resize(square, (224, 224), interpolation=linear)
+    elif side < 2 * 224:
+        expected = blocks(cv2.resize(square, (448, 448), interpolation=linear), 2)
+    else:
+        k = side // 224
+        kept = side // k * k
+        first = (side - kept) // 2
+        reduced = blocks(square[first:first + kept, first:first + kept], k)
+        assert 224 <= reduced.shape[0] < 1.5 * 224
+        expected = cv2.resize(reduced, (224, 224), interpolation=linear)
+    np.testing.assert_allclose(Resampler(side, 224, "box")(square), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("side", [460, 300])
+def test_box_and_area_resampling_agree_on_smooth_images(side: int) -> None:
+    r, c = np.mgrid[:side, :side] / side
+    square = (1000 * np.sin(3 * r) * np.cos(2 * c)).astype(np.float32)
+    box, area = Resampler(side, 224, "box")(square), Resampler(side, 224, "area")(square)
+    assert np.abs(box - area).max() < 0.01 * np.abs(area).max()
+
+
+def test_stored_values_with_their_rescale_give_the_hu_result() -> None:
+    hu = _disc_volume(5, 96, 80, [30, 32, 34, 36, 38])
+    hu += np.random.default_rng(3).normal(0, 30, hu.shape).astype(np.float32)
+    p = Preprocessing(image_size=32)
+    # One scanner's files: stored = HU + 1024 in int16.  Another's: slope 0.5 and a per-slice intercept.
+    same = np.rint(hu + 1024).astype(np.int16)
+    np.testing.assert_allclose(prepare_volume(list(same), p, [(1.0, -1024.0)] * 5),
+                               prepare_volume(list(same.astype(np.float32) - 1024), p), atol=1e-4)
+    intercepts = [-1024.0, -1000.0, -1024.0, -990.0, -1024.0]
+    stored = [np.rint((h - b) / 0.5).astype(np.int16) for h, b in zip(hu, intercepts)]
+    expected = prepare_volume([s.astype(np.float32) * 0.5 + b for s, b in zip(stored, intercepts)], p)
+    np.testing.assert_allclose(prepare_volume(stored, p, [(0.5, b) for b in intercepts]), expected, atol=1e-4)
+
+
+def test_air_outside_a_narrow_image_follows_each_slice_rescale() -> None:
+    stored = [np.full((40, 100), v, np.int16) for v in (1064, 90)]  # 40 HU body in both slices
+    out = prepare_volume(stored, Preprocessing(image_size=50, body_margin=0.0), [(1.0, -1024.0), (1.0, -50.0)])
+    air = (0.0 - 127.5) / 127.5
+    assert np.allclose(out[0, :2, :5], air, atol=1e-5)  # above the body, both slices: air
+    np.testing.assert_allclose(out[0, :2, 25], (1040 / 1400 * 255 - 127.5) / 127.5, atol=1e-4)
+
+
+def test_bad_rescale_is_refused() -> None:
+    vol = [np.zeros((16, 16), np.int16)] * 2
+    with pytest.raises(LungSQLError, match="slope"):
+        prepare_volume(vol, Preprocessing(image_size=8), [(1.0, -1024.0), (0.0, -1024.0)])
+    with pytest.raises(ValueError, match="one \\(slope, intercept\\) per slice"):
+        prepare_volume(vol, Preprocessing(image_size=8), [(1.0, -1024.0)])
+
+
 # ----------------------------------------------------------------------------- packing
 
 
@@ -219,7 +283,14 @@ def test_recipe_round_trips_through_json() -> None:
     stored = json.loads(json.dumps(p.to_json()))
     assert stored["version"] == 1 and stored["mean"] == [127.0, 127.0, 127.0]
     assert Preprocessing.from_json(stored) == p
-    assert Preprocessing.from_json({"version": 1}) == Preprocessing()
+    assert stored["resampling"] == "box"
+
+
+def test_recipes_stored_before_box_resampling_keep_area_averaging() -> None:
+    # A recipe without the key was written when area averaging was the only resampling:
+    # featurizing with it again must give the features its models were trained on.
+    assert Preprocessing.from_json({"version": 1}) == Preprocessing(resampling="area")
+    assert Preprocessing.from_json({"version": 1, "resampling": "box"}) == Preprocessing()
 
 
 def test_recipe_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,6 +308,7 @@ def test_recipe_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"std": (127.5, 0.0, 127.5)}, "positive"),
     ({"colour": "red"}, "unknown keys"),
     ({"version": 99}, "recipe version"),
+    ({"resampling": "nearest"}, "resampling"),
 ])
 def test_bad_recipes_say_what_is_wrong(bad: dict, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):

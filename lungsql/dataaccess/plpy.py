@@ -14,6 +14,7 @@ from lungsql.errors import ConfigurationError, LungSQLError
 from lungsql.featurize import GroupFeatures
 
 _PLANS: dict[str, Any] = {}
+SCANS_PER_FETCH = 4
 
 
 class PlpyData:
@@ -65,11 +66,21 @@ class PlpyData:
         return [r["patient_id"] for r in rows]
 
     def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]:
-        rows = self._run(
-            "SELECT dicom, z_position, series_instance_uid FROM lungsql.scans WHERE patient_id = $1",
-            ["text"], [patient_id],
-        )
-        return [(r["dicom"], r["z_position"], r["series_instance_uid"]) for r in rows]
+        # A few slices per fetch: PL/Python holds the GIL while the server reads, and
+        # the CNN threads need it for a moment between batches (lungsql.featurize).
+        sql = "SELECT dicom, z_position, series_instance_uid FROM lungsql.scans WHERE patient_id = $1"
+        plan = _PLANS.get(sql)
+        if plan is None:
+            plan = _PLANS[sql] = self.plpy.prepare(sql, ["text"])
+        cursor = self.plpy.cursor(plan, [patient_id])
+        scans = []
+        while True:
+            rows = cursor.fetch(SCANS_PER_FETCH)
+            if not rows:
+                break
+            scans.extend((r["dicom"], r["z_position"], r["series_instance_uid"]) for r in rows)
+        cursor.close()
+        return scans
 
     def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int:
         return self._run(
@@ -91,13 +102,15 @@ class PlpyData:
             [patient_id, cnn_id, features.n_slices, n_groups, dim, data, features.sha256, run_id],
         )
 
-    def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float, finished: bool) -> None:
+    def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
+                           cpu_seconds: dict[str, float], finished: bool) -> None:
         self._run(
-            """UPDATE lungsql.feature_runs SET patients = $2, slices = $3, seconds = $4,
-                      finished_at = CASE WHEN $5 THEN now() END
+            """UPDATE lungsql.feature_runs SET patients = $2, slices = $3, seconds = $4, cpu_seconds = $5,
+                      finished_at = CASE WHEN $6 THEN now() END
                WHERE run_id = $1""",
-            ["bigint", "integer", "integer", "double precision", "boolean"],
-            [run_id, patients, slices, seconds, finished],
+            ["bigint", "integer", "integer", "double precision", "jsonb", "boolean"],
+            [run_id, patients, slices, seconds, json.dumps({k: round(v, 4) for k, v in cpu_seconds.items()}),
+             finished],
         )
 
     # -- models and the registry ------------------------------------------------
