@@ -17,6 +17,8 @@ class Sizes:
     web_clients: int
     web_seconds: float
     web_warmup_seconds: float
+    web_sweep_clients: tuple[int, ...]  # the same load with fewer clients: latency without queueing
+    web_sweep_seconds: float
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -24,7 +26,7 @@ class Sizes:
 
 FULL = Sizes(patients=16, slices=(60, 60), shard_sessions=(1, 2), training_patients=(100, 400, 1600),
              groups_per_patient=20, scoring_calls=1000, batch_repeats=20, web_clients=32, web_seconds=30.0,
-             web_warmup_seconds=5.0)
+             web_warmup_seconds=5.0, web_sweep_clients=(1, 8), web_sweep_seconds=10.0)
 QUICK = Sizes(patients=8, slices=(4, 6), shard_sessions=(1, 2), training_patients=(20, 40),
-              groups_per_patient=4, scoring_calls=50, batch_repeats=2, web_clients=4, web_seconds=3.0,
-              web_warmup_seconds=0.5)
+              groups_per_patient=4, scoring_calls=50, batch_repeats=2, web_clients=4, web_seconds=2.0,
+              web_warmup_seconds=0.5, web_sweep_clients=(1,), web_sweep_seconds=1.0)

@@ -318,25 +318,27 @@ def user_add(ctx, name: str, role: str, password_stdin: bool, replace: bool) -> 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1), help="Worker threads.")
+@click.option("--workers", type=click.IntRange(1), help="Server processes.  [default: one per core]")
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(1), help="Threads per process.")
 @click.option("--web-db", metavar="URL", help="URL for the role lungsql_web (default: LUNGSQL_WEB_DATABASE_URL, "
               "else the local cluster).")
 @click.option("--trusted-proxy", metavar="ADDR",
               help="Address of a reverse proxy (https) whose X-Forwarded-For/-Proto headers are believed.")
 @reports_errors
-def serve(host: str, port: int, threads: int, web_db: str | None, trusted_proxy: str | None) -> None:
-    """Serve the clinician web app with waitress, connected as the role lungsql_web."""
-    import waitress
-
+def serve(host: str, port: int, workers: int | None, threads: int, web_db: str | None,
+          trusted_proxy: str | None) -> None:
+    """Serve the clinician web app (gunicorn processes), connected as the role lungsql_web."""
     from lungsql.db import resolve_web_url
     from webapp import create_app
+    from webapp.server import default_workers
+    from webapp.server import serve as run_server
 
-    app = create_app({"DATABASE_URL": resolve_web_url(web_db)})
+    url = resolve_web_url(web_db)
+    workers = workers or default_workers()
     click.echo(f"lungsql web app on http://{'localhost' if host == '127.0.0.1' else host}:{port} "
-               "(Ctrl+C stops it)")
-    proxy = {"trusted_proxy": trusted_proxy, "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
-             "clear_untrusted_proxy_headers": True} if trusted_proxy else {}
-    waitress.serve(app, host=host, port=port, threads=threads, ident="lungsql", **proxy)
+               f"({workers} processes x {threads} threads; Ctrl+C stops it)")
+    run_server(lambda pool: create_app({"DATABASE_URL": url, "DATABASE_POOL_SIZE": pool}), host, port,
+               workers=workers, threads=threads, trusted_proxy=trusted_proxy)
 
 
 @main.command()
@@ -419,7 +421,7 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
     _step("serving the web app: open http://localhost:5000 and sign in with")
     for name, role, password in logins:
         click.echo(f"  {name} / {password}   ({role})")
-    ctx.invoke(serve, host="127.0.0.1", port=5000, threads=8, web_db=None, trusted_proxy=None)
+    ctx.invoke(serve, host="127.0.0.1", port=5000, workers=None, threads=4, web_db=None, trusted_proxy=None)
 
 
 def _demo_users(ctx: click.Context) -> list[tuple[str, str, str]]:

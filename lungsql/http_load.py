@@ -66,6 +66,12 @@ def signed_in_opener(base_url: str, username: str, password: str) -> urllib.requ
     return opener
 
 
+def cookies(opener: urllib.request.OpenerDirector) -> list[http.cookiejar.Cookie]:
+    """The cookies a `signed_in_opener` holds (its session)."""
+    return [c for handler in opener.handlers if isinstance(handler, urllib.request.HTTPCookieProcessor)
+            for c in handler.cookiejar]
+
+
 def run(base_url: str, username: str, password: str, paths: list[str], clients: int = 32,
         requests_per_client: int = 50, seconds: float = 30.0,
         check: Callable[[str, dict], str | None] | None = None) -> LoadResult:

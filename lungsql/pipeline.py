@@ -249,9 +249,22 @@ def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") ->
 
 
 # -- scoring ----------------------------------------------------------------------
+@dataclass
+class Scores:
+    """Probabilities and the deployed model that gave them (as PipelineData.deployed returned it)."""
+
+    model: dict[str, Any]
+    results: list[tuple[str, float]]
+
+
 def predict(data: PipelineData, patient_ids: Sequence[str], model_name: str | None = None
             ) -> Iterator[tuple[str, float]]:
     """(patient id, probability of cancer) from the deployed model, each one recorded."""
+    return iter(score(data, patient_ids, model_name).results)
+
+
+def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None = None) -> Scores:
+    """`predict`, with the model that answered."""
     deployed = data.deployed(model_name)
     if deployed is None:
         raise LungSQLError(
@@ -272,7 +285,7 @@ def predict(data: PipelineData, patient_ids: Sequence[str], model_name: str | No
     probabilities = model.predict(vectors) if vectors is not None else []
     results = [(p, float(min(1.0, max(0.0, prob)))) for p, prob in zip(patient_ids, probabilities)]
     data.record_predictions(deployed["model_id"], results)
-    return iter(results)
+    return Scores(deployed, results)
 
 
 def _json(value: Any) -> Any:

@@ -79,6 +79,22 @@ def predict_one(plpy, patient_id, model_name) -> float | None:
 
 
 @procedure
+def predict_detail(plpy, patient_id, model_name) -> list[tuple]:
+    import json
+
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+
+    if patient_id is None:
+        return []
+    scores = pipeline.score(PlpyData(plpy), [patient_id], model_name)
+    m = scores.model
+    auc = json.loads(m["metrics"]).get("auc")
+    return [(scores.results[0][1], m["model_id"], m["name"], m["version"], m["trained_at"], auc,
+             m["deployment_name"], m["strategy"], m["deployed_at"])]
+
+
+@procedure
 def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
     from lungsql import pipeline
     from lungsql.dataaccess.plpy import PlpyData

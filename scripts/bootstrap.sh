@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 # chromium and chromium-driver: the web app's end-to-end test runs in a real headless browser.
 # unixodbc: pyodbc's library, for SQL Server URLs (an ODBC driver such as tdsodbc is the site's choice).
+# wrk: the HTTP load generator of `lungsql bench` (the web app under 32 clients).
 APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core
-              unixodbc)
+              unixodbc wrk)
 EXTRAS="ml,codecs,export,mssql,dev"
 
 say() { printf '==> %s\n' "$*"; }

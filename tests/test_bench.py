@@ -38,7 +38,9 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert sc["warm_p50_ms"] > 0 and sc["warm_p99_ms"] >= sc["warm_p50_ms"] and sc["first_call_ms"] > 0
     assert sc["batch_patients_per_s"] > 0
     web = results["web"]
-    assert web["requests"] > 0 and web["requests_per_s"] > 0 and web["errors"] == 0, web["first_errors"]
+    assert web["client"] == "wrk" and web["requests"] > 0 and web["requests_per_s"] > 0 and web["errors"] == 0
+    assert web["warmup"]["requests"] > 0 and web["warmup"]["errors"] == 0, web["warmup"]["first_errors"]
+    assert [f["clients"] for f in web["fewer_clients"]] == [1] and web["fewer_clients"][0]["p99_ms"] > 0
     gpu = results["gpu"]
     assert (gpu["available"] is False and gpu["reason"]) or "CUDAExecutionProvider" in gpu["providers"]
     assert "| Featurization |" in result.output  # the table is shown

@@ -117,7 +117,11 @@ def test_train_deploy_predict_round_trip(loaded):
     batch = dict(call(loaded, "SELECT * FROM lungsql.predict_lung_cancer_batch("
                               "ARRAY(SELECT patient_id FROM lungsql.patients))"))
     assert len(batch) == PATIENTS and batch[patient] == first
-    assert scalar(loaded, "SELECT count(*) FROM lungsql.predictions") == 2 + PATIENTS
+    # The detailed form: the same probability, and the model and deployment that gave it.
+    (detail,) = call(loaded, "SELECT probability, model_id, name, version, auc, deployment_name, strategy "
+                             "FROM lungsql.predict_lung_cancer_detail(%s)", (patient,))
+    assert detail == (first, model_id, "lgbm", 1, metrics["auc"], "lgbm", "first model")
+    assert scalar(loaded, "SELECT count(*) FROM lungsql.predictions") == 3 + PATIENTS
 
 
 def test_tampered_model_text_is_refused(loaded):

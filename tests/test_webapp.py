@@ -184,29 +184,73 @@ def test_sign_out_needs_a_post_with_token_ends_the_session_and_is_audited(clinic
     assert len(audit_rows(su, "logout", address=clinician.environ_base["REMOTE_ADDR"])) == 1
 
 
-def test_repeated_failed_sign_ins_are_slowed_down(app, client, monkeypatch):
-    now = [time.monotonic()]
-    monkeypatch.setattr(app.extensions[THROTTLE], "clock", lambda: now[0])
+def _age_sign_ins(su, address: str, seconds: int) -> None:
+    """Time passes for the sign-in attempts from `address`: their audit rows move into the past."""
+    with su.begin() as conn:
+        conn.execute(sa.text("UPDATE lungsql.audit_log SET occurred_at = occurred_at - make_interval(secs => :s) "
+                             "WHERE address = :address AND action IN ('login', 'login_failed')"),
+                     {"s": seconds, "address": address})
+
+
+def test_repeated_failed_sign_ins_are_slowed_down(app, client, su):
+    address = client.environ_base["REMOTE_ADDR"]
     for attempt in range(1, 6):
         response = login(client, "clin", "not-the-password")
         assert response.status_code == 200
     assert "wait 30 s" in text(response)  # the fifth failure says how long to wait
+    assert audit_rows(su, "login_failed", address=address)[-1].detail == {"failures": 5, "wait_s": 30}
     # Locked: even the right password is not checked.
     response = login(client, "clin")
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "30" and "wait 30 s" in text(response)
-    now[0] += 20
+    _age_sign_ins(su, address, 20)
     assert login(client, "clin").headers["Retry-After"] == "10"
     # Another user from the same address, or the same user elsewhere, is not held up.
     other = app.test_client()
     other.environ_base["REMOTE_ADDR"] = next(_addresses)
     assert login(other, "clin").status_code == 302
     # Once the wait is over one more try is allowed; failing again doubles the wait.
-    now[0] += 11
+    _age_sign_ins(su, address, 11)
     assert login(client, "clin", "still-wrong").status_code == 200
     assert login(client, "clin").headers["Retry-After"] == "60"
-    now[0] += 61
+    _age_sign_ins(su, address, 61)
     assert login(client, "clin").status_code == 302  # the right password now works
+    # ...and clears this name's failures from this address: a new mistake is the first one.
+    fresh = app.test_client()
+    fresh.environ_base["REMOTE_ADDR"] = address
+    assert login(fresh, "clin", "typo").status_code == 200
+    assert audit_rows(su, "login_failed", address=address)[-1].detail == {"failures": 1, "wait_s": 0}
+
+
+def test_sign_in_throttling_is_shared_by_every_server_process(app, web_db, su):
+    """A second app (another `lungsql serve` process) sees the failures the first one audited."""
+    address = next(_addresses)
+    first = app.test_client()
+    first.environ_base["REMOTE_ADDR"] = address
+    for _ in range(5):
+        login(first, "boss", "wrong")
+    second_app = create_app({"DATABASE_URL": app.config["DATABASE_URL"], "SECRET_KEY": "test-only-secret",
+                             "TESTING": True})
+    try:
+        second = second_app.test_client()
+        second.environ_base["REMOTE_ADDR"] = address
+        assert login(second, "boss").status_code == 429
+    finally:
+        second_app.extensions[ENGINE].dispose()
+
+
+def test_many_names_from_one_address_are_slowed_down_too(app, su):
+    address = next(_addresses)
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    limit = app.config["LOGIN_MAX_FAILURES_PER_ADDRESS"]
+    with su.begin() as conn:  # limit - 1 failures with as many names, audited a minute ago
+        conn.execute(sa.text("INSERT INTO lungsql.audit_log (occurred_at, username, action, address) "
+                             "SELECT now() - interval '60 s', 'guess' || n, 'login_failed', :address "
+                             "FROM generate_series(1, :n) AS n"), {"address": address, "n": limit - 1})
+    response = login(client, "yet-another-name", "wrong")
+    assert "wait 30 s" in text(response)
+    assert login(client, "clin").status_code == 429
 
 
 def test_a_disabled_user_loses_the_session_at_the_next_click(app, su):
@@ -639,18 +683,12 @@ def test_error_pages_are_small_templates(clinician):
 
 # -- a real browser ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def live_server(app):
-    """The app served by waitress on a free port, as `lungsql serve` serves it."""
-    import threading
+def live_server(web_db):
+    """`lungsql serve` on a free port, in processes of its own, as deployed (two processes)."""
+    from webapp.server import running
 
-    import waitress
-
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.effective_port}"
-    server.close()
-    thread.join(timeout=5)
+    with running(web_db.web_url, workers=2, threads=4) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
@@ -753,6 +791,65 @@ def test_in_a_browser_the_admin_sees_roc_curves(browser, live_server, output_dir
 
 
 # -- load ----------------------------------------------------------------------------------------
+def _serve_processes(port: str) -> tuple[int, list[int]]:
+    """(pid of `lungsql serve --port PORT`, pids of its child processes), from /proc."""
+    from pathlib import Path
+
+    parents = {}
+    master = None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        parents[int(proc.name)] = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
+        if b"serve" in argv and b"--port" in argv and argv[argv.index(b"--port") + 1] == port.encode():
+            if master is None or int(proc.name) < master:
+                master = int(proc.name)
+    assert master is not None, f"no lungsql serve process on port {port}"
+    return master, [pid for pid, parent in parents.items() if parent == master]
+
+
+def test_lungsql_serve_runs_several_processes_that_share_sessions(live_server):
+    """Two worker processes answer on one socket, and a session signed in through either is valid
+    in both (one signing key)."""
+    import urllib.request
+
+    from lungsql import http_load
+
+    master, workers = _serve_processes(live_server.rsplit(":", 1)[1])
+    assert len(workers) == 2
+    opener = http_load.signed_in_opener(live_server, "clin", PASSWORDS["clin"])
+    for _ in range(20):  # a new connection each time, accepted by either process
+        request = urllib.request.Request(f"{live_server}/api/patients?q=ana", headers={"Connection": "close"})
+        with opener.open(request, timeout=10) as response:
+            assert response.status == 200 and json.loads(response.read())["total"] >= 1
+
+
+def test_forwarded_headers_are_believed_from_the_trusted_proxy_only(web_db, su):
+    from webapp.proxy import TrustedProxy
+
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True})
+    app.wsgi_app = TrustedProxy(app.wsgi_app, "10.200.0.1")
+    try:
+        for peer, expected in (("10.200.0.1", "203.0.113.7"), ("10.200.0.2", "10.200.0.2")):
+            client = app.test_client()
+            client.environ_base["REMOTE_ADDR"] = peer
+            page = client.get("/login")
+            token = csrf_token(page.get_data(as_text=True))
+            response = client.post("/login", data={"username": "clin", "password": PASSWORDS["clin"],
+                                                   "csrf_token": token},
+                                   headers={"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
+                                            "Referer": "https://localhost/login"})  # https: CSRF checks it
+            assert response.status_code == 302
+            assert audit_rows(su, "login", address=expected), f"no sign-in audited from {expected}"
+    finally:
+        app.extensions[ENGINE].dispose()
+
+
 def test_32_concurrent_clients_get_correct_predictions(live_server, su, output_dir):
     from lungsql import http_load
 

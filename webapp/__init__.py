@@ -1,7 +1,7 @@
 """The clinician web app: patient search, the scan viewer and the probability from the database.
 
 ``create_app(test_config)`` builds the Flask app; ``lungsql serve`` serves it
-with waitress, connected as the least-privileged role ``lungsql_web``. The
+(``webapp.server``), connected as the least-privileged role ``lungsql_web``. The
 app never loads a model: probabilities come from ``lungsql.predict_lung_cancer``
 in the database. It is a research tool; its output is not a diagnosis.
 """
@@ -22,7 +22,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 
                            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 DEFAULTS = {
-    "DATABASE_POOL_SIZE": 8,           # lungsql serve runs 8 waitress threads
+    "DATABASE_POOL_SIZE": 4,           # one connection per thread: lungsql serve runs 4 per process
     "SESSION_COOKIE_NAME": "lungsql_session",
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",

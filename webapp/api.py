@@ -34,7 +34,8 @@ def patient(patient_id: str):
 
 @bp.get("/patients/<patient_id>/prediction")
 def prediction(patient_id: str):
-    _found(patient_id)
+    if not records.exists(patient_id):
+        abort(404, description="There is no patient with this ID.")
     try:
         result = score(patient_id, via="api")
     except ScoringUnavailable as exc:

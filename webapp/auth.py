@@ -56,7 +56,7 @@ def login():
     password = request.form.get("password", "")
     address = request.remote_addr
     throttle = current_app.extensions[THROTTLE]
-    wait = throttle.retry_after(username, address)
+    wait = throttle.retry_after(get_db(), username, address)
     if wait:
         message = f"Too many failed sign-in attempts: wait {wait} s and try again."
         return (render_template("login.html", next=target, username=username, error=message), 429,
@@ -64,7 +64,7 @@ def login():
     # A name that cannot exist is checked as an unknown one: same answer, same time.
     user = users.authenticate(get_db(), username if users.USERNAME.match(username) else "", password)
     if user is None:
-        failures, wait = throttle.failed(username, address)
+        failures, wait = throttle.after_failure(get_db(), username, address)
         audit.record("login_failed", username=username or None,
                      detail={"failures": failures, "wait_s": wait})
         message = "Unknown user name or wrong password."
@@ -72,7 +72,6 @@ def login():
             message += f" Too many failed attempts: wait {wait} s before the next one."
         return render_template("login.html", next=target, username=username, error=message)
 
-    throttle.succeeded(username, address)
     session.clear()
     session.permanent = True
     session["user_id"] = user["user_id"]

@@ -44,6 +44,8 @@ CROSS JOIN LATERAL (SELECT count(*) AS slices, max(rows) AS rows, max(columns) A
 WHERE p.patient_id = :patient_id
 """)
 
+_EXISTS = sa.text("SELECT 1 FROM lungsql.patients WHERE patient_id = :patient_id")
+
 # The viewer's order: series by series, each in z order (the index scans_patient_series_z).
 _SLICE = sa.text("""
 SELECT scan_id, encode(sha256, 'hex') AS sha256
@@ -94,6 +96,12 @@ def patient(patient_id: str) -> dict | None:
         return None
     row = get_db().execute(_PATIENT, {"patient_id": patient_id}).mappings().first()
     return None if row is None else _patient(row)
+
+
+def exists(patient_id: str) -> bool:
+    """Whether the patient is stored (the cheap check, without counting slices)."""
+    return valid_patient_id(patient_id) and get_db().execute(
+        _EXISTS, {"patient_id": patient_id}).first() is not None
 
 
 def slice_ref(patient_id: str, index: int) -> dict | None:

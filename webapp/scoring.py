@@ -1,9 +1,10 @@
 """A patient's probability of lung cancer, from the database's scoring function.
 
-The web app never loads a model: it calls ``lungsql.predict_lung_cancer`` and
-shows which model answered. Both run in one REPEATABLE READ transaction, so
-the model shown is the model the function used, even while an administrator
-deploys another one.
+The web app never loads a model: it calls ``lungsql.predict_lung_cancer_detail``,
+which returns the probability with the deployed model that gave it, so the
+model shown is the model used, even while an administrator deploys another
+one. The prediction row the function records and the audit row commit
+together.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ BANDS = (
     (20.0, "intermediate", "orange", "20 % to 40 %"),
     (0.0, "low", "green", "below 20 %"),
 )
+
+_SCORE = sa.text("SELECT * FROM lungsql.predict_lung_cancer_detail(:patient_id)")
 
 # What predict_lung_cancer(patient_id) uses when no model name is given: the latest deployment row.
 _DEPLOYED = sa.text("""
@@ -98,8 +101,10 @@ def band_of(percent: float) -> tuple[str, str, str]:
 
 def deployed_model(conn: sa.Connection) -> DeployedModel | None:
     row = conn.execute(_DEPLOYED).mappings().first()
-    if row is None:
-        return None
+    return None if row is None else _model(row)
+
+
+def _model(row) -> DeployedModel:
     return DeployedModel(model_id=row["model_id"], name=row["name"], version=row["version"],
                          trained_at=row["trained_at"], auc=row["auc"], deployment_name=row["deployment_name"],
                          strategy=row["strategy"], deployed_at=row["deployed_at"])
@@ -108,16 +113,9 @@ def deployed_model(conn: sa.Connection) -> DeployedModel | None:
 def score(patient_id: str, via: str) -> Score:
     """Score one (existing) patient in the database and audit it; ScoringUnavailable when it cannot be."""
     conn = get_db()
-    conn.commit()  # end the request's reads: the next transaction must start REPEATABLE READ
-    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    model = deployed_model(conn)
     try:
-        if model is None:
-            raise ScoringUnavailable("no model is deployed",
-                                     "an administrator trains one: SELECT * FROM lungsql.train_model()")
         try:
-            probability = conn.execute(sa.text("SELECT lungsql.predict_lung_cancer(:patient_id)"),
-                                       {"patient_id": patient_id}).scalar_one()
+            row = conn.execute(_SCORE, {"patient_id": patient_id}).mappings().one()
         except (sa.exc.OperationalError, sa.exc.InterfaceError):
             raise  # the database is gone: an error page, not a message about this patient
         except sa.exc.DBAPIError as exc:
@@ -126,15 +124,13 @@ def score(patient_id: str, via: str) -> Score:
             if not is_lungsql_error(exc):
                 current_app.logger.exception("scoring patient %r failed", patient_id)
             raise ScoringUnavailable(*database_message(exc)) from None
-        conn.commit()  # keeps the row lungsql.predictions got
     except ScoringUnavailable as exc:
         conn.rollback()
-        audit.record("score_failed", patient_id=patient_id,
-                     detail={"via": via, "error": exc.message,
-                             "model_id": model.model_id if model else None})
+        audit.record("score_failed", patient_id=patient_id, detail={"via": via, "error": exc.message})
         raise
-    result = Score(patient_id, float(probability), model)
-    audit.record("score_patient", patient_id=patient_id,
-                 detail={"via": via, "model_id": model.model_id, "model_name": model.name,
-                         "model_version": model.version, "probability": result.probability})
+    result = Score(patient_id, float(row["probability"]), _model(row))
+    audit.record("score_patient", patient_id=patient_id, commit=False,
+                 detail={"via": via, "model_id": result.model.model_id, "model_name": result.model.name,
+                         "model_version": result.model.version, "probability": result.probability})
+    conn.commit()  # the row lungsql.predictions got and its audit row, together
     return result

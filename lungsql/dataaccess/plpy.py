@@ -141,7 +141,8 @@ class PlpyData:
 
     def deployed(self, name: str | None) -> dict[str, Any] | None:
         rows = self._run(
-            """SELECT m.model_id, m.sha256, m.cnn_id, m.metrics::text AS metrics
+            """SELECT m.model_id, m.sha256, m.cnn_id, m.metrics::text AS metrics, m.name, m.version, m.trained_at,
+                      d.deployment_id, d.name AS deployment_name, d.strategy, d.deployed_at
                FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
                WHERE $1::text IS NULL OR d.name = $1
                ORDER BY d.deployment_id DESC LIMIT 1""",

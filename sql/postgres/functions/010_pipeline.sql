@@ -84,6 +84,27 @@ from lungsql import procedures
 return procedures.predict_one(plpy, patient_id, model_name)
 $$;
 
+-- The probability for one patient and the deployed model that gave it, in one
+-- call, for callers that show which model answered (the web app): the model
+-- named is the model used, even while another one is being deployed.
+--
+--   SELECT * FROM lungsql.predict_lung_cancer_detail('0a0c32c9e08cc2ea76a71649de56be6d');
+CREATE OR REPLACE FUNCTION lungsql.predict_lung_cancer_detail(
+    patient_id text,                   -- lungsql.patients.patient_id
+    model_name text DEFAULT NULL       -- NULL: the most recently deployed model
+)
+RETURNS TABLE (probability double precision, model_id integer, name text, version integer,
+               trained_at timestamptz, auc double precision, deployment_name text, strategy text,
+               deployed_at timestamptz)
+LANGUAGE plpython3u
+AS $$
+import sys
+if "lungsql.procedures" not in sys.modules:
+    plpy.execute("SELECT lungsql._load_python()")
+from lungsql import procedures
+return procedures.predict_detail(plpy, patient_id, model_name)
+$$;
+
 -- Many patients in one call.
 --
 --   SELECT * FROM lungsql.predict_lung_cancer_batch(ARRAY(SELECT patient_id FROM lungsql.patients));

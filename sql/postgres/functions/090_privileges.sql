@@ -30,7 +30,9 @@ GRANT SELECT, INSERT ON lungsql.audit_log TO lungsql_web;
 -- Scoring and deployment run with the rights of their owner, on a fixed search path.
 ALTER FUNCTION lungsql.predict_lung_cancer(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION lungsql.predict_lung_cancer_batch(text[], text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION lungsql.predict_lung_cancer_detail(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION lungsql.deploy(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer(text, text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer_batch(text[], text) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer_detail(text, text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.deploy(text, text) TO lungsql_web;
