@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-PACKAGES = ("numpy", "onnxruntime", "lightgbm", "pydicom", "psycopg", "flask", "waitress")
+PACKAGES = ("numpy", "onnxruntime", "lightgbm", "pydicom", "psycopg", "flask", "gunicorn")
 
 
 def describe(engine: sa.Engine) -> dict:

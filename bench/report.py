@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+TARGET_EFFICIENCY = 0.85
 
 
 def _met(target: dict | None) -> str:
@@ -79,7 +80,7 @@ def render_machine(m: dict) -> str:
         f"- CPU: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB memory",
         f"- {m['os']}; Python {m['python']}; PostgreSQL {m['postgresql']}",
         f"- numpy {v['numpy']}, onnxruntime {v['onnxruntime']}, lightgbm {v['lightgbm']}, pydicom {v['pydicom']}, "
-        f"psycopg {v['psycopg']}, waitress {v['waitress']}",
+        f"psycopg {v['psycopg']}, flask {v['flask']}, gunicorn {v['gunicorn']}",
         f"- commit {m['commit'] or 'unknown'}, {m['date']}; load average at the start {load}",
     ])
 
@@ -108,6 +109,42 @@ def render_details(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_limits(r: dict) -> str:
+    """What bounds the featurization and web figures, computed from this run's own measurements."""
+    fe, web, cores = r["featurization"], r["web"], r["machine"]["cores_usable"]
+    bare, e2e, steps = fe["bare_onnxruntime"], fe["end_to_end"], fe["time_split"]["steps"]
+    cnn_bare = 1000 * cores / bare["slices_per_s"]  # ms of CPU per slice with every core on the CNN
+    other = sum(s["ms_per_slice"] for name, s in steps.items() if name != "cnn")
+    ceiling = bare["slices_per_s"] * cnn_bare / (cnn_bare + other)
+    others = ", ".join(f"{name} {step['ms_per_slice']:.2f}" for name, step in steps.items() if name != "cnn")
+    lines = [
+        "What bounds the figures (computed from this run):", "",
+        f"- **Featurization.** The bare CNN needs {cnn_bare:.2f} ms of CPU per slice ({cores} cores at "
+        f"{bare['slices_per_s']:.0f} slices/s). Inside the run, reading, decoding, preprocessing and writing took "
+        f"{other:.2f} ms more per slice ({others}), "
+        f"and the CNN itself {steps['cnn']['ms_per_slice']:.2f} ms beside them. With every core busy the end to end "
+        f"rate is at most bare x {cnn_bare:.2f} / ({cnn_bare:.2f} + {other:.2f}) = {ceiling:.0f} slices/s "
+        f"(efficiency {ceiling / bare['slices_per_s']:.2f}); it ran at {e2e['slices_per_s']:.0f}. An efficiency of "
+        f"{TARGET_EFFICIENCY} needs the other steps under {cnn_bare * (1 - TARGET_EFFICIENCY) / TARGET_EFFICIENCY:.2f} "
+        f"ms per slice; reading alone takes {steps['reading']['ms_per_slice']:.2f} (PL/Python detoasting and copying "
+        "about 0.5 MB per slice). Every millisecond of CPU outside the CNN is taken from it when all cores are busy.",
+    ]
+    if "cpu_ms_per_request" in web and web.get("fewer_clients"):
+        cpu, one = web["cpu_ms_per_request"], web["fewer_clients"][0]
+        lines.append(
+            f"- **Web app.** One client alone gets its answer in {one['p50_ms']:.1f} ms (p50). Each request costs "
+            f"{cpu['whole_machine']:.2f} ms of CPU on the machine ({cpu['web_processes']:.2f} in the web processes, "
+            f"{cpu['database']:.2f} in PostgreSQL, the rest wrk and the kernel), so {cores} cores serve at most about "
+            f"{1000 * cores / cpu['whole_machine']:.0f} requests/s; it served {web['requests_per_s']:.0f}. "
+            f"{web['clients']} clients that each send their next request as soon as the last is answered keep "
+            f"{web['clients']} requests in the server, so the latency is about {web['clients']} / throughput = "
+            f"{1000 * web['clients'] / web['requests_per_s']:.0f} ms before any variation: a p99 of "
+            f"{web['target']['at_most']:.0f} ms would need more than {1000 * web['clients'] / web['target']['at_most']:.0f} "
+            f"requests/s, {1000 * web['clients'] / web['target']['at_most'] * cpu['whole_machine'] / 1000:.1f} "
+            f"cores at this cost per request.")
+    return "\n".join(lines)
+
+
 def render_section(r: dict) -> str:
     gpu = r["gpu"]
     gpu_line = ("GPU: featurization ran on " + ", ".join(gpu["providers"]) + "." if gpu["available"] else
@@ -115,7 +152,7 @@ def render_section(r: dict) -> str:
     parts = [START, "", "Machine:", "", render_machine(r["machine"]), ""]
     if r.get("note"):
         parts += [f"Note: {r['note']}", ""]
-    parts += [render_table(r), "", gpu_line, "", render_details(r), "",
+    parts += [render_table(r), "", gpu_line, "", render_limits(r), "", render_details(r), "",
               f"The whole run took {r['seconds']:.0f} s. Raw figures: `bench-results.json`.", "", END]
     return "\n".join(parts)
 

@@ -17,7 +17,7 @@ import tempfile
 
 from bench.database import BenchDatabase
 from bench.sizes import Sizes
-from lungsql import http_load, users
+from lungsql import http_load, procstat, users
 from webapp.server import default_workers, running
 
 TARGET_P99_MS = 50.0
@@ -80,14 +80,25 @@ def run(db: BenchDatabase, sizes: Sizes) -> dict:
             return f"{patient}: {answer.get('probability')} instead of {expected[patient]}"
         return None
 
-    with running(db.web_url, threads=THREADS) as base_url:
+    postmaster = db.cluster.status().pid
+    with running(db.web_url, threads=THREADS) as server:
         # The warm-up: every answer checked, and each process's database sessions load Python and the model.
-        warmup = http_load.run(base_url, USERNAME, password, paths, clients=sizes.web_clients,
+        warmup = http_load.run(server.url, USERNAME, password, paths, clients=sizes.web_clients,
                                requests_per_client=10 ** 9, seconds=sizes.web_warmup_seconds, check=check)
-        opener = http_load.signed_in_opener(base_url, USERNAME, password)
+        opener = http_load.signed_in_opener(server.url, USERNAME, password)
         cookie = "; ".join(f"{c.name}={c.value}" for c in http_load.cookies(opener))
-        load = wrk(base_url, cookie, paths, sizes.web_clients, sizes.web_seconds)
-        fewer = [wrk(base_url, cookie, paths, n, sizes.web_sweep_seconds) for n in sizes.web_sweep_clients]
+        before = (procstat.tree_cpu_seconds(server.pid), procstat.tree_cpu_seconds(postmaster),
+                  procstat.machine_busy_seconds())
+        load = wrk(server.url, cookie, paths, sizes.web_clients, sizes.web_seconds)
+        after = (procstat.tree_cpu_seconds(server.pid), procstat.tree_cpu_seconds(postmaster),
+                 procstat.machine_busy_seconds())
+        fewer = [wrk(server.url, cookie, paths, n, sizes.web_sweep_seconds) for n in sizes.web_sweep_clients]
+    web_cpu, db_cpu, busy = (b - a for a, b in zip(before, after))
+    requests = max(load["requests"], 1)
+    load["cpu_ms_per_request"] = {"web_processes": round(1000 * web_cpu / requests, 2),
+                                  "database": round(1000 * db_cpu / requests, 2),
+                                  "whole_machine": round(1000 * busy / requests, 2)}
+    load["cores_busy"] = round(busy / load["seconds"], 2)
     return {
         "server": f"lungsql serve: {default_workers()} processes x {THREADS} threads",
         "client": "wrk",

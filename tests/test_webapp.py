@@ -21,7 +21,6 @@ import sqlalchemy as sa
 from lungsql import dicom, preprocess, users
 from lungsql.errors import ConfigurationError
 from webapp import create_app
-from webapp.auth import THROTTLE
 from webapp.db import ENGINE
 from webapp.scoring import band_of
 from databases import drop_database
@@ -687,8 +686,8 @@ def live_server(web_db):
     """`lungsql serve` on a free port, in processes of its own, as deployed (two processes)."""
     from webapp.server import running
 
-    with running(web_db.web_url, workers=2, threads=4) as base_url:
-        yield base_url
+    with running(web_db.web_url, workers=2, threads=4) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -791,42 +790,22 @@ def test_in_a_browser_the_admin_sees_roc_curves(browser, live_server, output_dir
 
 
 # -- load ----------------------------------------------------------------------------------------
-def _serve_processes(port: str) -> tuple[int, list[int]]:
-    """(pid of `lungsql serve --port PORT`, pids of its child processes), from /proc."""
-    from pathlib import Path
-
-    parents = {}
-    master = None
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            status = (proc / "status").read_text()
-        except OSError:
-            continue
-        parents[int(proc.name)] = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
-        if b"serve" in argv and b"--port" in argv and argv[argv.index(b"--port") + 1] == port.encode():
-            if master is None or int(proc.name) < master:
-                master = int(proc.name)
-    assert master is not None, f"no lungsql serve process on port {port}"
-    return master, [pid for pid, parent in parents.items() if parent == master]
-
-
-def test_lungsql_serve_runs_several_processes_that_share_sessions(live_server):
+def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
     """Two worker processes answer on one socket, and a session signed in through either is valid
     in both (one signing key)."""
     import urllib.request
 
     from lungsql import http_load
+    from lungsql.procstat import children
+    from webapp.server import running
 
-    master, workers = _serve_processes(live_server.rsplit(":", 1)[1])
-    assert len(workers) == 2
-    opener = http_load.signed_in_opener(live_server, "clin", PASSWORDS["clin"])
-    for _ in range(20):  # a new connection each time, accepted by either process
-        request = urllib.request.Request(f"{live_server}/api/patients?q=ana", headers={"Connection": "close"})
-        with opener.open(request, timeout=10) as response:
-            assert response.status == 200 and json.loads(response.read())["total"] >= 1
+    with running(web_db.web_url, workers=2, threads=2) as server:
+        assert len(children(server.pid)) == 2
+        opener = http_load.signed_in_opener(server.url, "clin", PASSWORDS["clin"])
+        for _ in range(20):  # a new connection each time, accepted by either process
+            request = urllib.request.Request(f"{server.url}/api/patients?q=ana", headers={"Connection": "close"})
+            with opener.open(request, timeout=10) as response:
+                assert response.status == 200 and json.loads(response.read())["total"] >= 1
 
 
 def test_forwarded_headers_are_believed_from_the_trusted_proxy_only(web_db, su):

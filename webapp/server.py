@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from flask import Flask
@@ -87,11 +88,17 @@ class _Gunicorn:
         return Application()
 
 
+@dataclass(frozen=True)
+class Running:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # the server's first process; the workers are its children
+
+
 @contextlib.contextmanager
 def running(web_url: str, workers: int | None = None, threads: int = 4,
-            timeout_s: float = 60.0) -> Iterator[str]:
-    """`lungsql serve` in processes of its own on a free loopback port (its base URL), until the
-    block ends: the app as deployed, for the benchmark and the end-to-end tests."""
+            timeout_s: float = 60.0) -> Iterator[Running]:
+    """`lungsql serve` in processes of its own on a free loopback port, until the block ends: the app
+    as deployed, for the benchmark and the end-to-end tests."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -109,7 +116,7 @@ def running(web_url: str, workers: int | None = None, threads: int = 4,
                 log.seek(0)
                 raise RuntimeError("lungsql serve did not start: " + log.read().decode(errors="replace")[-500:])
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield Running(f"http://127.0.0.1:{port}", server.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
