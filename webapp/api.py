@@ -34,11 +34,13 @@ def patient(patient_id: str):
 
 @bp.get("/patients/<patient_id>/prediction")
 def prediction(patient_id: str):
-    if not records.exists(patient_id):
+    if not records.valid_patient_id(patient_id):
         abort(404, description="There is no patient with this ID.")
     try:
         result = score(patient_id, via="api")
     except ScoringUnavailable as exc:
+        if not records.exists(patient_id):  # checked only now: scoring is the common case
+            abort(404, description="There is no patient with this ID.")
         return jsonify(error="no prediction", message=exc.message, hint=exc.hint, patient_id=patient_id), 409
     return jsonify(result.as_json())
 

@@ -3,8 +3,8 @@
 The web app never loads a model: it calls ``lungsql.predict_lung_cancer_detail``,
 which returns the probability with the deployed model that gave it, so the
 model shown is the model used, even while an administrator deploys another
-one. The prediction row the function records and the audit row commit
-together.
+one. The prediction row the function records and the audit row are written
+by one statement and commit together.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 
 import sqlalchemy as sa
-from flask import current_app
+from flask import current_app, g, request
 
 from webapp import audit
 from webapp.db import database_message, get_db, is_lungsql_error
@@ -25,7 +25,18 @@ BANDS = (
     (0.0, "low", "green", "below 20 %"),
 )
 
-_SCORE = sa.text("SELECT * FROM lungsql.predict_lung_cancer_detail(:patient_id)")
+# The score and its audit row in one statement (one round trip); they commit together.
+_SCORE = sa.text("""
+WITH scored AS MATERIALIZED (SELECT * FROM lungsql.predict_lung_cancer_detail(:patient_id)),
+audited AS (
+    INSERT INTO lungsql.audit_log (username, action, patient_id, address, detail)
+    SELECT CAST(:username AS text), 'score_patient', CAST(:patient_id AS text), CAST(:address AS text),
+           jsonb_build_object('via', CAST(:via AS text), 'model_id', model_id, 'model_name', name,
+                              'model_version', version, 'probability', probability)
+    FROM scored
+)
+SELECT * FROM scored
+""")
 
 # What predict_lung_cancer(patient_id) uses when no model name is given: the latest deployment row.
 _DEPLOYED = sa.text("""
@@ -115,7 +126,8 @@ def score(patient_id: str, via: str) -> Score:
     conn = get_db()
     try:
         try:
-            row = conn.execute(_SCORE, {"patient_id": patient_id}).mappings().one()
+            row = conn.execute(_SCORE, {"patient_id": patient_id, "via": via, "username": g.user["username"],
+                                        "address": request.remote_addr}).mappings().one()
         except (sa.exc.OperationalError, sa.exc.InterfaceError):
             raise  # the database is gone: an error page, not a message about this patient
         except sa.exc.DBAPIError as exc:
@@ -128,9 +140,5 @@ def score(patient_id: str, via: str) -> Score:
         conn.rollback()
         audit.record("score_failed", patient_id=patient_id, detail={"via": via, "error": exc.message})
         raise
-    result = Score(patient_id, float(row["probability"]), _model(row))
-    audit.record("score_patient", patient_id=patient_id, commit=False,
-                 detail={"via": via, "model_id": result.model.model_id, "model_name": result.model.name,
-                         "model_version": result.model.version, "probability": result.probability})
     conn.commit()  # the row lungsql.predictions got and its audit row, together
-    return result
+    return Score(patient_id, float(row["probability"]), _model(row))
