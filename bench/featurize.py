@@ -80,6 +80,7 @@ def _end_to_end(db: BenchDatabase) -> tuple[dict, dict]:
                "slices_per_s": round(slices / seconds, 1), "call_seconds": round(wall, 3),
                "call_slices_per_s": round(slices / wall, 1),
                "runs_slices_per_s": [round(r[3] / r[4], 1) for r in runs]}
+    cpu = {step: cpu[step] for step in featurize.CpuClock.STEPS if step in cpu}  # jsonb sorts its keys
     total = sum(cpu.values())
     split = {"slices": slices, "cpu_seconds": round(total, 3),
              "cores_busy": round(total / seconds, 2),
