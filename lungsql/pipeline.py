@@ -263,6 +263,16 @@ def predict(data: PipelineData, patient_ids: Sequence[str], model_name: str | No
     return iter(score(data, patient_ids, model_name).results)
 
 
+def warm_up(data: PipelineData, model_name: str | None = None) -> int | None:
+    """Parse and verify the deployed model into this process's cache, scoring nobody: the next
+    score in this process skips the loading.  The deployed model's id, or None."""
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        return None
+    scoring.cached_model(deployed["model_id"], deployed["sha256"], lambda: data.model_text(deployed["model_id"]))
+    return int(deployed["model_id"])
+
+
 def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None = None) -> Scores:
     """`predict`, with the model that answered."""
     deployed = data.deployed(model_name)

@@ -79,6 +79,14 @@ def predict_one(plpy, patient_id, model_name) -> float | None:
 
 
 @procedure
+def warm_up(plpy, model_name) -> int | None:
+    from lungsql import pipeline
+    from lungsql.dataaccess.plpy import PlpyData
+
+    return pipeline.warm_up(PlpyData(plpy), model_name)
+
+
+@procedure
 def predict_detail(plpy, patient_id, model_name) -> list[tuple]:
     import json
 

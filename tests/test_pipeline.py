@@ -102,6 +102,7 @@ def test_tampered_cnn_bytes_are_refused_and_nothing_runs(loaded):
 
 def test_train_deploy_predict_round_trip(loaded):
     call(loaded, "CALL lungsql.generate_features()")
+    assert call(loaded, "SELECT lungsql.warm_up()") == [(None,)]  # nothing deployed yet
     (model_id, metrics), = call(loaded, "SELECT * FROM lungsql.train_model('lgbm')")
     for key in ("auc", "log_loss", "brier", "sensitivity", "specificity", "roc"):
         assert key in metrics
@@ -111,6 +112,7 @@ def test_train_deploy_predict_round_trip(loaded):
         patient = conn.execute(sa.text("SELECT patient_id FROM lungsql.patients ORDER BY patient_id")).scalar()
     assert "objective=binary" in model.model_text and model.feature_set == pipeline.FEATURE_SET
     assert deployed == [(model_id, "first model")]
+    assert call(loaded, "SELECT lungsql.warm_up()") == [(model_id,)]  # loads it, scores nobody
     first = call(loaded, "SELECT lungsql.predict_lung_cancer(%s)", (patient,))[0][0]
     second = call(loaded, "SELECT lungsql.predict_lung_cancer(%s, 'lgbm')", (patient,))[0][0]
     assert 0.0 <= first <= 1.0 and first == second

@@ -808,6 +808,19 @@ def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
                 assert response.status == 200 and json.loads(response.read())["total"] >= 1
 
 
+def test_the_pool_is_warmed_in_the_background(web_db, su):
+    """Every connection of a new pool runs lungsql.warm_up (as lungsql_web) before the first request."""
+    from webapp.db import warm_pool
+
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True,
+                      "DATABASE_POOL_SIZE": 3})
+    try:
+        warm_pool(app).join(60)
+        assert app.extensions[ENGINE].pool.checkedin() == 3  # a failed warm-up stops at the first
+    finally:
+        app.extensions[ENGINE].dispose()
+
+
 def test_forwarded_headers_are_believed_from_the_trusted_proxy_only(web_db, su):
     from webapp.proxy import TrustedProxy
 

@@ -7,6 +7,8 @@ the scoring and deployment functions. Every statement binds its parameters.
 
 from __future__ import annotations
 
+import threading
+
 import sqlalchemy as sa
 from flask import Flask, current_app, g
 
@@ -23,6 +25,32 @@ def init_app(app: Flask) -> None:
         connect_args={"application_name": "lungsql-web"},
     )
     app.teardown_appcontext(close_db)
+
+
+def warm_pool(app: Flask) -> threading.Thread:
+    """Open the pool's connections in the background and load Python and the deployed model into
+    each (``lungsql.warm_up``): a new database session's first score otherwise takes most of a
+    second, paid by the first clinicians after every start. Failures are logged and forgotten (the
+    requests will connect as usual)."""
+    engine, size = app.extensions[ENGINE], int(app.config["DATABASE_POOL_SIZE"])
+
+    def warm() -> None:
+        connections = []
+        try:
+            for _ in range(size):
+                conn = engine.connect()
+                connections.append(conn)
+                conn.execute(sa.text("SELECT lungsql.warm_up()"))
+                conn.commit()
+        except sa.exc.SQLAlchemyError as exc:
+            app.logger.warning("could not warm the database pool: %s", _first_line(exc))
+        finally:
+            for conn in connections:
+                conn.close()  # back to the pool, warm
+
+    thread = threading.Thread(target=warm, name="lungsql-warm-pool", daemon=True)
+    thread.start()
+    return thread
 
 
 def get_engine() -> sa.Engine:

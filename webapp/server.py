@@ -37,7 +37,9 @@ def default_workers() -> int:
 def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int | None = None,
           threads: int = 4, trusted_proxy: str | None = None) -> None:
     """Serve `make_app(pool_size)` until interrupted. The app is built once here first, so that a bad
-    setting stops the server before it forks, and the site's signing key exists before the workers read it."""
+    setting stops the server before it forks, and the site's signing key exists before the workers read it.
+    Each worker warms its database pool in the background as it starts (`webapp.db.warm_pool`)."""
+    from webapp.db import warm_pool
     from webapp.proxy import TrustedProxy
 
     workers = workers or default_workers()
@@ -45,6 +47,7 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
 
     def build() -> Callable:
         app = make_app(threads)
+        warm_pool(app)
         return TrustedProxy(app, trusted_proxy) if trusted_proxy else app
 
     if sys.platform == "win32":

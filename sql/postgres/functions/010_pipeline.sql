@@ -105,6 +105,23 @@ from lungsql import procedures
 return procedures.predict_detail(plpy, patient_id, model_name)
 $$;
 
+-- Loads Python, lungsql and the deployed model (parsed, its SHA-256 checked)
+-- into this session without scoring anyone, so that the session's first score
+-- is as fast as the next ones. Returns the deployed model's id (NULL: none).
+-- The web app calls it on each connection of its pool when it starts.
+CREATE OR REPLACE FUNCTION lungsql.warm_up(
+    model_name text DEFAULT NULL       -- NULL: the most recently deployed model
+)
+RETURNS integer
+LANGUAGE plpython3u
+AS $$
+import sys
+if "lungsql.procedures" not in sys.modules:
+    plpy.execute("SELECT lungsql._load_python()")
+from lungsql import procedures
+return procedures.warm_up(plpy, model_name)
+$$;
+
 -- Many patients in one call.
 --
 --   SELECT * FROM lungsql.predict_lung_cancer_batch(ARRAY(SELECT patient_id FROM lungsql.patients));
