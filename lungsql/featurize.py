@@ -37,6 +37,8 @@ FEATURE_SET = "mean-delta-v1"
 
 #: Series decoded, preprocessed or run through the CNN while the next one is read (`featurize_volumes`).
 PIPELINE_DEPTH = 2
+#: CNN runs at once on a GPU: one runs while the next batch is copied in.
+GPU_RUNS = 2
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -242,11 +244,17 @@ class Featurizer:
     `input_name` and `output_name` default to the model's first input and
     output.  The output must be (N, D) or (N, D, 1, 1).  `provider` is the
     execution provider the session actually uses.
+
+    On the CPU, `threads` (default: one per core) single-threaded runs go at
+    once, each on part of a series, and one thread decodes and preprocesses
+    the next series.  On a GPU, `GPU_RUNS` runs of whole batches go at once
+    and `threads - 1` threads decode and preprocess, since the cores are free
+    for it.  `prepare_threads` overrides the latter.
     """
 
     def __init__(self, onnx_bytes: bytes, input_name: str | None = None, output_name: str | None = None,
                  preprocessing: Preprocessing = Preprocessing(), providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prepare_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.preprocessing = preprocessing
@@ -266,6 +274,11 @@ class Featurizer:
             raise ConfigurationError(f"ONNX Runtime cannot load the CNN: {str(exc).strip()[:300]}",
                                      "check that the stored bytes are an ONNX model (see describe_onnx)") from None
         self.provider = self.session.get_providers()[0]
+        on_cpu = self.provider == CPU
+        #: CNN runs at once, and whether a series' images are split among them.
+        self.runs, self._split = (self.threads, True) if on_cpu else (GPU_RUNS, False)
+        self.prepare_threads = int(prepare_threads) if prepare_threads else (
+            1 if on_cpu else max(1, self.threads - 1))
         self.input_name = self._pick("input", self.session.get_inputs(), input_name).name
         self.output_name = self._pick("output", self.session.get_outputs(), output_name).name
         self._check_input()
@@ -324,8 +337,8 @@ class Featurizer:
     def _submit(self, groups: np.ndarray, batch_size: int | None) -> list[Future]:
         """Queue the batches of `groups` on the CNN threads; futures of (images, D) arrays, in order.
 
-        A batch holds at most `batch_size` images and at most 1 / threads of
-        them, so that one series keeps every thread busy."""
+        A batch holds at most `batch_size` images and, on the CPU, at most
+        1 / threads of them, so that one series keeps every thread busy."""
         groups = np.ascontiguousarray(groups, dtype=np.float32)
         if groups.ndim != 4:
             raise ValueError(f"expected (n, C, S, S) images, got shape {groups.shape}")
@@ -336,9 +349,10 @@ class Featurizer:
         if batch_size < 1:
             raise ConfigurationError(f"batch size must be positive, got {batch_size}")
         n = groups.shape[0]
-        size = self._static_batch or max(1, min(batch_size, math.ceil(n / self.threads)))
+        share = math.ceil(n / self.runs) if self._split else n
+        size = self._static_batch or max(1, min(batch_size, share))
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lungsql-cnn")
+            self._pool = ThreadPoolExecutor(max_workers=self.runs, thread_name_prefix="lungsql-cnn")
         return [self._pool.submit(self._run_batch, groups[start:start + size]) for start in range(0, n, size)]
 
     def _gather(self, futures: list[Future], n: int) -> np.ndarray:
@@ -380,22 +394,23 @@ class Featurizer:
 
         With `overlap`, the work is a pipeline: the calling thread reads the
         next series from `volumes` (a database cursor stays in the thread that
-        opened it) and takes the results, one thread decodes and preprocesses,
-        and the CNN threads run the batches as they come (ONNX Runtime
-        releases the GIL).  At most `PIPELINE_DEPTH` series are held beyond
-        the one being read.
+        opened it) and takes the results, `prepare_threads` threads decode and
+        preprocess, and the CNN threads run the batches as they come (ONNX
+        Runtime releases the GIL).  At most `PIPELINE_DEPTH` series (plus one
+        per extra preprocessing thread) are held beyond the one being read.
         """
         if not overlap:
             for key, scans in volumes:
                 groups, n = self._prepare_scans(list(scans))
                 yield key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
             return
-        prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungsql-prepare")
+        prepare = ThreadPoolExecutor(max_workers=self.prepare_threads, thread_name_prefix="lungsql-prepare")
+        depth = PIPELINE_DEPTH + self.prepare_threads - 1
         in_flight: deque[tuple[Hashable, Future]] = deque()
         try:
             for key, scans in volumes:
                 in_flight.append((key, prepare.submit(self._prepare_and_submit, list(scans), batch_size)))
-                while in_flight and (len(in_flight) > PIPELINE_DEPTH or _finished(in_flight[0][1])):
+                while in_flight and (len(in_flight) > depth or _finished(in_flight[0][1])):
                     yield self._collect(*in_flight.popleft())
             while in_flight:
                 yield self._collect(*in_flight.popleft())

@@ -246,6 +246,22 @@ def test_synthetic_patients_end_to_end(cohort, featurizer: Featurizer) -> None:
     assert not np.allclose(sequential[0][1].array.mean(0), sequential[1][1].array.mean(0))
 
 
+def test_several_cnn_and_preprocessing_threads_keep_results_in_order(cohort, featurizer: Featurizer) -> None:
+    out, patients = cohort
+    volumes = [(f"{p.patient_id}-{i}", _scans(out / p.patient_id)) for i in range(3) for p in patients]
+    expected = list(featurizer.featurize_volumes(volumes, batch_size=2, overlap=False))
+    with Featurizer(tiny_cnn(), "input", "features", SMALL, threads=3, prepare_threads=3) as parallel:
+        assert (parallel.runs, parallel.prepare_threads) == (3, 3)
+        got = list(parallel.featurize_volumes(iter(volumes), batch_size=2))
+        many = parallel.run_many([prepare_volume(read_volume(scans), SMALL) for _, scans in volumes], batch_size=1)
+        cpu = parallel.cpu.seconds()
+    assert [k for k, _ in got] == [k for k, _ in expected]
+    for (_, a), (_, b), c in zip(got, expected, many):
+        np.testing.assert_allclose(a.array, b.array, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(c, b.array, rtol=1e-6, atol=1e-6)
+    assert cpu["cnn"] > 0 and cpu["preprocessing"] > 0 and cpu["decoding"] > 0
+
+
 def test_overlap_passes_errors_to_the_caller(featurizer: Featurizer) -> None:
     volumes = ((i, [(b"not DICOM", 0.0)]) for i in range(3))
     with pytest.raises(InvalidScan, match="not a DICOM file"):
