@@ -68,9 +68,7 @@ def in_shard(patient_id: str, shard: int, shards: int) -> bool:
     return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") % shards == shard
 
 
-def load_featurizer(cnn: dict[str, Any], threads: int | None = None) -> featurize.Featurizer:
-    """The CNN of a cnn_models row in ONNX Runtime, its bytes checked first; `threads` CNN threads
-    (default: one per core)."""
+def load_featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
     model = bytes(cnn["model"])
     if hashlib.sha256(model).hexdigest() != cnn["sha256"]:
         raise IntegrityError(
@@ -79,7 +77,7 @@ def load_featurizer(cnn: dict[str, Any], threads: int | None = None) -> featuriz
             hint=f"import the CNN again: lungsql model import ... --name {cnn['name']}",
         )
     return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
-                                Preprocessing.from_json(_json(cnn["preprocessing"])), threads=threads)
+                                Preprocessing.from_json(_json(cnn["preprocessing"])))
 
 
 def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
@@ -89,8 +87,7 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
         raise ConfigurationError(f"shard must be in 0..shards-1 and shards >= 1; got shard={shard}, shards={shards}",
                                  hint="e.g. run shard => 0, shards => 2 and shard => 1, shards => 2 in two sessions")
     cnn = data.cnn_model(cnn_name)
-    # The shards' sessions run side by side on the same cores: each takes its share of them.
-    with load_featurizer(cnn, threads=max(1, featurize.default_threads() // shards)) as featurizer:
+    with load_featurizer(cnn) as featurizer:
         patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing) if in_shard(p, shard, shards)]
         return _featurize(data, cnn, featurizer, patients, shard, shards)
 

@@ -15,8 +15,7 @@ CREATE OR REPLACE PROCEDURE lungsql.generate_features(
     cnn_name     text    DEFAULT NULL,   -- a name in lungsql.cnn_models; NULL: the newest CNN
     only_missing boolean DEFAULT true,   -- false: featurize every patient again
     shard        integer DEFAULT 0,      -- this session's part, 0 .. shards-1
-    shards       integer DEFAULT 1       -- number of sessions sharing the work (side by side:
-                                         -- each runs the CNN on cores / shards threads)
+    shards       integer DEFAULT 1       -- number of sessions sharing the work
 )
 LANGUAGE plpython3u
 AS $$
