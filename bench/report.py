@@ -121,10 +121,10 @@ def render_limits(r: dict) -> str:
         "What bounds the figures (computed from this run):", "",
         f"- **Featurization.** The bare CNN needs {cnn_bare:.2f} ms of CPU per slice ({cores} cores at "
         f"{bare['slices_per_s']:.0f} slices/s). Inside the run, reading, decoding, preprocessing and writing took "
-        f"{other:.2f} ms more per slice ({others}), "
-        f"and the CNN itself {steps['cnn']['ms_per_slice']:.2f} ms beside them. With every core busy the end to end "
-        f"rate is at most bare x {cnn_bare:.2f} / ({cnn_bare:.2f} + {other:.2f}) = {ceiling:.0f} slices/s "
-        f"(efficiency {ceiling / bare['slices_per_s']:.2f}); it ran at {e2e['slices_per_s']:.0f}. An efficiency of "
+        f"{other:.2f} ms more per slice ({others}). With every core busy the end to end rate is at most "
+        f"bare x {cnn_bare:.2f} / ({cnn_bare:.2f} + {other:.2f}) = {ceiling:.0f} slices/s (efficiency "
+        f"{ceiling / bare['slices_per_s']:.2f}); it ran at {e2e['slices_per_s']:.0f}, the CNN itself taking "
+        f"{steps['cnn']['ms_per_slice']:.2f} ms per slice beside the other threads. An efficiency of "
         f"{TARGET_EFFICIENCY} needs the other steps under {cnn_bare * (1 - TARGET_EFFICIENCY) / TARGET_EFFICIENCY:.2f} "
         f"ms per slice; reading alone takes {steps['reading']['ms_per_slice']:.2f} (PL/Python detoasting and copying "
         "about 0.5 MB per slice). Every millisecond of CPU outside the CNN is taken from it when all cores are busy.",
