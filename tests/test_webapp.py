@@ -800,6 +800,9 @@ def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
     from webapp.server import running
 
     with running(web_db.web_url, workers=2, threads=2) as server:
+        deadline = time.monotonic() + 30  # the second worker may still be starting
+        while len(children(server.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert len(children(server.pid)) == 2
         opener = http_load.signed_in_opener(server.url, "clin", PASSWORDS["clin"])
         for _ in range(20):  # a new connection each time, accepted by either process

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -45,17 +46,17 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
     workers = workers or default_workers()
     make_app(1)
 
-    def build() -> Callable:
-        app = make_app(threads)
+    def build(pool_size: int = threads) -> Callable:
+        app = make_app(pool_size)
         warm_pool(app)
         return TrustedProxy(app, trusted_proxy) if trusted_proxy else app
 
     if sys.platform == "win32":
         import waitress
 
-        waitress.serve(build(), host=host, port=port, threads=threads * workers, ident="lungsql")
+        waitress.serve(build(threads * workers), host=host, port=port, threads=threads * workers, ident="lungsql")
         return
-    _Gunicorn(build, {
+    _gunicorn(build, {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
         "worker_class": "gthread",
@@ -72,23 +73,22 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
     }).run()
 
 
-class _Gunicorn:
-    """gunicorn's application interface, configured from Python instead of a file or the command line."""
+def _gunicorn(build: Callable[[], Callable], options: dict):
+    """A gunicorn application configured from `options` (not from a file or the command line) whose
+    workers each call `build` after the fork, for an app with its own engine and pool."""
+    from gunicorn.app.base import BaseApplication
 
-    def __new__(cls, build: Callable[[], Callable], options: dict):
-        from gunicorn.app.base import BaseApplication
+    class Application(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in options.items():
+                if key in self.cfg.settings:  # settings this gunicorn version lacks are left out
+                    self.cfg.set(key, value)
 
-        class Application(BaseApplication):
-            def load_config(self) -> None:
-                for key, value in options.items():
-                    if key in self.cfg.settings:
-                        self.cfg.set(key, value)
+        def load(self) -> Callable:
+            return build()
 
-            def load(self) -> Callable:
-                return build()  # in each worker, after the fork: its own engine and pool
-
-        os.environ.pop("GUNICORN_CMD_ARGS", None)  # the options above are the whole configuration
-        return Application()
+    os.environ.pop("GUNICORN_CMD_ARGS", None)  # the options are the whole configuration
+    return Application()
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def running(web_url: str, workers: int | None = None, threads: int = 4,
     server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        while True:  # until a worker answers: gunicorn's master listens before its workers exist
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5):
                 break
             if server.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
