@@ -1,7 +1,7 @@
 """Whether the featurization benchmark ran on a GPU.
 
-No GPU machine was lent to the task that wrote this suite; on a machine with an NVIDIA GPU and
-onnxruntime-gpu, `lungsql bench --provider cuda` runs the same featurization benchmark there.
+The featurization benchmark runs on a GPU when ONNX Runtime can use one here (an NVIDIA GPU and
+onnxruntime-gpu); `lungsql bench --provider cuda` asks for it explicitly.
 """
 
 from __future__ import annotations
@@ -13,5 +13,5 @@ def status() -> dict:
     providers = featurize.choose_providers()
     if featurize.CUDA in providers:
         return {"available": True, "providers": providers}
-    return {"available": False, "reason": "no GPU machine was lent to this task",
+    return {"available": False, "reason": "the machine of this run has no NVIDIA GPU that ONNX Runtime can use",
             "providers": providers, "how_to_run": "on a GPU machine with onnxruntime-gpu: lungsql bench --provider cuda"}
