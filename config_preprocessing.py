@@ -25,6 +25,7 @@ class Setting:
     default: Any
     help: str
     parse: Callable[[str], Any] = str
+    secret: bool = False  # `lungsql settings` shows it masked
 
     def value(self) -> Any:
         raw = os.environ.get(self.name)
@@ -80,6 +81,7 @@ SETTINGS: dict[str, Setting] = {
             None,
             "Key that signs the web app's session cookies; unset means a key generated once into "
             "$LUNGSQL_HOME/flask.key.",
+            secret=True,
         ),
         Setting(
             "LUNGSQL_SECURE_COOKIES",
@@ -104,6 +106,11 @@ SETTINGS: dict[str, Setting] = {
             "Unprivileged OS user that runs the local server when lungsql is invoked as root.",
         ),
         Setting(
+            "LUNGSQL_WEB_OS_USER",
+            "lungsql-web",
+            "Unprivileged OS user that `lungsql serve` switches to when it is started as root.",
+        ),
+        Setting(
             "LUNGSQL_PG_BINDIR",
             Path("/usr/lib/postgresql/15/bin"),
             "Folder holding initdb, pg_ctl and postgres of PostgreSQL 15.",
@@ -120,11 +127,37 @@ SETTINGS: dict[str, Setting] = {
             None,
             "Site secret for pseudonymous PatientIDs and UIDs under --deidentify; "
             "unset means a key generated once into $LUNGSQL_HOME/deidentify.key.",
+            secret=True,
         ),
         Setting(
             "LUNGSQL_INGEST_BATCH",
             64,
             "DICOM files written per transaction by `lungsql ingest`.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_MAX_ROWS",
+            8192,
+            "Largest Rows (image height) of a DICOM file that is decoded; checked from the header first.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_MAX_COLUMNS",
+            8192,
+            "Largest Columns (image width) of a DICOM file that is decoded; checked from the header first.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_MAX_FRAMES",
+            4096,
+            "Largest NumberOfFrames of a DICOM file that is decoded (an Enhanced CT series is one file).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_MAX_DECODED_BYTES",
+            1 << 30,
+            "Largest size in bytes of one file's decoded pixels, and of a Deflated file once inflated; "
+            "larger files are recorded and skipped before anything is decoded.",
             _positive_int,
         ),
         Setting(

@@ -23,7 +23,9 @@ def procedure(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(plpy, *args, **kwargs)
         except LungSQLError as exc:
-            plpy.error(f"lungsql: {exc.message}", hint=exc.hint)
+            if exc.hint:
+                plpy.error(f"lungsql: {exc.message}", hint=exc.hint)
+            plpy.error(f"lungsql: {exc.message}")  # no HINT line rather than 'HINT:  None'
 
     return wrapper
 
