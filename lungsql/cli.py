@@ -96,8 +96,9 @@ def db_status() -> None:
 def db_url() -> None:
     """Print the SQLAlchemy URL of the local database."""
     from lungsql.cluster import LocalCluster
+    from lungsql.db import redact_url
 
-    click.echo(LocalCluster().url())
+    click.echo(redact_url(LocalCluster().url()))
 
 
 # -- schema and environment ----------------------------------------------------
@@ -172,11 +173,14 @@ def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: f
               help="CSV with columns id,cancer (default: stage1_labels.csv in DIRECTORY or its parent).")
 @click.option("--deidentify", is_flag=True,
               help="Remove identifying tags (DICOM PS3.15 basic profile) before anything is stored.")
+@click.option("--allow-burned-in", is_flag=True,
+              help="With --deidentify, also store slices whose BurnedInAnnotation is YES (their pixels may "
+                   "show names; they are rejected by default).")
 @click.option("--batch-size", type=click.IntRange(1), help="Files per transaction (LUNGSQL_INGEST_BATCH).")
 @click.pass_context
 @reports_errors
 def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deidentify: bool,
-           batch_size: int | None) -> None:
+           batch_size: int | None, allow_burned_in: bool = False) -> None:
     """Upload every DICOM file under DIRECTORY into lungsql.scans (resumable)."""
     from tqdm import tqdm
 
@@ -187,7 +191,7 @@ def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deident
     with _bar("uploading", total=len(files), unit=" files") as bar:
         summary = upload.ingest(
             engine, directory, labels_csv=labels_csv, deidentify=deidentify, batch_size=batch_size,
-            on_file=lambda path, size: bar.update(1),
+            allow_burned_in=allow_burned_in, on_file=lambda path, size: bar.update(1),
             on_error=lambda path, reason: tqdm.write(f"rejected {path}: {reason}", file=sys.stderr),
         )
     if summary.labels:
@@ -328,17 +332,31 @@ def user_add(ctx, name: str, role: str, password_stdin: bool, replace: bool) -> 
 def serve(host: str, port: int, workers: int | None, threads: int, web_db: str | None,
           trusted_proxy: str | None) -> None:
     """Serve the clinician web app (gunicorn processes), connected as the role lungsql_web."""
-    from lungsql.db import resolve_web_url
+    # Started as root, it reads the secrets it needs and then serves as the unprivileged OS user
+    # LUNGSQL_WEB_OS_USER (webapp.server.drop_privileges). It refuses a URL that logs in as a superuser.
+    import os
+
+    from lungsql.db import check_web_role, resolve_web_url
+    from lungsql.secrets import site_secret
     from webapp import create_app
-    from webapp.server import default_workers
+    from webapp.server import default_workers, web_os_user
     from webapp.server import serve as run_server
 
+    run_as = None
+    if sys.platform != "win32" and os.geteuid() == 0:  # never serve as root
+        run_as = web_os_user(config.get("LUNGSQL_WEB_OS_USER"))
+    # Everything only root may read, read now: the web role's URL (with its password), the signing key.
     url = resolve_web_url(web_db)
+    check_web_role(url)
+    secret_key = site_secret("flask", "LUNGSQL_SECRET_KEY")
+    for name in ("LUNGSQL_DATABASE_URL", "LUNGSQL_WEB_DATABASE_URL", "LUNGSQL_SECRET_KEY", "LUNGSQL_DEID_KEY"):
+        os.environ.pop(name, None)  # the app has what it needs in its config; the workers need none of these
     workers = workers or default_workers()
     click.echo(f"lungsql web app on http://{'localhost' if host == '127.0.0.1' else host}:{port} "
-               f"({workers} processes x {threads} threads; Ctrl+C stops it)")
-    run_server(lambda pool: create_app({"DATABASE_URL": url, "DATABASE_POOL_SIZE": pool}), host, port,
-               workers=workers, threads=threads, trusted_proxy=trusted_proxy)
+               f"({workers} processes x {threads} threads"
+               f"{f', as the OS user {run_as.pw_name}' if run_as else ''}; Ctrl+C stops it)")
+    run_server(lambda pool: create_app({"DATABASE_URL": url, "SECRET_KEY": secret_key, "DATABASE_POOL_SIZE": pool}),
+               host, port, workers=workers, threads=threads, trusted_proxy=trusted_proxy, run_as=run_as)
 
 
 @main.command()
@@ -361,8 +379,9 @@ def bench(quick: bool, out: Path | None, keep: bool, provider: str | None) -> No
 @reports_errors
 def settings() -> None:
     """Print every setting, its current value and what it does."""
+    # Secrets show only whether they are set, URLs without their password.
     for setting in config.SETTINGS.values():
-        click.echo(f"{setting.name}={_shown(setting.value())}")
+        click.echo(f"{setting.name}={_shown(setting.value(), secret=setting.secret)}")
         click.echo(f"    {setting.help}")
 
 
@@ -494,10 +513,18 @@ def _slice_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def _shown(value) -> str:
+def _shown(value, secret: bool = False) -> str:
+    """A setting's value as `lungsql settings` prints it: a secret only as set or unset, a URL without
+    its password."""
+    if secret:
+        return "(unset)" if value in (None, "") else "(set, hidden)"
     if isinstance(value, tuple):
         return ":".join(f"{v:g}" for v in value)
-    return "" if value is None else str(value)
+    if value is None:
+        return ""
+    from lungsql.db import redact_url
+
+    return redact_url(str(value))
 
 
 def _table(headers: list[str], rows) -> None:

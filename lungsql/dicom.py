@@ -3,7 +3,14 @@
 `read_scan` is the gate every uploaded file passes: it either returns a
 `ScanRecord` with the columns of lungsql.scans, or raises `InvalidScan` with
 a one-line reason (not DICOM, truncated, no pixel data, undecodable
-compression, not CT, missing position tags...).
+compression, not CT, missing position tags, too large...).
+
+Files from outside are hostile until checked. The image size is checked
+from the header against `Limits` (the settings LUNGSQL_MAX_*) before any
+pixel is decoded, a Deflated dataset is inflated with a bound, and
+`decode_stored` is the one decoder of stored slices: ingest runs it once on
+every file it stores, featurization and the web viewer run it again, so a
+stored slice is known to decode.
 """
 
 from __future__ import annotations
@@ -11,19 +18,83 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import math
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from lungsql.dicom_fast import file_meta_syntax, stored_from_bytes
 from lungsql.errors import InvalidScan
 
 CODECS_HINT = "install the codecs extra: pip install 'lungsql[codecs]'"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+#: Room for the header on top of the pixels, in the largest file read.
+HEADER_ALLOWANCE = 16 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest image lungsql decodes, checked from the header before decoding."""
+
+    rows: int
+    columns: int
+    frames: int
+    decoded_bytes: int
+
+    @classmethod
+    def from_settings(cls) -> Limits:
+        import config_preprocessing as config
+
+        return cls(config.get("LUNGSQL_MAX_ROWS"), config.get("LUNGSQL_MAX_COLUMNS"),
+                   config.get("LUNGSQL_MAX_FRAMES"), config.get("LUNGSQL_MAX_DECODED_BYTES"))
+
+    @property
+    def file_bytes(self) -> int:
+        """The largest file read at all: the largest pixel data and room for a header."""
+        return self.decoded_bytes + HEADER_ALLOWANCE
+
+    def check(self, rows: int, columns: int, frames: int = 1, samples: int = 1, bits: int = 16) -> None:
+        """InvalidScan naming the limit unless an image of this size may be decoded."""
+        for value, limit, what, setting in ((rows, self.rows, "Rows", "LUNGSQL_MAX_ROWS"),
+                                            (columns, self.columns, "Columns", "LUNGSQL_MAX_COLUMNS"),
+                                            (frames, self.frames, "NumberOfFrames", "LUNGSQL_MAX_FRAMES")):
+            if value > limit:
+                raise InvalidScan(f"{what} is {value}, above the limit of {limit} ({setting})",
+                                  hint=f"raise {setting} if this is a real image")
+        size = rows * columns * frames * samples * max(1, math.ceil(bits / 8))
+        if size > self.decoded_bytes:
+            raise InvalidScan(
+                f"{rows} x {columns} pixels x {frames} frame(s) x {samples} sample(s) decode to "
+                f"{size / 1e6:.0f} MB, above the limit of {self.decoded_bytes / 1e6:.0f} MB "
+                "(LUNGSQL_MAX_DECODED_BYTES)",
+                hint="raise LUNGSQL_MAX_DECODED_BYTES if this is a real image")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The image attributes that say how large the decoded pixels are."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits: int
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A stored slice's pixels as stored, and HU = slope x stored + intercept."""
+
+    stored: np.ndarray  # (rows, columns); (frames, rows, columns) or (..., samples) for other images
+    slope: float
+    intercept: float
 
 
 @dataclass(frozen=True)
@@ -58,8 +129,20 @@ class ScanRecord:
     sha256: bytes
 
 
-def parse(data: bytes) -> Dataset:
-    """A pydicom Dataset from file bytes, or InvalidScan saying why not."""
+def parse(data: bytes, limits: Limits | None = None) -> Dataset:
+    """A pydicom Dataset from file bytes, or InvalidScan saying why not.
+
+    A file larger than the limits allow is refused unread, and a Deflated
+    dataset is inflated at most to LUNGSQL_MAX_DECODED_BYTES (pydicom would
+    inflate it whole, whatever it holds)."""
+    limits = limits or Limits.from_settings()
+    if len(data) > limits.file_bytes:
+        raise InvalidScan(f"the file holds {len(data) / 1e6:.0f} MB, more than the largest image allowed "
+                          f"({limits.decoded_bytes / 1e6:.0f} MB of pixels, LUNGSQL_MAX_DECODED_BYTES)",
+                          hint="raise LUNGSQL_MAX_DECODED_BYTES if this is a real image")
+    meta = file_meta_syntax(data)
+    if meta is not None and meta[0] == DEFLATED.encode():
+        return _parse_deflated(data, meta[1], limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -68,6 +151,9 @@ def parse(data: bytes) -> Dataset:
         pass
     except Exception as exc:  # pydicom raises many kinds on damaged files
         raise InvalidScan(f"truncated or corrupt DICOM file: {_first_line(exc)}") from None
+    if DEFLATED.encode() in data[:4096]:
+        raise InvalidScan("a Deflated DICOM file without the 'DICM' preamble: refused, since its size "
+                          "cannot be checked before it is inflated")
     # Some writers omit the 128-byte preamble: accept those only if they hold an image.
     try:
         with warnings.catch_warnings():
@@ -80,13 +166,43 @@ def parse(data: bytes) -> Dataset:
     raise InvalidScan("not a DICOM file (no 'DICM' marker and no readable DICOM dataset)")
 
 
-def read_scan(data: bytes, transform: Callable[[Dataset], bytes] | None = None) -> ScanRecord:
+def _parse_deflated(data: bytes, offset: int, limits: Limits) -> Dataset:
+    """A Deflated Explicit VR file, inflated to at most the decoded-bytes limit, then read as usual."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data[offset:], limits.decoded_bytes + HEADER_ALLOWANCE)
+    except zlib.error as exc:
+        raise InvalidScan(f"corrupt Deflated DICOM file: {_first_line(exc)}") from None
+    if inflater.unconsumed_tail:
+        raise InvalidScan(
+            f"the Deflated dataset inflates to more than {(limits.file_bytes) / 1e6:.0f} MB "
+            f"(a {len(data) / 1e3:.0f} kB file): refused before it was inflated whole",
+            hint="raise LUNGSQL_MAX_DECODED_BYTES if this is a real image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = io.BytesIO(data[:offset])
+            preamble = pydicom.filereader.read_preamble(header, False)
+            file_meta = pydicom.filereader._read_file_meta_info(header)
+            dataset = pydicom.filereader.read_dataset(io.BytesIO(body), is_implicit_VR=False,
+                                                      is_little_endian=True)
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise InvalidScan(f"truncated or corrupt DICOM file: {_first_line(exc)}") from None
+    ds = FileDataset(None, dataset, preamble=preamble, file_meta=file_meta,
+                     is_implicit_VR=False, is_little_endian=True)
+    return ds
+
+
+def read_scan(data: bytes, transform: Callable[[Dataset], bytes] | None = None,
+              limits: Limits | None = None) -> ScanRecord:
     """Validate one file as a CT slice and describe it.
 
     `transform`, when given, rewrites the dataset before anything is described
     (de-identification) and returns the bytes to store instead of `data`.
+    The bytes to store are decoded once with `decode_stored`.
     """
-    ds = parse(data)
+    limits = limits or Limits.from_settings()
+    ds = parse(data, limits)
     if transform is not None:
         data = transform(ds)
     if "PixelData" not in ds:
@@ -100,7 +216,9 @@ def read_scan(data: bytes, transform: Callable[[Dataset], bytes] | None = None) 
     if "Rows" not in ds or "Columns" not in ds:
         raise InvalidScan("missing Rows or Columns")
     z_position = _z_position(ds)
+    geometry(ds, limits)  # the size, from the header, before anything is decoded
     check_pixels(ds)
+    decoded = decode_stored(data, limits)  # what featurization will run on these bytes
     spacing = _floats(ds.get("PixelSpacing"), 2)
     return ScanRecord(
         sop_instance_uid=str(ds.SOPInstanceUID),
@@ -114,8 +232,8 @@ def read_scan(data: bytes, transform: Callable[[Dataset], bytes] | None = None) 
         pixel_spacing_row=spacing[0] if spacing else None,
         pixel_spacing_col=spacing[1] if spacing else None,
         slice_thickness=_float_or_none(ds.get("SliceThickness")),
-        rescale_slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
-        rescale_intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
+        rescale_slope=decoded.slope,
+        rescale_intercept=decoded.intercept,
         modality=modality,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID) if _has_syntax(ds) else "1.2.840.10008.1.2",
         data=data,
@@ -127,10 +245,8 @@ def check_pixels(ds: Dataset) -> None:
     """Raise InvalidScan unless the pixel data is complete and decodable."""
     syntax = UID(str(ds.file_meta.TransferSyntaxUID)) if _has_syntax(ds) else UID("1.2.840.10008.1.2")
     if not syntax.is_compressed:
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-        expected = int(ds.Rows) * int(ds.Columns) * samples * frames * bits // 8
+        g = geometry(ds)
+        expected = g.rows * g.columns * g.samples * g.frames * g.bits // 8
         actual = len(ds.PixelData)
         if actual < expected:
             raise InvalidScan(f"truncated pixel data: {actual} of {expected} bytes")
@@ -146,6 +262,52 @@ def check_pixels(ds: Dataset) -> None:
         ) from None
 
 
+def geometry(ds: Dataset, limits: Limits | None = None) -> Geometry:
+    """Rows, columns, frames, samples and bits of the header, each checked to be a sensible
+    number, and, with `limits`, the decoded size checked against them."""
+    found = Geometry(rows=_count(ds, "Rows", None), columns=_count(ds, "Columns", None),
+                     frames=_count(ds, "NumberOfFrames", 1), samples=_count(ds, "SamplesPerPixel", 1),
+                     bits=_count(ds, "BitsAllocated", 16))
+    if found.bits > 64:
+        raise InvalidScan(f"BitsAllocated is {found.bits}, not a pixel size (1 to 64)")
+    if limits is not None:
+        limits.check(found.rows, found.columns, found.frames, found.samples, found.bits)
+    return found
+
+
+def decode_stored(data: bytes, limits: Limits | None = None) -> Decoded:
+    """The pixels of one DICOM file as stored, and its rescale: the decoder of every stored slice.
+
+    Uncompressed little-endian slices are viewed straight from their bytes
+    (lungsql.dicom_fast); pydicom decodes the others.  The size is checked
+    against `limits` (the settings) from the header before decoding, and the
+    rescale must be finite with a slope that is not zero.  InvalidScan says
+    what is wrong with a file that fails.
+    """
+    limits = limits or Limits.from_settings()
+    fast = stored_from_bytes(data)
+    if fast is not None:
+        stored, slope, intercept = fast
+        limits.check(stored.shape[0], stored.shape[1], bits=8 * stored.itemsize)
+    else:
+        ds = parse(data, limits)
+        if "PixelData" not in ds:
+            raise InvalidScan("no pixel data (PixelData is absent; a file cut short ends this way too)")
+        geometry(ds, limits)
+        check_pixels(ds)
+        try:
+            stored = stored_pixels(ds)
+        except Exception as exc:  # pydicom raises many kinds when a codec is missing or fails
+            raise InvalidScan(f"cannot decode the pixels: {_first_line(exc)}", hint=CODECS_HINT) from None
+        slope = _float_or_none(ds.get("RescaleSlope"))
+        intercept = _float_or_none(ds.get("RescaleIntercept"))
+        slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        raise InvalidScan(f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} do not give "
+                          "Hounsfield units (a finite intercept and a finite slope other than 0)")
+    return Decoded(stored, float(slope), float(intercept))
+
+
 _NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
@@ -157,10 +319,10 @@ def stored_pixels(ds: Dataset) -> np.ndarray:
     costs a few milliseconds a slice; anything else goes through pixel_array.
     """
     syntax = str(ds.file_meta.TransferSyntaxUID) if _has_syntax(ds) else "1.2.840.10008.1.2"
-    bits = ds.get("BitsAllocated")
-    if (syntax in _NATIVE_LITTLE_ENDIAN and bits in (8, 16) and int(ds.get("SamplesPerPixel", 1) or 1) == 1
-            and int(ds.get("NumberOfFrames", 1) or 1) == 1 and "PixelData" in ds):
-        rows, cols = int(ds.Rows), int(ds.Columns)
+    g = geometry(ds)
+    if (syntax in _NATIVE_LITTLE_ENDIAN and g.bits in (8, 16) and g.samples == 1 and g.frames == 1
+            and "PixelData" in ds):
+        rows, cols, bits = g.rows, g.columns, g.bits
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         dtype = np.dtype(("<i" if signed else "<u") + str(bits // 8))
         data = ds.PixelData
@@ -174,13 +336,34 @@ def stored_pixels(ds: Dataset) -> np.ndarray:
 def hounsfield(ds: Dataset) -> np.ndarray:
     """The slice in Hounsfield units (float32), through RescaleSlope and RescaleIntercept."""
     pixels = stored_pixels(ds).astype(np.float32)
-    slope = _float_or_none(ds.get("RescaleSlope")) or 1.0
-    intercept = _float_or_none(ds.get("RescaleIntercept")) or 0.0
+    slope = _float_or_none(ds.get("RescaleSlope"))
+    intercept = _float_or_none(ds.get("RescaleIntercept"))
+    slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
     if slope != 1.0:
         pixels *= np.float32(slope)
     if intercept != 0.0:
         pixels += np.float32(intercept)
     return pixels
+
+
+def slice_hu(data: bytes) -> np.ndarray:
+    """The first frame of one stored DICOM file in Hounsfield units, float32 (rows, columns).
+
+    Decodes under the limits of the settings LUNGSQL_MAX_*; raises InvalidScan
+    with a one-line reason for anything it cannot decode.
+    """
+    decoded = decode_stored(data)
+    stored = decoded.stored
+    if stored.ndim == 3 and stored.shape[-1] in (3, 4) and stored.shape[0] > 4:  # one colour frame
+        raise InvalidScan("a colour image, not a CT slice")
+    if stored.ndim == 3:  # multi-frame: the first frame
+        stored = stored[0]
+    if stored.ndim != 2:
+        raise InvalidScan(f"pixels of shape {list(decoded.stored.shape)} are not a slice")
+    hu = stored.astype(np.float32)
+    hu *= np.float32(decoded.slope)
+    hu += np.float32(decoded.intercept)
+    return hu
 
 
 def patient_info(ds: Dataset) -> PatientInfo:
@@ -190,9 +373,13 @@ def patient_info(ds: Dataset) -> PatientInfo:
         study = _date_or_none(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("AcquisitionDate"))
         if study is not None and study >= birth:
             age = round((study - birth).days / 365.25, 1)
+    if age is not None and not 0 <= age < 150:
+        age = None  # a typo in the header, not an age
+    if birth is not None and not dt.date(1850, 1, 1) <= birth <= dt.date.today():
+        birth = None
     sex = str(ds.get("PatientSex", "") or "").upper()
     return PatientInfo(
-        patient_id=str(ds.PatientID).strip(),
+        patient_id=str(ds.PatientID).replace("\x00", "").strip(),
         name=display_name(ds.get("PatientName")),
         sex=sex if sex in ("M", "F", "O") else None,
         birth_date=birth,
@@ -204,7 +391,7 @@ def display_name(value) -> str | None:
     """'Fernandez^Ana' as 'Ana Fernandez'; None when empty."""
     if value is None:
         return None
-    text = str(value).strip()
+    text = str(value).replace("\x00", "").strip()
     if not text:
         return None
     parts = text.split("=")[0].split("^")
@@ -234,6 +421,25 @@ def _z_position(ds: Dataset) -> float:
     if not np.any(normal):
         return position[2]
     return float(np.dot(normal, position))
+
+
+def _count(ds: Dataset, keyword: str, default: int | None) -> int:
+    """A positive whole number of the header (Rows, NumberOfFrames...), else InvalidScan naming it."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom converts values when they are read, and raises on junk
+        raise InvalidScan(f"{keyword} is not a number: {_first_line(exc)}") from None
+    if value is None or value == "":
+        if default is None:
+            raise InvalidScan(f"missing {keyword}")
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidScan(f"{keyword} is {str(value)[:40]!r}, not a whole number") from None
+    if number < 1 or number != float(value):
+        raise InvalidScan(f"{keyword} is {str(value)[:40]}, not a positive whole number")
+    return number
 
 
 def _has_syntax(ds: Dataset) -> bool:

@@ -74,6 +74,15 @@ def stored_from_bytes(data: bytes) -> tuple[np.ndarray, float, float] | None:
     return stored, _number(values.get(_SLOPE), 1.0), _number(values.get(_INTERCEPT), 0.0)
 
 
+def file_meta_syntax(data: bytes) -> tuple[bytes, int] | None:
+    """(transfer syntax UID, offset of the dataset) of a Part 10 file, or None when its File Meta
+    Information cannot be walked (no preamble and 'DICM', an odd layout)."""
+    try:
+        return _file_meta(data)
+    except (_Unsupported, struct.error, IndexError, ValueError):
+        return None
+
+
 def _file_meta(data: bytes) -> tuple[bytes, int]:
     """(transfer syntax UID, offset of the dataset) of a file with preamble and 'DICM'."""
     if data[128:132] != b"DICM":

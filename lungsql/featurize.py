@@ -27,7 +27,6 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence
 import numpy as np
 
 from lungsql import dicom
-from lungsql.dicom_fast import stored_from_bytes
 from lungsql.errors import ConfigurationError, IntegrityError, InvalidScan, LungSQLError
 from lungsql.preprocess import Preprocessing, order_slices, prepare_volume
 
@@ -209,29 +208,31 @@ def read_volume(scans: Iterable[tuple[bytes, float]]) -> list[np.ndarray]:
 def read_slices(scans: Iterable[tuple[bytes, float]]) -> tuple[list[np.ndarray], np.ndarray]:
     """The pixels of (DICOM bytes, z position) pairs in z order, as stored, and
     (slope, intercept) of each slice: HU = slope x stored + intercept (what
-    `prepare_volume` takes with `rescale`).  Uncompressed little-endian slices
-    are read straight from their bytes; pydicom decodes the others (to HU,
-    with slope 1 and intercept 0)."""
+    `prepare_volume` takes with `rescale`).  Every slice goes through
+    `lungsql.dicom.decode_stored`, the decoder ingest checked it with, under
+    the same limits; InvalidScan names the slice that fails."""
     scans = list(scans)
     if not scans:
         raise LungSQLError("the series has no slices", "store at least one CT slice of the patient")
     order = order_slices([z for _, z in scans])
+    limits = dicom.Limits.from_settings()
     slices, rescale = [], np.empty((len(scans), 2), np.float64)
     for i, index in enumerate(order):
         data, z = scans[index]
-        data = bytes(data)
-        fast = stored_from_bytes(data)  # most CT slices; None sends the others through pydicom
-        if fast is not None:
-            slices.append(fast[0])
-            rescale[i] = fast[1:]
-            continue
-        ds = dicom.parse(data)
         try:
-            slices.append(dicom.hounsfield(ds))
-        except Exception as exc:  # pydicom raises many kinds when a codec is missing or fails
-            raise InvalidScan(f"cannot decode the pixels of the slice at z = {z}: {str(exc).strip()[:200]}",
-                              dicom.CODECS_HINT) from None
-        rescale[i] = (1.0, 0.0)
+            decoded = dicom.decode_stored(bytes(data), limits)
+        except InvalidScan as exc:
+            raise InvalidScan(f"the slice at z = {z:g} cannot be decoded: {exc.message}", exc.hint) from None
+        if decoded.stored.ndim != 2:
+            raise InvalidScan(f"the slice at z = {z:g} holds pixels of shape {list(decoded.stored.shape)}; "
+                              "lungsql featurizes single-frame monochrome CT slices",
+                              "multi-frame (Enhanced CT) and colour images are not featurized")
+        slices.append(decoded.stored)
+        rescale[i] = (decoded.slope, decoded.intercept)
+    shapes = {s.shape for s in slices}
+    if len(shapes) > 1:
+        raise InvalidScan(f"the series mixes slice sizes {sorted(shapes)}; its slices cannot be stacked",
+                          "store each series with slices of one size")
     return slices, rescale
 
 

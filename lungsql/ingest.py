@@ -7,8 +7,17 @@ by their PatientID tag.
 Resumable: files are written in batches, each in one transaction with the
 run's counters, so a killed run loses at most its open batch; a rerun skips
 every instance already stored (by SOPInstanceUID) and duplicates nothing.
-A file that cannot be stored gets a one-line reason in lungsql.ingest_errors
-and on the console, and the upload goes on.
+Two uploads of one folder at once store each instance once, and each counts
+as stored only what it stored.
+
+Nothing in one file stops the upload: whatever a file raises (not DICOM, too
+large for the limits, a malformed value, a value the database refuses)
+becomes a one-line reason in lungsql.ingest_errors and on the console, and
+the upload goes on. Only a lost database connection stops it; the rerun
+resumes. Under --deidentify the records of the run keep no original path
+component: paths are relative to the folder given, each part pseudonymized
+with the site key (a patient folder named after its PatientID gets the same
+pseudonym as the patient).
 """
 
 from __future__ import annotations
@@ -27,8 +36,8 @@ import sqlalchemy as sa
 
 import config_preprocessing as config
 from lungsql import dialects
-from lungsql.dicom import PatientInfo, ScanRecord, read_scan
-from lungsql.errors import ConfigurationError, InvalidScan
+from lungsql.dicom import Limits, PatientInfo, ScanRecord, read_scan
+from lungsql.errors import ConfigurationError, LungSQLError
 
 LABELS_FILE = "stage1_labels.csv"
 
@@ -54,6 +63,24 @@ class IngestSummary:
             "errors": self.errors,
             "bytes": self.bytes,
         }
+
+    def settled(self, written: dialects.Written) -> dict[str, int]:
+        """The counters once a batch's `written` (what it did not store after all) is taken into account."""
+        counts = self.counts
+        for record in written.already:
+            counts["stored"] -= 1
+            counts["skipped"] += 1
+            counts["bytes"] -= len(record.data)
+        for record, _ in written.rejected:
+            counts["stored"] -= 1
+            counts["errors"] += 1
+            counts["bytes"] -= len(record.data)
+        return counts
+
+    def settle(self, written: dialects.Written) -> None:
+        counts = self.settled(written)
+        self.stored, self.skipped, self.errors, self.bytes = (counts[k] for k in ("stored", "skipped", "errors",
+                                                                                  "bytes"))
 
     @property
     def files_per_s(self) -> float:
@@ -121,6 +148,42 @@ def default_labels(root: Path) -> Path | None:
     return None
 
 
+class RecordedPaths:
+    """How the run's records name a file: its path, or under --deidentify a pseudonymous one.
+
+    Pseudonymous paths are relative to the ingest root, every part replaced
+    by the de-identifier's keyed pseudonym (the file's suffix kept), so
+    reruns give the same names and nothing of the original names is stored.
+    """
+
+    def __init__(self, root: Path, deidentifier=None):
+        self.root = root
+        self.deidentifier = deidentifier
+
+    @property
+    def source_dir(self) -> str:
+        if self.deidentifier is None:
+            return _text(str(self.root))
+        return "deidentified:" + self.deidentifier.pseudonym(str(self.root))
+
+    def __call__(self, path: Path) -> str:
+        if self.deidentifier is None:
+            return _text(str(path))
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            parts = (path.name,)
+        named = [self.deidentifier.pseudonym(_text(part)) for part in parts[:-1]]
+        last = Path(_text(parts[-1])) if parts else Path("")
+        named.append(self.deidentifier.pseudonym(last.stem) + last.suffix.lower()[:8])
+        return "/".join(named)
+
+
+def _text(value: str) -> str:
+    """A path or message as text PostgreSQL stores: undecodable bytes escaped, no NUL."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "")
+
+
 def deidentifying_transform(deidentifier) -> Callable:
     """Rewrites a dataset following PS3.15's basic profile and returns its new bytes."""
 
@@ -133,12 +196,13 @@ def deidentifying_transform(deidentifier) -> Callable:
     return transform
 
 
-def site_deidentifier():
+def site_deidentifier(allow_burned_in: bool = False):
     """The de-identifier keyed by this site's secret (LUNGSQL_DEID_KEY or $LUNGSQL_HOME/deidentify.key)."""
     from lungsql.deidentify import Deidentifier
     from lungsql.secrets import site_secret
 
-    return Deidentifier(site_secret("deidentify", "LUNGSQL_DEID_KEY"))
+    key = site_secret("deidentify", "LUNGSQL_DEID_KEY")
+    return Deidentifier(key, allow_burned_in=True) if allow_burned_in else Deidentifier(key)
 
 
 class _Batch:
@@ -159,38 +223,57 @@ def ingest(
     batch_size: int | None = None,
     on_file: Callable[[Path, int], None] | None = None,
     on_error: Callable[[Path, str], None] | None = None,
+    allow_burned_in: bool = False,
 ) -> IngestSummary:
-    """Upload the DICOM files under root. `on_file(path, bytes)` and `on_error(path, reason)` report progress."""
+    """Upload the DICOM files under root. `on_file(path, bytes)` and `on_error(path, reason)` report progress.
+
+    With `deidentify`, slices whose BurnedInAnnotation is YES are rejected unless `allow_burned_in`.
+    """
     root = Path(root).resolve()
     batch_size = batch_size or config.get("LUNGSQL_INGEST_BATCH")
+    limits = Limits.from_settings()
     files = find_files(root)
     labels_path = labels_csv or default_labels(root)
     labels = read_labels(labels_path) if labels_path else {}
-    transform = None
+    transform, deidentifier = None, None
     if deidentify:
-        deidentifier = site_deidentifier()
+        deidentifier = site_deidentifier(allow_burned_in)
         transform = deidentifying_transform(deidentifier)
         # Labels follow the patients to their pseudonymous PatientIDs.
         labels = {deidentifier.pseudonym(pid): label for pid, label in labels.items()}
+    recorded = RecordedPaths(root, deidentifier)
+    paths: dict[str, Path] = {}  # SOPInstanceUID -> file, for the database's refusals
 
     summary = IngestSummary()
     store = dialects.scan_store(engine)
     started = time.perf_counter()
+
+    def write(batch: _Batch) -> None:
+        written = store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors,
+                                    summary.settled, path_of=lambda r: recorded(paths[r.sop_instance_uid]))
+        summary.settle(written)
+        for record, reason in written.rejected:
+            stored.pop(record.sop_instance_uid, None)
+            if on_error:
+                on_error(paths[record.sop_instance_uid], reason)
+        paths.clear()
+
     try:
         if labels:
-            summary.labels = store.load_labels(labels, str(labels_path))
+            source = labels_path.name if deidentify else str(labels_path)
+            summary.labels = store.load_labels(labels, _text(source))
         stored = store.stored_uids()
         shapes = store.series_shapes()
-        summary.run_id = store.start_run(str(root), deidentify)
+        summary.run_id = store.start_run(recorded.source_dir, deidentify)
         batch = _Batch()
         # Files are read and parsed in a thread while this one writes to the database.
-        for path, record, reason in _prefetch(_read_all(files, transform), depth=2 * batch_size):
+        for path, record, reason in _prefetch(_read_all(files, transform, limits), depth=2 * batch_size):
             summary.files_seen += 1
             if record is not None:
                 reason = _conflict(record, stored, shapes)
             if reason is not None:
                 summary.errors += 1
-                batch.errors.append((str(path), reason))
+                batch.errors.append((recorded(path), _text(reason)))
                 if on_error:
                     on_error(path, reason)
             elif record.sop_instance_uid in stored:
@@ -201,15 +284,16 @@ def ingest(
                 shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
                 batch.patients.setdefault(record.patient.patient_id, record.patient)
                 batch.scans.append(record)
+                paths[record.sop_instance_uid] = path
                 summary.stored += 1
                 summary.bytes += len(record.data)
                 summary.patients.add(record.patient.patient_id)
             if on_file:
-                on_file(path, path.stat().st_size if record is None else len(record.data))
+                on_file(path, len(record.data) if record is not None else 0)
             if len(batch) >= batch_size:
-                store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors, summary.counts)
+                write(batch)
                 batch = _Batch()
-        store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors, summary.counts)
+        write(batch)
         summary.seconds = time.perf_counter() - started
         store.finish_run(summary.run_id, summary.seconds)
     finally:
@@ -217,17 +301,31 @@ def ingest(
     return summary
 
 
-def _read_all(files: list[Path], transform: Callable | None) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
+def _read_all(files: list[Path], transform: Callable | None, limits: Limits
+              ) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
+    """(path, record, None) for each file that is a CT slice, else (path, None, one-line reason).
+
+    Whatever one file raises is its reason: nothing in a file stops the upload."""
     for path in files:
         try:
+            size = path.stat().st_size
+            if size > limits.file_bytes:
+                yield path, None, (f"the file holds {size / 1e6:.0f} MB, more than the largest image allowed "
+                                   f"({limits.decoded_bytes / 1e6:.0f} MB of pixels, LUNGSQL_MAX_DECODED_BYTES)")
+                continue
             data = path.read_bytes()
         except OSError as exc:
-            yield path, None, f"cannot read file: {exc.strerror}"
+            yield path, None, f"cannot read file: {exc.strerror or exc}"
             continue
         try:
-            yield path, read_scan(data, transform), None
-        except InvalidScan as exc:
+            yield path, read_scan(data, transform, limits), None
+        except LungSQLError as exc:
             yield path, None, exc.message
+        except MemoryError:
+            yield path, None, "not enough memory to read this file"
+        except Exception as exc:  # a malformed file can make any library raise anything
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            yield path, None, f"cannot read as a CT slice: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

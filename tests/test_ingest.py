@@ -89,10 +89,11 @@ def test_run_killed_midway_resumes_without_loss_or_duplicates(engine, cohort, db
         from lungsql.dialects import postgres
         original, calls = postgres.ScanStore._copy_scans, []
         def copy_then_die(self, cur, scans):
-            original(self, cur, scans)
+            already = original(self, cur, scans)
             calls.append(1)
             if len(calls) == 4:
                 os.kill(os.getpid(), signal.SIGKILL)
+            return already
         postgres.ScanStore._copy_scans = copy_then_die
         ingest.ingest(db.connect(), Path(sys.argv[1]), batch_size=3)
         """

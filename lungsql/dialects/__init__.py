@@ -9,10 +9,25 @@ module of its engine's dialect, so the rest of lungsql holds no such SQL.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 from lungsql.errors import ConfigurationError
+
+@dataclass
+class Written:
+    """What a batch of an upload did not store after all (`ScanStore.write_batch`): instances
+    another upload stored meanwhile (`already`), and files the database refused, each with the
+    reason (`rejected`)."""
+
+    already: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+
+
+#: A run's counters, or a function of what a batch did not store that returns them.
+Counts = dict[str, int] | Callable[[Written], dict[str, int]]
 
 #: SQLAlchemy dialect name -> the module holding that database's specifics.
 MODULES = {

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import config_preprocessing as config
+from lungsql.dialects import Counts, Written
 from lungsql.dicom import PatientInfo, ScanRecord
 from lungsql.errors import LungSQLError
 
@@ -141,8 +142,15 @@ class ScanStore:
             return conn.execute(START_RUN, {"source_dir": source_dir, "deidentify": deidentify}).scalar_one()
 
     def write_batch(self, run_id: int, patients: Iterable[PatientInfo], scans: Sequence[ScanRecord],
-                    errors: Sequence[tuple[str, str]], counts: dict[str, int]) -> None:
-        """Store a batch and the run's counters in one transaction: all of it or none."""
+                    errors: Sequence[tuple[str, str]], counts: Counts,
+                    path_of: Callable[[ScanRecord], str] | None = None) -> Written:
+        """Store a batch and the run's counters in one transaction: all of it or none.
+
+        An instance another upload stored meanwhile is skipped by INSERT_SCAN; pyodbc's
+        executemany does not say which, so on SQL Server the run counts it as stored."""
+        written = Written()
+        if callable(counts):
+            counts = counts(written)
         patient_rows = [{"patient_id": p.patient_id, "name": p.name, "sex": p.sex, "birth_date": p.birth_date,
                          "age_years": p.age_years} for p in patients]
         error_rows = [{"source_path": path, "reason": reason, "run_id": run_id} for path, reason in errors]
@@ -155,6 +163,7 @@ class ScanStore:
                 conn.execute(UPDATE_ERROR, error_rows)
                 conn.execute(INSERT_ERROR, error_rows)
             conn.execute(UPDATE_RUN, {**counts, "run_id": run_id})
+        return written
 
     def finish_run(self, run_id: int, seconds: float) -> None:
         with self.engine.begin() as conn:

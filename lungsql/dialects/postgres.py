@@ -7,11 +7,12 @@ SQL of one database in particular.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import psycopg
 import sqlalchemy as sa
 
+from lungsql.dialects import Counts, Written
 from lungsql.dicom import PatientInfo, ScanRecord
 
 SCAN_COLUMNS = (
@@ -118,33 +119,76 @@ class ScanStore:
         patients: Iterable[PatientInfo],
         scans: Sequence[ScanRecord],
         errors: Sequence[tuple[str, str]],
-        counts: dict[str, int],
-    ) -> None:
-        """Store a batch and the run's counters in one transaction: all of it or none."""
+        counts: Counts,
+        path_of: Callable[[ScanRecord], str] | None = None,
+    ) -> Written:
+        """Store a batch and the run's counters in one transaction: all of it or none.
+
+        `counts` are the run's counters, or a function of what the batch did
+        not store that returns them.  A row the database refuses (a value out
+        of its range, say) does not stop the upload: the batch is written
+        again file by file, and each refused file becomes an ingest error
+        under `path_of(record)`.  Only a lost connection raises.
+        """
+        patients = list(patients)
+        try:
+            with self.conn.transaction():
+                with self.conn.cursor() as cur:
+                    written = Written()
+                    self._insert_patients(cur, patients)
+                    if scans:
+                        written.already = self._copy_scans(cur, scans)
+                    self._finish_batch(cur, run_id, errors, counts, written)
+            return written
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            pass  # one of the rows: find it below
+        written = Written()
+        by_id = {p.patient_id: p for p in patients}
         with self.conn.transaction():
             with self.conn.cursor() as cur:
-                cur.executemany(
-                    """INSERT INTO lungsql.patients (patient_id, name, sex, birth_date, age_years, label)
-                       VALUES (%s, %s, %s, %s, %s,
-                               (SELECT cancer FROM lungsql.labels WHERE patient_id = %s))
-                       ON CONFLICT (patient_id) DO NOTHING""",
-                    [(p.patient_id, p.name, p.sex, p.birth_date, p.age_years, p.patient_id) for p in patients],
-                )
-                if scans:
-                    self._copy_scans(cur, scans)
-                if errors:
-                    cur.executemany(
-                        """INSERT INTO lungsql.ingest_errors (source_path, reason, run_id) VALUES (%s, %s, %s)
-                           ON CONFLICT (source_path, reason)
-                           DO UPDATE SET run_id = EXCLUDED.run_id, occurred_at = now()""",
-                        [(path, reason, run_id) for path, reason in errors],
-                    )
-                cur.execute(
-                    """UPDATE lungsql.ingest_runs SET files_seen = %(files_seen)s, stored = %(stored)s,
-                              skipped = %(skipped)s, errors = %(errors)s, bytes = %(bytes)s
-                       WHERE run_id = %(run_id)s""",
-                    {**counts, "run_id": run_id},
-                )
+                for scan in scans:
+                    try:
+                        with self.conn.transaction():  # a savepoint per file
+                            self._insert_patients(cur, [by_id.get(scan.patient.patient_id, scan.patient)])
+                            written.already += self._copy_scans(cur, [scan])
+                    except psycopg.OperationalError:
+                        raise
+                    except psycopg.Error as exc:
+                        reason = (getattr(exc.diag, "message_primary", None) or str(exc)).splitlines()[0]
+                        written.rejected.append((scan, f"the database refused the slice: {reason}"))
+                rejected = [((path_of or (lambda r: r.sop_instance_uid))(r), why) for r, why in written.rejected]
+                self._finish_batch(cur, run_id, [*errors, *rejected], counts, written)
+        return written
+
+    @staticmethod
+    def _insert_patients(cur: psycopg.Cursor, patients: Sequence[PatientInfo]) -> None:
+        if patients:
+            cur.executemany(
+                """INSERT INTO lungsql.patients (patient_id, name, sex, birth_date, age_years, label)
+                   VALUES (%s, %s, %s, %s, %s,
+                           (SELECT cancer FROM lungsql.labels WHERE patient_id = %s))
+                   ON CONFLICT (patient_id) DO NOTHING""",
+                [(p.patient_id, p.name, p.sex, p.birth_date, p.age_years, p.patient_id) for p in patients],
+            )
+
+    @staticmethod
+    def _finish_batch(cur: psycopg.Cursor, run_id: int, errors: Sequence[tuple[str, str]], counts: Counts,
+                      written: Written) -> None:
+        if errors:
+            cur.executemany(
+                """INSERT INTO lungsql.ingest_errors (source_path, reason, run_id) VALUES (%s, %s, %s)
+                   ON CONFLICT (source_path, reason)
+                   DO UPDATE SET run_id = EXCLUDED.run_id, occurred_at = now()""",
+                [(path, reason, run_id) for path, reason in errors],
+            )
+        cur.execute(
+            """UPDATE lungsql.ingest_runs SET files_seen = %(files_seen)s, stored = %(stored)s,
+                      skipped = %(skipped)s, errors = %(errors)s, bytes = %(bytes)s
+               WHERE run_id = %(run_id)s""",
+            {**(counts(written) if callable(counts) else counts), "run_id": run_id},
+        )
 
     def finish_run(self, run_id: int, seconds: float) -> None:
         with self.conn.transaction():
@@ -153,14 +197,15 @@ class ScanStore:
                 (dt.datetime.now(dt.timezone.utc), seconds, run_id),
             )
 
-    def _copy_scans(self, cur: psycopg.Cursor, scans: Sequence[ScanRecord]) -> None:
+    def _copy_scans(self, cur: psycopg.Cursor, scans: Sequence[ScanRecord]) -> list[ScanRecord]:
+        """COPY the slices; returns those another upload stored meanwhile (not stored again)."""
         # Straight into lungsql.scans; if another upload stored one of these
         # instances meanwhile, redo the batch through a staging table whose
-        # INSERT ... ON CONFLICT DO NOTHING skips them.
+        # INSERT ... ON CONFLICT DO NOTHING skips them, and say which.
         try:
             with self.conn.transaction():
                 self._copy(cur, "lungsql.scans", scans)
-            return
+            return []
         except psycopg.errors.UniqueViolation:
             pass
         cur.execute(
@@ -170,8 +215,11 @@ class ScanStore:
         self._copy(cur, "scan_stage", scans)
         cur.execute(
             f"INSERT INTO lungsql.scans ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM scan_stage "
-            "ON CONFLICT (sop_instance_uid) DO NOTHING"
+            "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid"
         )
+        inserted = {uid for (uid,) in cur.fetchall()}
+        cur.execute("TRUNCATE scan_stage")
+        return [s for s in scans if s.sop_instance_uid not in inserted]
 
     @staticmethod
     def _copy(cur: psycopg.Cursor, table: str, scans: Sequence[ScanRecord]) -> None:
