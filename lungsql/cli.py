@@ -244,13 +244,15 @@ def model_import(ctx, path: Path | None, builtin: str | None, name: str | None, 
 @click.option("--all", "redo", is_flag=True, help="Featurize every patient again, not only those missing.")
 @click.option("--shard", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--retry-failed", is_flag=True,
+              help="Also the patients an earlier run could not featurize (lungsql.feature_failures).")
 @click.pass_context
 @reports_errors
-def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int) -> None:
+def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, retry_failed: bool = False) -> None:
     """CALL lungsql.generate_features(...): CNN features of every patient, inside the server."""
     from lungsql import procedure_calls
 
-    procedure_calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards)
+    procedure_calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards, retry_failed)
 
 
 @main.command()
@@ -317,6 +319,30 @@ def user_add(ctx, name: str, role: str, password_stdin: bool, replace: bool) -> 
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     user_id = users.add_user(_engine(ctx), name, password, role, replace=replace)
     click.echo(f"user {name!r} ({role}) saved, id {user_id}")
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Rows at most, newest first.")
+@click.option("--patient", "patient_id", metavar="ID", help="Only the rows of this patient.")
+@click.option("--user", "username", metavar="NAME", help="Only the rows of this user name (any case).")
+@click.pass_context
+@reports_errors
+def audit(ctx, limit: int, patient_id: str | None, username: str | None) -> None:
+    """The latest rows of the web app's audit log (lungsql.audit_log): sign-ins, views, scores, deployments."""
+    import json
+
+    from lungsql import users
+
+    rows = users.audit_trail(_engine(ctx), limit, patient_id=patient_id, username=username)
+    if not rows:
+        click.echo("no audit rows" + (" match" if patient_id or username else ""))
+        return
+    table = [(r.occurred_at.strftime("%Y-%m-%d %H:%M:%S%z"), r.username or "", r.action, r.patient_id or "",
+              r.address or "", json.dumps(r.detail, separators=(", ", ": ")) if r.detail else "") for r in rows]
+    header = ("when", "user", "action", "patient", "address", "detail")
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header) - 1)]
+    for row in [header, *table]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
 
 
 @main.command()
@@ -425,7 +451,7 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
     _step("storing the ImageNet CNN (EfficientNet-Lite0, ONNX) in lungsql.cnn_models")
     ctx.invoke(model_import, path=None, builtin="efficientnet-lite0", name=None, output=None, replace=False)
     _step("CALL lungsql.generate_features(): CNN features of every patient, inside the server")
-    ctx.invoke(featurize, cnn_name=None, redo=False, shard=0, shards=1)
+    ctx.invoke(featurize, cnn_name=None, redo=False, shard=0, shards=1, retry_failed=False)
     _step("SELECT * FROM lungsql.train_model(): LightGBM, inside the server")
     ctx.invoke(train, model_name="lightgbm", params="{}", cnn_name=None)
     _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")

@@ -14,21 +14,50 @@ Identifiers are replaced deterministically with a site secret (``key``):
 
 * Patient ID becomes ``'anon-' + HMAC-SHA256(key, PatientID).hexdigest()[:20]``,
   so all slices of one patient stay grouped and re-runs give the same value.
-* Every instance UID listed with action ``U`` (Study, Series, SOP Instance,
-  Frame of Reference, Referenced SOP Instance UID inside sequences, ...) and the
-  File Meta ``MediaStorageSOPInstanceUID`` become
+* Every UID (every element of VR UI, at every nesting level, and the File Meta
+  ``MediaStorageSOPInstanceUID``) becomes
   ``'2.25.' + int(HMAC-SHA256(key, uid)[:16])``, so references between
-  instances stay consistent.
+  instances stay consistent.  Only UIDs of the DICOM registry
+  (``pydicom.uid.UID_dictionary``: SOP classes, transfer syntaxes, well-known
+  frames of reference, coding schemes...) and the few coding-scheme UIDs of
+  PS3.16 in ``_WELL_KNOWN_CODING_SCHEME_UIDS`` are kept: they name a standard
+  thing, never a site or a patient.  The Transfer Syntax UID is always kept, as
+  it says how the bytes are encoded.
 
 Actions follow PS3.15 Table E.1-1.  Where the table gives a conditional action
 (``X/Z``, ``X/Z/D``, ``Z/D``, ``X/Z/U*`` ...) it is resolved here for the CT
 Image IOD: ``X`` for Type 3 attributes, ``Z`` for Type 2.  Attributes the table
 marks ``D`` that only belong to SR / Presentation State IODs are removed, as
-Note 13 of Annex E permits when they show up in an image.  On top of the table,
-and as Note 4 of Annex E suggests, any remaining date/time (DA, DT, TM) or
-person name (PN) element, curve and overlay groups, group lengths and all
-private elements are removed, at every nesting level.  Pixel data is never
-touched (the Clean Pixel Data Option is not claimed).
+Note 13 of Annex E permits when they show up in an image.
+
+On top of the table (Notes 1 and 4 of E.1.1: identifying data hides in private,
+new and unknown attributes), at every nesting level, inside sequences too:
+
+* every private element and private creator is removed, unless
+  ``keep_safe_private=True`` (the *Retain Safe Private Option*, DCM 113111):
+  then the attributes of ``SAFE_PRIVATE_ATTRIBUTES`` -- a few acquisition
+  parameters from PS3.15 Table E.3.10-1, identified by group, private creator
+  and element offset, and kept only with their listed VR -- stay, with their
+  private creator element, and nothing else private does;
+* every element whose tag pydicom's data dictionary does not know (a public tag
+  newer than the dictionary, or invented by a writer) is removed, whatever its
+  VR, so implicit-VR files (where such elements read as UN) and explicit-VR
+  files are treated alike;
+* every element encoded as UN is removed, unless its tag is in the profile
+  table: then pydicom decodes it with its dictionary VR and the table's action
+  applies (so a UN-encoded Patient ID is still pseudonymised, not lost).  A UN
+  element pydicom cannot decode is removed.  A sequence of undefined length
+  encoded as UN is read by pydicom as a sequence: under an unknown or private
+  tag it is removed, under a known tag it is cleaned item by item like any
+  sequence;
+* any remaining date/time (DA, DT, TM) or person name (PN) element, curve and
+  overlay groups and group lengths are removed.
+
+A slice whose Burned In Annotation is ``YES`` may show identifying text in its
+pixels, which this module never touches (the Clean Pixel Data Option is not
+claimed): :meth:`Deidentifier.apply` raises :class:`BurnedInAnnotation` (an
+``InvalidScan``, so an upload records the file and skips it) unless
+``allow_burned_in=True``, which keeps the slice and logs a warning.
 """
 
 from __future__ import annotations
@@ -41,22 +70,28 @@ from io import BytesIO
 from typing import Final
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.datadict import get_entry
+from pydicom.dataelem import DataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID_dictionary,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+
+from lungsql.errors import InvalidScan
 
 __all__ = [
     "ACTIONS",
     "BASIC_PROFILE",
     "DEIDENTIFICATION_METHOD",
     "DEIDENTIFICATION_METHOD_CODES",
+    "SAFE_PRIVATE_ATTRIBUTES",
+    "BurnedInAnnotation",
     "Deidentifier",
     "deidentify_bytes",
 ]
@@ -393,6 +428,38 @@ assert set(_ACTION_BY_TAG.values()) <= ACTIONS
 # Rules applied to elements that are not in the table (stricter than E.1-1).
 _DATE_TIME_VRS: Final = frozenset({"DA", "DT", "TM"})  # no dates are retained
 _PERSON_NAME_VR: Final = "PN"
+_UID_VR: Final = "UI"  # mapped unless registered, see _is_registered_uid
+_UNKNOWN_VR: Final = "UN"  # opaque bytes: never kept as they are
+_BURNED_IN_ANNOTATION: Final = 0x00280301
+
+# Coding schemes of PS3.16 Table 8-1 whose UIDs are HL7 OIDs, hence not in
+# pydicom's UID_dictionary (PS3.6 Table A-1) but just as well known.
+_WELL_KNOWN_CODING_SCHEME_UIDS: Final = frozenset({
+    "2.16.840.1.113883.6.1",  # LOINC
+    "2.16.840.1.113883.6.8",  # UCUM
+    "2.16.840.1.113883.6.96",  # SNOMED CT
+    "2.16.840.1.113883.6.256",  # RadLex
+})
+
+# --------------------------------------------------------------------------
+# Retain Safe Private Option (PS3.15 E.3.10): the private attributes kept when
+# Deidentifier(keep_safe_private=True).  A few CT acquisition parameters of
+# Table E.3.10-1, as (group, private creator, element offset in the creator's
+# block, VR, meaning).  An element is kept only where its block's creator is
+# the one listed and pydicom reads it with the listed VR; its private creator
+# element is kept with it.  Everything else private is removed.
+# --------------------------------------------------------------------------
+SAFE_PRIVATE_ATTRIBUTES: Final[tuple[tuple[int, str, int, str, str], ...]] = (
+    (0x0019, "GEMS_ACQU_01", 0x23, "DS", "Table Speed [mm/rotation]"),
+    (0x0019, "GEMS_ACQU_01", 0x24, "DS", "Mid Scan Time [sec]"),
+    (0x0019, "GEMS_ACQU_01", 0x27, "DS", "Rotation Speed [msec]"),
+    (0x0043, "GEMS_PARM_01", 0x27, "SH", "Scan Pitch Ratio"),
+    (0x0045, "GEMS_HELIOS_01", 0x01, "SS", "Number of Macro Rows in Detector"),
+    (0x0045, "GEMS_HELIOS_01", 0x02, "FL", "Macro width at ISO Center"),
+)
+_SAFE_PRIVATE_VR: Final[dict[tuple[int, str, int], str]] = {
+    (group, creator, offset): vr for group, creator, offset, vr, _ in SAFE_PRIVATE_ATTRIBUTES
+}
 
 # Dummy values for action D, by VR.
 _DUMMY_BY_VR: Final[dict[str, object]] = {
@@ -425,10 +492,27 @@ DEIDENTIFICATION_METHOD_CODES: Final[tuple[tuple[str, str], ...]] = (
     ("113100", "Basic Application Confidentiality Profile"),
     ("113108", "Retain Patient Characteristics Option"),
 )
+_SAFE_PRIVATE_METHOD: Final = "Retain Safe Private Option"
+_SAFE_PRIVATE_METHOD_CODE: Final = ("113111", _SAFE_PRIVATE_METHOD)
 _IMPLEMENTATION_VERSION_NAME: Final = "LUNGSQL_DEID_1"
 
 # Dates from which the age is computed, in order of preference.
 _REFERENCE_DATE_KEYWORDS: Final = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+
+
+class BurnedInAnnotation(InvalidScan):
+    """A slice says its pixels may show text (Burned In Annotation YES).
+
+    The basic profile cleans the header only, so such a slice could carry the
+    patient's name in its pixels; it is refused unless the operator opts in.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "BurnedInAnnotation is YES: the pixels may show identifying text; the slice was not stored",
+            hint="check that the pixels of these slices show no identifying text, then upload them "
+            "with Deidentifier(key, allow_burned_in=True) (lungsql ingest --deidentify --allow-burned-in)",
+        )
 
 
 class Deidentifier:
@@ -439,18 +523,29 @@ class Deidentifier:
     pseudonyms.  Use at least 32 random bytes.  The same key must be used for
     every run, otherwise the same patient gets a different pseudonym and the
     same study a different Study Instance UID.
+
+    ``keep_safe_private`` (default off) claims the Retain Safe Private Option:
+    the private attributes of :data:`SAFE_PRIVATE_ATTRIBUTES` are kept, every
+    other private element is still removed.  ``allow_burned_in`` (default off)
+    stores slices whose Burned In Annotation is YES instead of raising
+    :class:`BurnedInAnnotation`; only an operator who has checked the pixels
+    should turn it on.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *, keep_safe_private: bool = False,
+                 allow_burned_in: bool = False) -> None:
         if not isinstance(key, (bytes, bytearray, memoryview)):
             raise TypeError(f"key must be bytes, not {type(key).__name__}")
         key = bytes(key)
         if not key:
             raise ValueError("key must not be empty")
         self._key = key
+        self.keep_safe_private = bool(keep_safe_private)
+        self.allow_burned_in = bool(allow_burned_in)
 
     def __repr__(self) -> str:  # never show the key
-        return f"{type(self).__name__}(key=<{len(self._key)} bytes>)"
+        return (f"{type(self).__name__}(key=<{len(self._key)} bytes>, "
+                f"keep_safe_private={self.keep_safe_private}, allow_burned_in={self.allow_burned_in})")
 
     # ------------------------------------------------------------------ ids
     def _hmac(self, text: str) -> bytes:
@@ -475,17 +570,28 @@ class Deidentifier:
             return ""
         return "2.25." + str(int.from_bytes(self._hmac(uid)[:16], "big"))
 
+    def _new_uid(self, uid: str) -> str:
+        """``uid`` itself if the DICOM registry defines it, else its keyed replacement.
+
+        A registered UID (a SOP class, a transfer syntax...) is the same in
+        every hospital, so it tells nothing about one, and mapping it would
+        break what readers look it up for.
+        """
+        return _strip_value(uid) if _is_registered_uid(uid) else self.map_uid(uid)
+
     # ---------------------------------------------------------------- apply
     def apply(self, ds: Dataset) -> Dataset:
         """De-identify ``ds`` in place and return it.
 
+        Raises :class:`BurnedInAnnotation`, leaving ``ds`` untouched, for a
+        slice whose Burned In Annotation is YES unless ``allow_burned_in``.
         Applying it twice re-maps the already mapped UIDs and Patient ID, so
         run it once per original instance.
         """
+        burned_in = self._check_burned_in(ds)
         _set_age_from_birth_date(ds)
-        ds.remove_private_tags()
         self._clean(ds)
-        if _strip_value(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        if burned_in:
             log.warning(  # logged after cleaning, so only the new UID shows
                 "BurnedInAnnotation is YES (SOP Instance %s): pixel data is not "
                 "cleaned and may show identifying text",
@@ -503,7 +609,8 @@ class Deidentifier:
         The transfer syntax is kept and the pixel data is copied untouched (it is
         never decoded, so compressed files need no codec).  Raises
         :class:`pydicom.errors.InvalidDicomError` for data that is not a DICOM
-        file with the 128-byte preamble and ``DICM`` prefix.
+        file with the 128-byte preamble and ``DICM`` prefix, and
+        :class:`BurnedInAnnotation` as :meth:`apply` does.
         """
         ds = pydicom.dcmread(BytesIO(data), force=False)
         self.apply(ds)
@@ -512,29 +619,67 @@ class Deidentifier:
         return buffer.getvalue(), ds
 
     # -------------------------------------------------------------- helpers
+    def _check_burned_in(self, ds: Dataset) -> bool:
+        """Whether the slice declares burned-in text; raise unless the operator allowed it.
+
+        The value is read without converting the stored element, so an
+        attribute encoded as UN is still seen as UN by :meth:`_clean`.
+        """
+        if _strip_value(_peek_value(ds, _BURNED_IN_ANNOTATION)).upper() != "YES":
+            return False
+        if not self.allow_burned_in:
+            raise BurnedInAnnotation()
+        return True
+
     def _clean(self, ds: Dataset) -> None:
         """Apply the profile to every element of ``ds`` and, recursively, of its items."""
-        for tag in list(ds.keys()):
-            tag = Tag(tag)
-            if tag.is_private or (tag.element == 0 and tag.group != 0x0002):
-                del ds[tag]  # private elements; group lengths would be stale
-                continue
-            elem = ds[tag]
-            action = self._action_for(tag, elem.VR)
-            if action == X:
+        kept_private = self._safe_private_tags(ds)
+        for tag in [Tag(t) for t in ds.keys()]:
+            if _must_remove(ds, tag, kept_private):
                 del ds[tag]
-            elif action == Z:
-                _make_empty(elem)
-            elif action == D:
-                self._make_dummy(ds, elem)
-            elif action == U:
-                self._replace_uids(elem)
-            elif action == P:
-                value = _strip_value(elem.value)
-                elem.value = self.pseudonym(value) if value else ""
-            elif elem.VR == "SQ":  # K: keep, but clean what is inside
-                for item in elem.value or ():
-                    self._clean(item)
+                continue
+            elem = ds[tag]  # decoded now, with the dictionary VR for a UN in the table
+            if elem.VR == _UNKNOWN_VR:  # pydicom could not decode it either
+                del ds[tag]
+            elif tag not in kept_private:  # safe private elements stay verbatim
+                self._apply_action(ds, elem, self._action_for(tag, elem.VR))
+
+    def _apply_action(self, ds: Dataset, elem: DataElement, action: str) -> None:
+        """Carry out one action code on ``elem``; K recurses, so nested items get the same rules."""
+        if action == X:
+            del ds[elem.tag]
+        elif action == Z:
+            _make_empty(elem)
+        elif action == D:
+            self._make_dummy(ds, elem)
+        elif action == U:
+            self._replace_uids(elem)
+        elif action == P:
+            value = _strip_value(elem.value)
+            elem.value = self.pseudonym(value) if value else ""
+        elif elem.VR == "SQ":  # K: keep, but clean what is inside
+            for item in elem.value or ():
+                self._clean(item)
+
+    def _safe_private_tags(self, ds: Dataset) -> frozenset[int]:
+        """Tags of this level's private elements the Retain Safe Private Option keeps.
+
+        Empty without the option.  A private element (gggg,xxee) belongs to the
+        block whose creator is (gggg,00xx); the creator is kept with the
+        elements of its block that are kept, and only then.
+        """
+        if not self.keep_safe_private:
+            return frozenset()
+        kept: set[int] = set()
+        for tag in [Tag(t) for t in ds.keys()]:
+            if not tag.is_private or tag.element < 0x1000:
+                continue  # not a private data element (creators are decided below)
+            creator_tag = Tag(tag.group, tag.element >> 8)
+            creator = _strip_value(_peek_value(ds, creator_tag))
+            vr = _SAFE_PRIVATE_VR.get((tag.group, creator, tag.element & 0xFF))
+            if vr is not None and ds[tag].VR == vr:
+                kept.update((int(tag), int(creator_tag)))
+        return frozenset(kept)
 
     @staticmethod
     def _action_for(tag: BaseTag, vr: str) -> str:
@@ -548,6 +693,8 @@ class Deidentifier:
             return X  # overlays: Overlay Data and Comments are X, drop the whole group
         if vr in _DATE_TIME_VRS or vr == _PERSON_NAME_VR:
             return X  # dates are not retained; names are never retained
+        if vr == _UID_VR:
+            return U  # any UID may point back to the site; registered ones survive U
         return K
 
     def _make_dummy(self, ds: Dataset, elem: DataElement) -> None:
@@ -568,16 +715,21 @@ class Deidentifier:
         if value is None or value == "":
             return
         if isinstance(value, str):
-            elem.value = self.map_uid(value)
+            elem.value = self._new_uid(value)
         else:  # multi-valued (VM > 1)
-            elem.value = [self.map_uid(v) for v in value]
+            elem.value = [self._new_uid(v) for v in value]
 
-    @staticmethod
-    def _mark(ds: Dataset) -> None:
+    def _mark(self, ds: Dataset) -> None:
+        """Say which profile and options were applied (PS3.15 E.1.1, item 6)."""
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+        codes = DEIDENTIFICATION_METHOD_CODES
+        if self.keep_safe_private:
+            ds.DeidentificationMethod = [DEIDENTIFICATION_METHOD, _SAFE_PRIVATE_METHOD]
+            codes = codes + (_SAFE_PRIVATE_METHOD_CODE,)
+        else:
+            ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
         items = []
-        for value, meaning in DEIDENTIFICATION_METHOD_CODES:
+        for value, meaning in codes:
             item = Dataset()
             item.CodeValue = value
             item.CodingSchemeDesignator = "DCM"
@@ -587,22 +739,24 @@ class Deidentifier:
         # Dates were cleared or removed (PS3.3 C.12.1, SOP Common Module).
         ds.LongitudinalTemporalInformationModified = "REMOVED"
 
-    @staticmethod
-    def _rebuild_file_meta(ds: Dataset) -> None:
+    def _rebuild_file_meta(self, ds: Dataset) -> None:
         """Replace the File Meta Information, keeping only what describes the file.
 
         Source/Sending/Receiving AE titles, private information and the original
-        implementation identity are dropped (E.1.1, item 7).
+        implementation identity are dropped (E.1.1, item 7).  The SOP class and
+        instance come from the cleaned dataset, so they match it; a value only
+        the old File Meta had is mapped like any other UID.
         """
         old = getattr(ds, "file_meta", None)
         if old is None:
             return
         meta = FileMetaDataset()
-        sop_class = old.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+        sop_class = ds.get("SOPClassUID") or self._new_uid(old.get("MediaStorageSOPClassUID", ""))
         if sop_class:
             meta.MediaStorageSOPClassUID = sop_class
-        if "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        sop_instance = ds.get("SOPInstanceUID") or self._new_uid(old.get("MediaStorageSOPInstanceUID", ""))
+        if sop_instance:
+            meta.MediaStorageSOPInstanceUID = sop_instance
         transfer_syntax = old.get("TransferSyntaxUID") or _transfer_syntax_from_encoding(ds)
         if transfer_syntax:
             meta.TransferSyntaxUID = transfer_syntax
@@ -611,13 +765,14 @@ class Deidentifier:
         ds.file_meta = meta
 
 
-def deidentify_bytes(data: bytes, key: bytes) -> tuple[bytes, Dataset]:
+def deidentify_bytes(data: bytes, key: bytes, **options: bool) -> tuple[bytes, Dataset]:
     """De-identify one DICOM file given as bytes; return ``(new_bytes, dataset)``.
 
-    See :meth:`Deidentifier.apply_bytes`.  For many files, build one
+    ``options`` are the keyword options of :class:`Deidentifier`.  See
+    :meth:`Deidentifier.apply_bytes`.  For many files, build one
     :class:`Deidentifier` and call ``apply_bytes`` on it instead.
     """
-    return Deidentifier(key).apply_bytes(data)
+    return Deidentifier(key, **options).apply_bytes(data)
 
 
 # --------------------------------------------------------------------------
@@ -628,6 +783,61 @@ def _strip_value(value: object) -> str:
     if value is None:
         return ""
     return str(value).strip(" \x00")
+
+
+def _is_registered_uid(uid: object) -> bool:
+    """Whether ``uid`` is a well-known UID of the DICOM registry (PS3.6 A-1) or PS3.16."""
+    uid = _strip_value(uid)
+    return uid in UID_dictionary or uid in _WELL_KNOWN_CODING_SCHEME_UIDS
+
+
+def _peek_value(ds: Dataset, tag: BaseTag | int) -> object:
+    """The value of ``tag`` in ``ds`` (None if absent), leaving a raw element raw.
+
+    Reading through ``ds[tag]`` would store the decoded element, and with it
+    forget that the file encoded it as UN.  Text is decoded with the default
+    character set: this reads coded strings and private creator names, which
+    are compared with ASCII constants.
+    """
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if elem.is_raw:
+        elem = convert_raw_data_element(elem, ds=ds)
+    return elem.value
+
+
+def _encoded_as_un(ds: Dataset, tag: BaseTag) -> bool:
+    """Whether the file gave this not yet decoded element the VR UN (explicit VR only)."""
+    elem = ds.get_item(tag)
+    return elem is not None and elem.is_raw and elem.VR == _UNKNOWN_VR
+
+
+def _in_dictionary(tag: BaseTag) -> bool:
+    """Whether pydicom's data dictionary (repeating groups included) knows ``tag``."""
+    try:
+        get_entry(tag)
+    except KeyError:
+        return False
+    return True
+
+
+def _must_remove(ds: Dataset, tag: BaseTag, kept_private: frozenset[int]) -> bool:
+    """Whether ``tag`` goes whatever the profile table says, decided before decoding it.
+
+    Private elements (but the safe ones kept), stale group lengths, tags the
+    dictionary does not know and UN-encoded elements outside the table: their
+    meaning is unknown here, so nothing vouches that they identify no one.
+    Deciding on the tag alone spares decoding (and pydicom's warnings about)
+    values that are thrown away.
+    """
+    if tag.is_private:
+        return int(tag) not in kept_private
+    if tag.element == 0 and tag.group != 0x0002:
+        return True  # group lengths would be stale
+    if not _in_dictionary(tag):
+        return True
+    return _encoded_as_un(ds, tag) and int(tag) not in _ACTION_BY_TAG
 
 
 def _make_empty(elem: DataElement) -> None:

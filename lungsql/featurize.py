@@ -22,7 +22,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -258,6 +258,8 @@ class Featurizer:
                  threads: int | None = None, prepare_threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from lungsql.onnx_inspect import check_self_contained
+
         self.preprocessing = preprocessing
         self.threads = int(threads) if threads else default_threads()
         options = ort.SessionOptions()
@@ -268,6 +270,7 @@ class Featurizer:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: no warnings in psql
+        check_self_contained(onnx_bytes)  # no external data, no custom operators, before ONNX Runtime reads it
         try:
             self.session = ort.InferenceSession(
                 bytes(onnx_bytes), options, providers=list(providers or choose_providers()))
@@ -389,9 +392,14 @@ class Featurizer:
             return prepare_volume(slices, self.preprocessing, rescale), len(slices)
 
     def featurize_volumes(self, volumes: Iterable[tuple[Hashable, Iterable[tuple[bytes, float]]]],
-                          batch_size: int | None = None,
-                          overlap: bool = True) -> Iterator[tuple[Hashable, GroupFeatures]]:
+                          batch_size: int | None = None, overlap: bool = True,
+                          errors: Callable[[BaseException], bool] | None = None
+                          ) -> Iterator[tuple[Hashable, GroupFeatures | Exception]]:
         """(key, GroupFeatures) for each (key, [(DICOM bytes, z position), ...]), in order.
+
+        With `errors`, an exception raised by one series for which
+        `errors(exc)` is true is yielded in place of its features (see
+        `PATIENT_ERRORS`) and the others go on; any other exception is raised.
 
         With `overlap`, the work is a pipeline: the calling thread reads the
         next series from `volumes` (a database cursor stays in the thread that
@@ -402,8 +410,13 @@ class Featurizer:
         """
         if not overlap:
             for key, scans in volumes:
-                groups, n = self._prepare_scans(list(scans))
-                yield key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
+                try:
+                    groups, n = self._prepare_scans(list(scans))
+                    yield key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
+                except Exception as exc:
+                    if errors is None or not errors(exc):
+                        raise
+                    yield key, exc
             return
         prepare = ThreadPoolExecutor(max_workers=self.prepare_threads, thread_name_prefix="lungsql-prepare")
         depth = PIPELINE_DEPTH + self.prepare_threads - 1
@@ -412,9 +425,9 @@ class Featurizer:
             for key, scans in volumes:
                 in_flight.append((key, prepare.submit(self._prepare_and_submit, list(scans), batch_size)))
                 while in_flight and (len(in_flight) > depth or _finished(in_flight[0][1])):
-                    yield self._collect(*in_flight.popleft())
+                    yield self._collect(*in_flight.popleft(), errors)
             while in_flight:
-                yield self._collect(*in_flight.popleft())
+                yield self._collect(*in_flight.popleft(), errors)
         finally:
             prepare.shutdown(wait=True, cancel_futures=True)
             for _, future in in_flight:  # the consumer stopped early: drop what is queued
@@ -427,10 +440,27 @@ class Featurizer:
         groups, n = self._prepare_scans(scans)
         return self._submit(groups, batch_size), n
 
-    def _collect(self, key: Hashable, prepared: Future) -> tuple[Hashable, GroupFeatures]:
-        futures, n_slices = prepared.result()
-        images = math.ceil(n_slices / self.preprocessing.slices_per_image)
-        return key, GroupFeatures(self._gather(futures, images), n_slices=n_slices)
+    def _collect(self, key: Hashable, prepared: Future, errors: Callable[[BaseException], bool] | None = None
+                 ) -> tuple[Hashable, GroupFeatures | Exception]:
+        try:
+            futures, n_slices = prepared.result()
+            images = math.ceil(n_slices / self.preprocessing.slices_per_image)
+            return key, GroupFeatures(self._gather(futures, images), n_slices=n_slices)
+        except Exception as exc:
+            if errors is None or not errors(exc):
+                raise
+            return key, exc
+
+
+def patient_error(exc: BaseException) -> bool:
+    """Whether an exception raised while featurizing one series is that series' own (an undecodable
+    slice, slices that cannot be stacked): recorded and skipped.  A problem of the CNN or of the
+    setup (ConfigurationError, IntegrityError) stops the run instead."""
+    return isinstance(exc, Exception) and not isinstance(exc, (ConfigurationError, IntegrityError))
+
+
+#: What `generate_features` passes as `errors` to `Featurizer.featurize_volumes`.
+PATIENT_ERRORS = patient_error
 
 
 def _finished(prepared: Future) -> bool:

@@ -38,6 +38,7 @@ class Featurized(NamedTuple):
     dim: int | None = None
     data: bytes | None = None
     sha256: str | None = None
+    skipped: str | None = None  # why this patient cannot be featurized: recorded, and the run goes on
 
 
 class Trained(NamedTuple):
@@ -137,7 +138,10 @@ def featurize_patient(scans, cnn_name: str, cnn_model: bytes, cnn_sha256: str, i
     volume = pipeline.largest_series(scans)  # the CT volume, as generate_features picks it
     if not volume:
         raise LungSQLError("the patient has no stored slices", hint="upload the scans with `lungsql ingest`")
-    (_, features), = featurizer.featurize_volumes([(None, volume)], overlap=False)
+    (_, features), = featurizer.featurize_volumes([(None, volume)], overlap=False,
+                                                  errors=featurize.PATIENT_ERRORS)
+    if isinstance(features, Exception):
+        return Featurized(None, featurizer.provider, skipped=pipeline.failure_reason(features))
     n_groups, dim = features.shape
     return Featurized(None, featurizer.provider, features.n_slices, n_groups, dim, features.to_bytes(),
                       features.sha256)

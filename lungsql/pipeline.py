@@ -27,15 +27,19 @@ class PipelineData(Protocol):
     """What the pipeline reads and writes; see lungsql.dataaccess.plpy for the reference."""
 
     def cnn_model(self, name: str | None) -> dict[str, Any]: ...
-    def patients_to_featurize(self, cnn_id: int, only_missing: bool) -> list[str]: ...
+    def patients_to_featurize(self, cnn_id: int, only_missing: bool, retry_failed: bool) -> list[str]: ...
+    def failed_patients(self, cnn_id: int) -> list[str]: ...
     def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]: ...
+    def mark_killed_runs(self) -> list[int]: ...
     def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int: ...
     def write_features(self, patient_id: str, cnn_id: int, features: featurize.GroupFeatures,
                        run_id: int) -> None: ...
+    def record_feature_failure(self, patient_id: str, cnn_id: int, run_id: int, reason: str) -> None: ...
     def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
-                           cpu_seconds: dict[str, float], finished: bool) -> None: ...
+                           cpu_seconds: dict[str, float], finished: bool, failed: int = 0) -> None: ...
     def commit(self) -> None: ...
     def notice(self, text: str) -> None: ...
+    def lock_model_name(self, name: str) -> None: ...
     def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]: ...
     def insert_model(self, row: dict[str, Any]) -> int: ...
     def models(self, name: str) -> list[dict[str, Any]]: ...
@@ -57,10 +61,31 @@ class FeatureRun:
     slices: int
     seconds: float
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # per step: featurize.CpuClock
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (patient id, reason) of the skipped
+    left_out: int = 0  # patients that failed in an earlier run and were not retried
 
     @property
     def slices_per_s(self) -> float:
         return self.slices / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        """The run's last NOTICE: what it did, and the patients it skipped."""
+        text = (f"done: {self.patients} patients, {self.slices} slices in {self.seconds:.1f} s "
+                f"({self.slices_per_s:.0f} slices/s) on {self.provider}, run {self.run_id}")
+        if self.failed:
+            named = ", ".join(f"{pid} ({reason})" for pid, reason in self.failed[:SKIPPED_NAMED])
+            more = f" and {len(self.failed) - SKIPPED_NAMED} more" if len(self.failed) > SKIPPED_NAMED else ""
+            text += (f"; skipped {len(self.failed)} patient(s) that could not be featurized: {named}{more}. "
+                     "Their reasons are in lungsql.feature_failures; after fixing their scans, "
+                     "CALL lungsql.generate_features(retry_failed => true)")
+        if self.left_out:
+            text += (f"; {self.left_out} patient(s) that failed in an earlier run were left out "
+                     "(retry_failed => true retries them)")
+        return text
+
+
+#: The skipped patients the last NOTICE of a run names; lungsql.feature_failures lists them all.
+SKIPPED_NAMED = 10
 
 
 def in_shard(patient_id: str, shard: int, shards: int) -> bool:
@@ -81,15 +106,28 @@ def load_featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
 
 
 def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
-                      shard: int = 0, shards: int = 1) -> FeatureRun:
-    """Featurize every patient of this shard, each one committed on its own."""
+                      shard: int = 0, shards: int = 1, retry_failed: bool = False) -> FeatureRun:
+    """Featurize every patient of this shard, each one committed on its own.
+
+    A patient that cannot be featurized is recorded (`record_feature_failure`)
+    and skipped; later runs leave it out unless `retry_failed` (or its scans
+    changed since).  Runs whose session died before they finished are marked
+    killed first.
+    """
     if shards < 1 or not 0 <= shard < shards:
         raise ConfigurationError(f"shard must be in 0..shards-1 and shards >= 1; got shard={shard}, shards={shards}",
                                  hint="e.g. run shard => 0, shards => 2 and shard => 1, shards => 2 in two sessions")
     cnn = data.cnn_model(cnn_name)
+    for run_id in data.mark_killed_runs():
+        data.notice(f"featurization run {run_id} ended before it finished (its session is gone): marked killed")
     with load_featurizer(cnn) as featurizer:
-        patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing) if in_shard(p, shard, shards)]
-        return _featurize(data, cnn, featurizer, patients, shard, shards)
+        patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing, retry_failed)
+                    if in_shard(p, shard, shards)]
+        left_out = 0 if retry_failed else sum(
+            1 for p in data.failed_patients(cnn["cnn_id"]) if in_shard(p, shard, shards) and p not in set(patients))
+        run = _featurize(data, cnn, featurizer, patients, shard, shards)
+        run.left_out = left_out
+        return run
 
 
 def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Featurizer, patients: list[str],
@@ -106,24 +144,41 @@ def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Fe
         with clock.step("reading"):
             return largest_series(data.patient_scans(patient_id))
 
-    for patient_id, features in featurizer.featurize_volumes((pid, read(pid)) for pid in patients):
-        run.patients += 1
-        run.slices += features.n_slices
+    volumes = ((pid, read(pid)) for pid in patients)
+    for patient_id, features in featurizer.featurize_volumes(volumes, errors=featurize.PATIENT_ERRORS):
         run.seconds = time.perf_counter() - started
         with clock.step("writing"):
-            data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
+            if isinstance(features, BaseException):
+                reason = failure_reason(features)
+                run.failed.append((patient_id, reason))
+                data.record_feature_failure(patient_id, cnn["cnn_id"], run.run_id, reason)
+            else:
+                run.patients += 1
+                run.slices += features.n_slices
+                data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
             data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, clock.seconds(),
-                                    finished=False)
+                                    finished=False, failed=len(run.failed))
             data.commit()  # this patient is done, whatever happens to the next
-        data.notice(f"{run.patients}/{len(patients)} patients, {run.slices} slices, "
-                    f"{run.slices_per_s:.0f} slices/s")
+        if isinstance(features, BaseException):
+            data.notice(f"skipped patient {patient_id}: {run.failed[-1][1]}")
+        data.notice(f"{run.patients + len(run.failed)}/{len(patients)} patients, {run.slices} slices, "
+                    f"{run.slices_per_s:.0f} slices/s" + (f", {len(run.failed)} skipped" if run.failed else ""))
     run.seconds = time.perf_counter() - started
     run.cpu_seconds = clock.seconds()
-    data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, run.cpu_seconds, finished=True)
+    data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, run.cpu_seconds, finished=True,
+                            failed=len(run.failed))
     data.commit()
     if run.slices:
         data.notice(clock.describe(run.slices))
     return run
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a patient could not be featurized."""
+    if isinstance(exc, LungSQLError):
+        return exc.message.splitlines()[0][:500]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:400]}" if text else type(exc).__name__
 
 
 def largest_series(scans: list[tuple[bytes, float, str]]) -> list[tuple[bytes, float]]:
@@ -182,6 +237,9 @@ def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict |
         )
     data.notice(f"training {model_name!r} on {len(rows)} labelled patients (CNN {cnn['name']!r})")
     result = fit(rows, params, data.notice)
+    # From here to the end of the transaction, one call per name at a time: concurrent trainings of a
+    # name get consecutive versions, and each sees the deployments the previous one made.
+    data.lock_model_name(model_name)
     versions = [m["version"] for m in data.models(model_name)]
     model_id = data.insert_model({
         "name": model_name,
@@ -219,6 +277,7 @@ def fit(rows: Sequence[dict[str, Any]], params: dict | None, progress=None) -> t
 
 def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") -> int:
     """Deploy a model of `model_name` by strategy (or by model id); returns the deployed model id."""
+    data.lock_model_name(model_name)  # one train_model or deploy of a name at a time
     models = data.models(model_name)
     if not models:
         raise ConfigurationError(f"there is no model named {model_name!r}",

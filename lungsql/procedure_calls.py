@@ -56,7 +56,7 @@ def _readable(exc) -> LungSQLError:
 
 
 def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: bool, shard: int,
-                      shards: int) -> None:
+                      shards: int, retry_failed: bool = False) -> None:
     from tqdm import tqdm
 
     bar = tqdm(desc="featurizing", unit=" patients", file=sys.stderr, dynamic_ncols=True, disable=None)
@@ -73,11 +73,12 @@ def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: boo
 
     try:
         if _on_sql_server(engine):
-            _mssql().generate_features(engine, cnn_name, only_missing, shard, shards, notice)
+            _mssql().generate_features(engine, cnn_name, only_missing, shard, shards, notice,
+                                       retry_failed=retry_failed)
             return
         with session(engine, notice, autocommit=True) as pg:
             pg.execute("CALL lungsql.generate_features(cnn_name => %s, only_missing => %s, shard => %s, "
-                       "shards => %s)", (cnn_name, only_missing, shard, shards))
+                       "shards => %s, retry_failed => %s)", (cnn_name, only_missing, shard, shards, retry_failed))
     finally:
         bar.close()
 

@@ -41,13 +41,13 @@ def check_environment(plpy) -> list[tuple[str, str | None, str | None]]:
 
 
 @procedure
-def generate_features(plpy, cnn_name, only_missing, shard, shards) -> None:
+def generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed=False) -> None:
     from lungsql import pipeline
     from lungsql.dataaccess.plpy import PlpyData
 
-    run = pipeline.generate_features(PlpyData(plpy), cnn_name, bool(only_missing), int(shard), int(shards))
-    plpy.notice(f"done: {run.patients} patients, {run.slices} slices in {run.seconds:.1f} s "
-                f"({run.slices_per_s:.0f} slices/s) on {run.provider}, run {run.run_id}")
+    run = pipeline.generate_features(PlpyData(plpy), cnn_name, bool(only_missing), int(shard), int(shards),
+                                     retry_failed=bool(retry_failed))
+    plpy.notice(run.describe())
 
 
 @procedure
@@ -111,3 +111,47 @@ def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
 
     ids = list(dict.fromkeys(p for p in (patient_ids or []) if p is not None))
     return list(pipeline.predict(PlpyData(plpy), ids, model_name))
+
+
+# -- the web app's boundary (sql/postgres/functions/020_web.sql) ------------------------------------
+_WEB_PLANS: dict[str, Any] = {}
+_SLICE_DICOM = "SELECT dicom FROM lungsql.scans WHERE scan_id = $1"
+
+
+@procedure
+def slice_image(plpy, scan_id, window_low, window_high) -> list[tuple[int, int, bytes]]:
+    """lungsql.slice_image: one stored slice's first frame through the window, as rows x columns uint8 bytes.
+    The DICOM file is decoded here, in the server (lungsql.dicom.slice_hu, under the decoding limits)."""
+    import numpy as np
+
+    from lungsql import dicom, preprocess
+    from lungsql.errors import ConfigurationError, InvalidScan
+
+    if scan_id is None:
+        return []
+    if window_low is None or window_high is None or not window_low < window_high:
+        raise ConfigurationError(f"the window needs window_low below window_high, not {window_low} to {window_high}",
+                                 hint="e.g. lungsql.slice_image(scan_id, -1000, 400), the lung window")
+    plan = _WEB_PLANS.get(_SLICE_DICOM)
+    if plan is None:
+        plan = _WEB_PLANS[_SLICE_DICOM] = plpy.prepare(_SLICE_DICOM, ["bigint"])
+    rows = plpy.execute(plan, [scan_id])
+    if not rows:
+        return []
+    hu = dicom.slice_hu(rows[0]["dicom"])
+    if hu.ndim != 2:
+        raise InvalidScan(f"not a greyscale slice: its pixels have the shape {hu.shape}")
+    image = np.ascontiguousarray(preprocess.window(hu, float(window_low), float(window_high), dtype=np.uint8))
+    return [(int(image.shape[0]), int(image.shape[1]), image.tobytes())]
+
+
+@procedure
+def sign_in(plpy, username, password, address, max_failures, max_failures_per_user, max_failures_per_address,
+            window_s, base_delay_s) -> list[tuple]:
+    """lungsql.sign_in: one throttled, audited sign-in attempt (lungsql.sign_in)."""
+    from lungsql import sign_in as signing
+
+    limits = signing.Limits(max_failures=max_failures, max_failures_per_user=max_failures_per_user,
+                            max_failures_per_address=max_failures_per_address, window_s=window_s,
+                            base_delay_s=base_delay_s)
+    return [signing.sign_in(signing.PlpySignIns(plpy), username, password, address, limits).row()]

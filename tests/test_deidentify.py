@@ -3,25 +3,41 @@
 from __future__ import annotations
 
 import re
+import struct
 from io import BytesIO
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.charset import convert_encodings
 from pydicom.data import get_testdata_file
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_has_tag, get_private_entry, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from lungsql.deidentify import (
     ACTIONS,
     BASIC_PROFILE,
     DEIDENTIFICATION_METHOD,
+    SAFE_PRIVATE_ATTRIBUTES,
+    BurnedInAnnotation,
     Deidentifier,
     deidentify_bytes,
 )
+from lungsql.dicom import read_scan
+from lungsql.errors import InvalidScan
+from lungsql.ingest import deidentifying_transform
 
 KEY = b"test-site-secret-0123456789abcdef"
 OTHER_KEY = b"another-site-secret-fedcba987654"
@@ -156,6 +172,115 @@ def _all_tags(ds: Dataset) -> list:
     tags = []
     ds.walk(lambda _ds, elem: tags.append(elem.tag))
     return tags
+
+
+def _read(data: bytes) -> Dataset:
+    return pydicom.dcmread(BytesIO(data))
+
+
+# ---------------------------------------------------- hidden identifying data
+# A distinctive name and site UIDs hidden where a table-driven cleaner does not look.
+HIDDEN = "Hidden^Secretname"
+HIDDEN_NEEDLES = (b"Hidden", b"Secretname", b"HIDDEN", b"SECRETNAME")
+HIDDEN_UID = "1.2.826.0.1.3680043.2.1125.88.5"  # site UID in an element outside the table
+HIDDEN_UN_SQ_UID = "1.2.826.0.1.3680043.2.1125.88.6"  # inside a sequence encoded as UN
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.2.1125.88.9"  # a vendor's, not registered
+SITE_UID_ROOT = b"1.2.826.0.1.3680043.2.1125"  # every site UID of these tests
+UNKNOWN_TAG = 0x00181FF0  # public (even group) but in no dictionary
+UNKNOWN_UN_TAG = 0x00181FF2
+UNKNOWN_SQ_TAG = 0x00081FF8
+SNOMED_UID = "2.16.840.1.113883.6.96"
+DCM_CODING_SCHEME_UID = "1.2.840.10008.2.16.4"
+
+
+def _un_element(tag: int, text: str) -> DataElement:
+    """A text element encoded as UN, as a writer that does not know its tag writes it."""
+    elem = DataElement(tag, "LO", text)  # pydicom would decode a UN of a known tag at once
+    elem.VR = "UN"
+    raw = text.encode("ascii")
+    elem.value = raw + b" " * (len(raw) % 2)
+    return elem
+
+
+def _keep_raw_when_written(ds: Dataset, implicit: bool) -> None:
+    """Make pydicom write ``ds``'s raw elements byte for byte, as a foreign writer made them.
+
+    pydicom re-encodes raw elements (decoding a UN of a known tag on the way)
+    when the dataset's original encoding differs from the one it writes; then
+    it also settles ambiguous VRs (Pixel Data 'OB or OW'), which is done here.
+    """
+    correct_ambiguous_vr(ds, is_little_endian=True)
+    ds.set_original_encoding(implicit, True, convert_encodings(ds.SpecificCharacterSet))
+
+
+def _implicit_element(tag: int, value: bytes) -> bytes:
+    """One element in Implicit VR Little Endian, the encoding of a UN sequence's content."""
+    value += b" " * (len(value) % 2)
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _un_sequence(tag: int, implicit: bool, *elements: bytes) -> RawDataElement:
+    """A sequence of undefined length encoded as UN (PS3.5 6.2.2), one item holding ``elements``.
+
+    In an implicit-VR file the same bytes carry no VR at all, as a writer that
+    does not know the tag would write them.
+    """
+    body = b"".join(elements)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+    return RawDataElement(Tag(tag), None if implicit else "UN", 0xFFFFFFFF, item, 0, implicit, True)
+
+
+def _hiding_ct(transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """The synthetic slice with HIDDEN and HIDDEN_UID where only a thorough cleaner looks."""
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    ds = _synthetic_ct()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    # (a) unknown public tags, one as LO (read back as UN in implicit VR), one as UN
+    ds.add_new(UNKNOWN_TAG, "LO", HIDDEN)
+    ds.add_new(UNKNOWN_UN_TAG, "UN", HIDDEN.encode() + b" ")
+    if not implicit:  # an implicit-VR file has no VR to write UN into: the tag decides
+        ds[0x00081090] = _un_element(0x00081090, HIDDEN)  # ManufacturerModelName
+    # undefined-length sequences encoded as UN, under an unknown, a private and a known tag
+    hidden_pn = _implicit_element(0x00100010, HIDDEN.encode())  # PatientName
+    hidden_unknown = _implicit_element(UNKNOWN_TAG, HIDDEN.encode())
+    ds[UNKNOWN_SQ_TAG] = _un_sequence(UNKNOWN_SQ_TAG, implicit, hidden_pn, hidden_unknown)
+    ds.private_block(0x0013, "ACME UN SEQ", create=True)
+    ds[0x00131010] = _un_sequence(0x00131010, implicit, hidden_pn)
+    ds[0x00081115] = _un_sequence(  # ReferencedSeriesSequence, a known tag
+        0x00081115, implicit, _implicit_element(0x00081155, HIDDEN_UN_SQ_UID.encode()), hidden_pn,
+        hidden_unknown)
+    # (b) a sequence in a sequence: names, a private element and an unknown tag in the inner item
+    inner = ds.ReferencedInstanceSequence[0].PurposeOfReferenceCodeSequence[0]
+    inner.EvaluatorName = HIDDEN  # PN outside the table
+    inner.InstitutionName = HIDDEN  # LO, X in the table
+    inner.private_block(0x0029, "ACME DEEP", create=True).add_new(0x01, "LO", HIDDEN)
+    inner.add_new(UNKNOWN_TAG, "LO", HIDDEN)
+    # (d) an unregistered UID in an element outside the table, nested; registered ones beside it
+    inner.CreatorVersionUID = HIDDEN_UID
+    inner.ReferencedSOPClassUID = CTImageStorage
+    ds.RelatedGeneralSOPClassUID = [EnhancedCTImageStorage, PRIVATE_SOP_CLASS]
+    schemes = []
+    for designator, uid in (("SCT", SNOMED_UID), ("DCM", DCM_CODING_SCHEME_UID)):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = designator
+        scheme.CodingSchemeUID = uid
+        schemes.append(scheme)
+    ds.CodingSchemeIdentificationSequence = Sequence(schemes)
+    _keep_raw_when_written(ds, implicit)
+    # (c) private elements with their creator, one of them a sequence
+    block = ds.private_block(0x0011, "ACME HOSP")
+    block.add_new(0x03, "PN", HIDDEN)
+    nested = Dataset()
+    nested.PatientName = HIDDEN
+    block.add_new(0x04, "SQ", Sequence([nested]))
+    return ds
+
+
+def _assert_nothing_hidden_survives(out: bytes) -> None:
+    for needle in HIDDEN_NEEDLES:
+        assert needle not in out, needle
+    assert SITE_UID_ROOT not in out  # no original UID, mapped or not in the table
+    assert HIDDEN_UID.encode() not in out and HIDDEN_UN_SQ_UID.encode() not in out
 
 
 # --------------------------------------------------------------------------- table
@@ -413,13 +538,260 @@ def test_dummy_action_replaces_value():
     assert "ANA" not in ds.ClinicalTrialSubjectID
 
 
-def test_burned_in_annotation_is_logged(caplog):
+def test_burned_in_annotation_is_refused_by_default():
+    ds = _synthetic_ct(BurnedInAnnotation="YES ")
+    with pytest.raises(BurnedInAnnotation) as caught:
+        Deidentifier(KEY).apply(ds)
+    assert isinstance(caught.value, InvalidScan)  # so an upload records the file and goes on
+    assert caught.value.message == (
+        "BurnedInAnnotation is YES: the pixels may show identifying text; the slice was not stored")
+    assert "allow_burned_in=True" in caught.value.hint
+    assert "--allow-burned-in" in caught.value.hint
+    assert ds.PatientName == NAME  # refused before anything was changed
+
+
+def test_burned_in_annotation_is_kept_and_logged_when_allowed(caplog):
     ds = _synthetic_ct(BurnedInAnnotation="YES")
     with caplog.at_level("WARNING", logger="lungsql.deidentify"):
-        Deidentifier(KEY).apply(ds)
+        Deidentifier(KEY, allow_burned_in=True).apply(ds)
+    assert ds.BurnedInAnnotation == "YES"
+    assert ds.PatientIdentityRemoved == "YES"
     assert "BurnedInAnnotation" in caplog.text
     assert PATIENT_ID not in caplog.text and NAME not in caplog.text
     assert "1.2.826.0.1.3680043.2.1125.77" not in caplog.text  # original UIDs
+
+
+def test_burned_in_annotation_no_is_stored():
+    _, ds = deidentify_bytes(_to_bytes(_synthetic_ct(BurnedInAnnotation="NO")), KEY)
+    assert ds.BurnedInAnnotation == "NO"
+
+
+def test_burned_in_annotation_encoded_as_un_is_still_refused():
+    ds = _synthetic_ct()
+    ds[0x00280301] = _un_element(0x00280301, "YES")
+    data = _to_bytes(ds)
+    assert _read(data).get_item(0x00280301).VR == "UN"  # as the file encodes it
+    with pytest.raises(BurnedInAnnotation):
+        deidentify_bytes(data, KEY)
+
+
+def test_burned_in_slice_is_recorded_not_stored_by_the_upload_path():
+    data = _to_bytes(_synthetic_ct(BurnedInAnnotation="YES"))
+    with pytest.raises(InvalidScan, match="BurnedInAnnotation is YES"):
+        read_scan(data, deidentifying_transform(Deidentifier(KEY)))
+    record = read_scan(data, deidentifying_transform(Deidentifier(KEY, allow_burned_in=True)))
+    assert NAME.encode("latin-1") not in record.data
+
+
+# --------------------------------------------------- hidden identifying data
+
+ENCODINGS = pytest.mark.parametrize(
+    "transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+
+
+def _walk(ds: Dataset) -> list:
+    """Every element of ``ds`` at every nesting level."""
+    elems = []
+    ds.walk(lambda _ds, elem: elems.append(elem))
+    return elems
+
+
+def test_hiding_file_encodes_what_it_claims():
+    """The explicit-VR test file really holds UN elements and undefined-length UN sequences."""
+    data = _to_bytes(_hiding_ct(ExplicitVRLittleEndian))
+
+    def header(tag: int) -> bytes:  # VR, reserved bytes and length after the element's tag
+        at = data.find(struct.pack("<HH", tag >> 16, tag & 0xFFFF))
+        return data[at + 4:at + 12]
+
+    for tag in (UNKNOWN_SQ_TAG, 0x00131010, 0x00081115):
+        assert header(tag) == b"UN\x00\x00\xff\xff\xff\xff", hex(tag)
+    for tag in (UNKNOWN_UN_TAG, 0x00081090):
+        assert header(tag)[:4] == b"UN\x00\x00", hex(tag)
+
+
+@ENCODINGS
+def test_hidden_identifiers_are_gone_from_output_bytes(transfer_syntax):
+    original = _hiding_ct(transfer_syntax)
+    data = _to_bytes(original)
+    for needle in (b"Hidden^Secretname", HIDDEN_UID.encode(), HIDDEN_UN_SQ_UID.encode()):
+        assert needle in data  # the test file does hide them
+    out, _ = deidentify_bytes(data, KEY)
+    _assert_nothing_hidden_survives(out)
+    result = _read(out)  # still a readable DICOM file, in the same encoding, with its pixels
+    assert result.file_meta.TransferSyntaxUID == transfer_syntax
+    assert result.PixelData == original.PixelData
+    np.testing.assert_array_equal(result.pixel_array, original.pixel_array)
+
+
+@ENCODINGS
+def test_hidden_identifiers_are_gone_on_the_upload_path(transfer_syntax):
+    data = _to_bytes(_hiding_ct(transfer_syntax))
+    record = read_scan(data, deidentifying_transform(Deidentifier(KEY)))  # what ingest stores
+    _assert_nothing_hidden_survives(record.data)
+    assert record.patient.patient_id == Deidentifier(KEY).pseudonym(PATIENT_ID)
+    assert record.modality == "CT" and (record.rows, record.columns) == (16, 16)
+
+
+@ENCODINGS
+def test_unknown_un_and_private_elements_are_removed_at_every_level(transfer_syntax):
+    out, ds = deidentify_bytes(_to_bytes(_hiding_ct(transfer_syntax)), KEY)
+    for result in (ds, _read(out)):
+        elems = _walk(result)
+        assert not [e.tag for e in elems if e.tag.is_private]
+        assert not [e.tag for e in elems if e.VR == "UN"]
+        assert not [e.tag for e in elems if not dictionary_has_tag(e.tag)]
+        for tag in (UNKNOWN_TAG, UNKNOWN_UN_TAG, UNKNOWN_SQ_TAG, 0x00081090):
+            assert tag not in result
+        inner = result.ReferencedInstanceSequence[0].PurposeOfReferenceCodeSequence[0]
+        assert "EvaluatorName" not in inner and "InstitutionName" not in inner
+        assert UNKNOWN_TAG not in inner
+        assert inner.CodeValue == "121311"  # the coded content is kept
+
+
+@ENCODINGS
+def test_known_sequence_encoded_as_un_is_cleaned_item_by_item(transfer_syntax):
+    _, ds = deidentify_bytes(_to_bytes(_hiding_ct(transfer_syntax)), KEY)
+    item = ds.ReferencedSeriesSequence[0]
+    assert item.ReferencedSOPInstanceUID == Deidentifier(KEY).map_uid(HIDDEN_UN_SQ_UID)
+    assert item.PatientName == ""  # Z at any depth
+    assert UNKNOWN_TAG not in item
+
+
+def test_table_attributes_encoded_as_un_still_follow_the_table():
+    ds = _synthetic_ct()
+    for tag in (0x00100010, 0x00100020, 0x0020000D):  # PatientName, PatientID, StudyInstanceUID
+        ds[tag] = _un_element(tag, str(ds[tag].value))
+    data = _to_bytes(ds)
+    assert _read(data).get_item(0x00100020).VR == "UN"
+    out, result = deidentify_bytes(data, KEY)
+    assert result.PatientName == ""
+    assert result.PatientID == Deidentifier(KEY).pseudonym(PATIENT_ID)
+    assert result.StudyInstanceUID == Deidentifier(KEY).map_uid(STUDY_UID)
+    assert NAME.encode() not in out and PATIENT_ID.encode() not in out
+    assert STUDY_UID.encode() not in out
+
+
+@ENCODINGS
+def test_every_unregistered_uid_is_mapped_and_registered_ones_are_kept(transfer_syntax):
+    original = _hiding_ct(transfer_syntax)
+    out, _ = deidentify_bytes(_to_bytes(original), KEY)
+    result = _read(out)
+    deid = Deidentifier(KEY)
+    inner = result.ReferencedInstanceSequence[0].PurposeOfReferenceCodeSequence[0]
+    assert inner.CreatorVersionUID == deid.map_uid(HIDDEN_UID)
+    assert inner.ReferencedSOPClassUID == CTImageStorage
+    assert result.RelatedGeneralSOPClassUID == [EnhancedCTImageStorage, deid.map_uid(PRIVATE_SOP_CLASS)]
+    schemes = [s.CodingSchemeUID for s in result.CodingSchemeIdentificationSequence]
+    assert schemes == [SNOMED_UID, DCM_CODING_SCHEME_UID]
+    assert result.SOPClassUID == CTImageStorage
+    assert result.file_meta.MediaStorageSOPClassUID == CTImageStorage
+    assert result.file_meta.TransferSyntaxUID == transfer_syntax
+    assert result.SOPInstanceUID == deid.map_uid(original.SOPInstanceUID)
+    assert result.file_meta.MediaStorageSOPInstanceUID == result.SOPInstanceUID
+    for elem in _walk(result):
+        if elem.VR == "UI":
+            for uid in elem.value if elem.VM > 1 else [elem.value]:
+                assert uid.startswith("2.25.") or UID(uid).is_private is False or uid == SNOMED_UID, elem
+
+
+def test_private_sop_class_is_mapped_alike_in_dataset_and_file_meta():
+    ds = _synthetic_ct(SOPClassUID=PRIVATE_SOP_CLASS)
+    ds.file_meta.MediaStorageSOPClassUID = PRIVATE_SOP_CLASS
+    out, result = deidentify_bytes(_to_bytes(ds), KEY)
+    assert result.SOPClassUID == Deidentifier(KEY).map_uid(PRIVATE_SOP_CLASS)
+    assert result.file_meta.MediaStorageSOPClassUID == result.SOPClassUID
+    assert PRIVATE_SOP_CLASS.encode() not in out
+
+
+# ------------------------------------------------------ Retain Safe Private Option
+
+# What the option keeps of _ge_ct: the listed elements of the GEMS blocks and their creators.
+SAFE_KEPT = {
+    0x00190011: "GEMS_ACQU_01", 0x00191123: 37.5, 0x00191124: 0.5,
+    0x00430010: "GEMS_PARM_01", 0x00431027: "1.375:1",
+    0x00450010: "GEMS_HELIOS_01", 0x00451001: 64, 0x00451002: 0.625,
+}
+
+
+def _ge_ct(transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """The synthetic slice with GE private blocks: safe acquisition parameters and HIDDEN."""
+    ds = _synthetic_ct()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    # A look-alike first, so GEMS_ACQU_01 lands in block 0x11 and offsets must be resolved.
+    ds.private_block(0x0019, "ACME LOOKALIKE", create=True).add_new(0x23, "LO", HIDDEN)
+    acquisition = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+    acquisition.add_new(0x23, "DS", "37.5")  # Table Speed: listed
+    acquisition.add_new(0x24, "DS", "0.5")  # Mid Scan Time: listed
+    acquisition.add_new(0x9E, "LO", HIDDEN)  # not listed here: removed
+    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x27, "SH", "1.375:1")
+    helios = ds.private_block(0x0045, "GEMS_HELIOS_01", create=True)
+    helios.add_new(0x01, "SS", 64)
+    helios.add_new(0x02, "FL", 0.625)
+    ds.private_block(0x0009, "GEMS_IDEN_01", create=True).add_new(0x04, "LO", HIDDEN)
+    return ds
+
+
+def _private_values(ds: Dataset) -> dict:
+    return {int(e.tag): e.value for e in _walk(ds) if e.tag.is_private}
+
+
+@ENCODINGS
+def test_safe_private_option_keeps_exactly_the_listed_elements(transfer_syntax):
+    out, ds = deidentify_bytes(_to_bytes(_ge_ct(transfer_syntax)), KEY, keep_safe_private=True)
+    for result in (ds, _read(out)):
+        assert _private_values(result) == SAFE_KEPT
+    for needle in (HIDDEN.encode(), b"ACME LOOKALIKE", b"GEMS_IDEN_01"):
+        assert needle not in out, needle
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113108", "113111"]
+    assert "Retain Safe Private Option" in ds.DeidentificationMethod
+
+
+def test_safe_private_option_on_a_real_ge_ct_slice():
+    original = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # GE LightSpeed, many GEMS blocks
+    out, ds = deidentify_bytes(_ct_small_bytes(), KEY, keep_safe_private=True)
+    kept = {0x00190010, 0x00191023, 0x00191024, 0x00191027, 0x00430010, 0x00431027}
+    assert set(_private_values(_read(out))) == kept
+    for tag in kept:
+        assert ds[tag].value == original[tag].value
+    assert b"GEMS_IDEN_01" not in out and b"CompressedSamples" not in out
+
+
+def test_safe_private_elements_are_removed_by_default():
+    out, ds = deidentify_bytes(_to_bytes(_ge_ct()), KEY)
+    assert _private_values(ds) == {}
+    assert b"GEMS_" not in out
+    assert [item.CodeValue for item in ds.DeidentificationMethodCodeSequence] == ["113100", "113108"]
+
+
+def test_safe_private_option_still_removes_every_other_hidden_element():
+    out, _ = deidentify_bytes(_to_bytes(_hiding_ct()), KEY, keep_safe_private=True)
+    _assert_nothing_hidden_survives(out)
+
+
+def test_safe_private_element_with_another_vr_is_removed():
+    ds = _synthetic_ct()
+    ds.private_block(0x0045, "GEMS_HELIOS_01", create=True).add_new(0x01, "LO", HIDDEN)  # listed SS
+    out, result = deidentify_bytes(_to_bytes(ds), KEY, keep_safe_private=True)
+    assert _private_values(result) == {}  # the creator goes with its last element
+    assert HIDDEN.encode() not in out and b"GEMS_HELIOS" not in out
+
+
+def test_safe_private_list_agrees_with_the_private_dictionary():
+    assert len(SAFE_PRIVATE_ATTRIBUTES) == len({entry[:3] for entry in SAFE_PRIVATE_ATTRIBUTES})
+    for group, creator, offset, vr, meaning in SAFE_PRIVATE_ATTRIBUTES:
+        assert group % 2 == 1 and 0 <= offset <= 0xFF
+        dict_vr, _, dict_name, _ = get_private_entry(Tag(group, 0x1000 | offset), creator)
+        assert (dict_vr, dict_name) == (vr, meaning), (hex(group), creator, hex(offset))
+
+
+def test_options_are_keyword_only_and_shown_without_the_key():
+    with pytest.raises(TypeError):
+        Deidentifier(KEY, True)  # type: ignore[misc]
+    text = repr(Deidentifier(KEY, keep_safe_private=True, allow_burned_in=True))
+    assert "keep_safe_private=True" in text and "allow_burned_in=True" in text
+    assert "secret" not in text
 
 
 # ------------------------------------------------------------------ patient age

@@ -286,6 +286,6 @@ def test_pixels_that_cannot_be_decoded_say_what_to_install(cohort) -> None:
     ds = dicom.parse(data)
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless  # claims a compression the bytes are not
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
-    with pytest.raises(InvalidScan, match="cannot decode the pixels") as error:
+    with pytest.raises(InvalidScan, match="cannot be decoded: cannot decode compressed pixel data") as error:
         read_volume([(synth.dataset_bytes(ds), z)])
     assert "codecs" in str(error.value)

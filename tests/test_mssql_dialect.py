@@ -196,9 +196,10 @@ def test_reruns_skip_what_is_stored_under_a_lock():
 
 def test_procedure_calls_bind_their_arguments():
     sql, values = tsql.positional(tsql.GENERATE_FEATURES, {"cnn_name": None, "only_missing": True, "shard": 1,
-                                                           "shards": 2}, DIALECT)
-    assert sql == "EXEC dbo.GenerateFeatures @CnnName = ?, @OnlyMissing = ?, @Shard = ?, @Shards = ?"
-    assert values == [None, True, 1, 2]
+                                                           "shards": 2, "retry_failed": False}, DIALECT)
+    assert sql == ("EXEC dbo.GenerateFeatures @CnnName = ?, @OnlyMissing = ?, @Shard = ?, @Shards = ?, "
+                   "@RetryFailed = ?")
+    assert values == [None, True, 1, 2, False]
     sql, values = tsql.positional(tsql.PREDICT, {"patient_ids": '["a"]', "model_name": "lgbm"}, DIALECT)
     assert sql == "EXEC dbo.PredictLungCancerBatch @PatientIds = ?, @ModelName = ?" and values == ['["a"]', "lgbm"]
 
@@ -316,6 +317,6 @@ def test_call_reports_progress_lines_as_they_arrive_and_returns_the_last_result(
 
     lines: list[str] = []
     row = tsql.generate_features(Engine(), None, True, 0, 1, on_message=lines.append)
-    assert Cursor.executed == (str(tsql.GENERATE_FEATURES.compile(dialect=DIALECT)), [None, True, 0, 1])
+    assert Cursor.executed == (str(tsql.GENERATE_FEATURES.compile(dialect=DIALECT)), [None, True, 0, 1, False])
     assert lines == ["featurizing 2 patients", "1/2 patients, 5 slices, 9 slices/s", "2/2 patients, 9 slices, 9 slices/s"]
     assert row == (3, "efficientnet-lite0", "CPUExecutionProvider", 2, 9, 1.0)

@@ -54,16 +54,44 @@ class PlpyData:
             )
         return dict(rows[0])
 
-    def patients_to_featurize(self, cnn_id: int, only_missing: bool) -> list[str]:
+    def patients_to_featurize(self, cnn_id: int, only_missing: bool, retry_failed: bool = False) -> list[str]:
+        # A patient that failed is left out unless retry_failed, or unless a scan arrived after it failed.
         rows = self._run(
             """SELECT p.patient_id FROM lungsql.patients p
                WHERE EXISTS (SELECT 1 FROM lungsql.scans s WHERE s.patient_id = p.patient_id)
                  AND NOT ($2 AND EXISTS (SELECT 1 FROM lungsql.features f
                                           WHERE f.patient_id = p.patient_id AND f.cnn_id = $1))
+                 AND NOT (NOT $3 AND EXISTS (
+                         SELECT 1 FROM lungsql.feature_failures ff
+                         WHERE ff.patient_id = p.patient_id AND ff.cnn_id = $1
+                           AND ff.failed_at >= (SELECT max(s.ingested_at) FROM lungsql.scans s
+                                                WHERE s.patient_id = p.patient_id)))
                ORDER BY p.patient_id""",
-            ["integer", "boolean"], [cnn_id, only_missing],
+            ["integer", "boolean", "boolean"], [cnn_id, only_missing, retry_failed],
         )
         return [r["patient_id"] for r in rows]
+
+    def failed_patients(self, cnn_id: int) -> list[str]:
+        rows = self._run("SELECT patient_id FROM lungsql.feature_failures WHERE cnn_id = $1 ORDER BY patient_id",
+                         ["integer"], [cnn_id])
+        return [r["patient_id"] for r in rows]
+
+    def mark_killed_runs(self) -> list[int]:
+        # A run is alive while the backend that started it is: same pid, same start time.
+        rows = self._run(
+            """UPDATE lungsql.feature_runs r SET status = 'killed'
+               WHERE r.status = 'running' AND NOT EXISTS (
+                   SELECT 1 FROM pg_stat_activity a
+                   WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start)
+               RETURNING r.run_id""")
+        return sorted(r["run_id"] for r in rows)
+
+    def record_feature_failure(self, patient_id: str, cnn_id: int, run_id: int, reason: str) -> None:
+        self._run(
+            """INSERT INTO lungsql.feature_failures (patient_id, cnn_id, run_id, reason) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (patient_id, cnn_id) DO UPDATE
+               SET run_id = EXCLUDED.run_id, reason = EXCLUDED.reason, failed_at = now()""",
+            ["text", "integer", "bigint", "text"], [patient_id, cnn_id, run_id, reason.replace("\x00", "")])
 
     def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]:
         # A few slices per fetch: PL/Python holds the GIL while the server reads, and
@@ -84,7 +112,9 @@ class PlpyData:
 
     def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int:
         return self._run(
-            "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards) VALUES ($1, $2, $3, $4) "
+            "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards, backend_pid, backend_start) "
+            "SELECT $1, $2, $3, $4, pg_backend_pid(), "
+            "       (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) "
             "RETURNING run_id",
             ["integer", "text", "integer", "integer"], [cnn_id, provider, shard, shards],
         )[0]["run_id"]
@@ -101,19 +131,26 @@ class PlpyData:
             ["text", "integer", "integer", "integer", "integer", "bytea", "text", "bigint"],
             [patient_id, cnn_id, features.n_slices, n_groups, dim, data, features.sha256, run_id],
         )
+        self._run("DELETE FROM lungsql.feature_failures WHERE patient_id = $1 AND cnn_id = $2",
+                  ["text", "integer"], [patient_id, cnn_id])
 
     def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
-                           cpu_seconds: dict[str, float], finished: bool) -> None:
+                           cpu_seconds: dict[str, float], finished: bool, failed: int = 0) -> None:
         self._run(
             """UPDATE lungsql.feature_runs SET patients = $2, slices = $3, seconds = $4, cpu_seconds = $5,
-                      finished_at = CASE WHEN $6 THEN now() END
+                      finished_at = CASE WHEN $6 THEN now() END, failed = $7,
+                      status = CASE WHEN $6 THEN 'finished' ELSE 'running' END
                WHERE run_id = $1""",
-            ["bigint", "integer", "integer", "double precision", "jsonb", "boolean"],
+            ["bigint", "integer", "integer", "double precision", "jsonb", "boolean", "integer"],
             [run_id, patients, slices, seconds, json.dumps({k: round(v, 4) for k, v in cpu_seconds.items()}),
-             finished],
+             finished, failed],
         )
 
     # -- models and the registry ------------------------------------------------
+    def lock_model_name(self, name: str) -> None:
+        # Held until this transaction ends: train_model and deploy of one name take turns.
+        self._run("SELECT pg_advisory_xact_lock(hashtextextended('lungsql.models:' || $1, 0))", ["text"], [name])
+
     def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]:
         rows = self._run(
             """SELECT f.patient_id, p.label, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256

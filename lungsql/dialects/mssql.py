@@ -217,7 +217,7 @@ def delete_cnn(conn: sa.Connection, cnn_id: int) -> None:
 # -- the procedures, as the CLI and the web app call them ---------------------------------------
 GENERATE_FEATURES = sa.text(
     "EXEC dbo.GenerateFeatures @CnnName = :cnn_name, @OnlyMissing = :only_missing, @Shard = :shard, "
-    "@Shards = :shards")
+    "@Shards = :shards, @RetryFailed = :retry_failed")
 TRAIN_MODEL = sa.text("EXEC dbo.TrainLungCancerModel @ModelName = :model_name, @Params = :params, @CnnName = :cnn_name")
 DEPLOY = sa.text("EXEC dbo.DeployLungCancerModel @ModelName = :model_name, @Strategy = :strategy")
 PREDICT = sa.text("EXEC dbo.PredictLungCancerBatch @PatientIds = :patient_ids, @ModelName = :model_name")
@@ -273,10 +273,11 @@ def call(engine: sa.Engine, statement: sa.TextClause, params: dict[str, Any] | N
 
 
 def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: bool, shard: int, shards: int,
-                      on_message: Callable[[str], None] | None = None) -> tuple:
+                      on_message: Callable[[str], None] | None = None, retry_failed: bool = False) -> tuple:
     """EXEC dbo.GenerateFeatures; returns (run_id, cnn, provider, patients, slices, seconds)."""
     rows = call(engine, GENERATE_FEATURES, {"cnn_name": cnn_name, "only_missing": bool(only_missing),
-                                            "shard": shard, "shards": shards}, on_message)
+                                            "shard": shard, "shards": shards, "retry_failed": bool(retry_failed)},
+                on_message)
     return rows[0]
 
 

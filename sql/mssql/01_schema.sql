@@ -151,6 +151,11 @@ IF OBJECT_ID(N'lungsql.feature_runs', N'U') IS NULL
     );
 GO
 
+-- How many patients a run skipped (lungsql.feature_failures says why).
+IF COL_LENGTH(N'lungsql.feature_runs', N'failed') IS NULL
+    ALTER TABLE lungsql.feature_runs ADD failed int NOT NULL CONSTRAINT df_feature_runs_failed DEFAULT 0;
+GO
+
 -- Features of one patient under one CNN: n_groups x dim float32 (little
 -- endian, C order), one row per group of three consecutive slices. One row per
 -- (patient, CNN): featurizing again replaces it.
@@ -171,6 +176,24 @@ IF OBJECT_ID(N'lungsql.features', N'U') IS NULL
         created_at  datetime2(3) NOT NULL CONSTRAINT df_features_created DEFAULT SYSUTCDATETIME(),
         CONSTRAINT pk_features PRIMARY KEY (patient_id, cnn_id),
         CONSTRAINT ck_features_length CHECK (DATALENGTH(data) = 4 * CAST(n_groups AS bigint) * dim)
+    );
+GO
+
+-- Patients a featurization run could not featurize with a CNN, and why (an
+-- undecodable slice, a series whose slices cannot be stacked...). Later runs
+-- leave them out until @RetryFailed = 1 or until their scans change; a
+-- success deletes the row.
+IF OBJECT_ID(N'lungsql.feature_failures', N'U') IS NULL
+    CREATE TABLE lungsql.feature_failures (
+        patient_id  nvarchar(64) NOT NULL
+            CONSTRAINT fk_feature_failures_patient REFERENCES lungsql.patients (patient_id) ON DELETE CASCADE,
+        cnn_id      int NOT NULL
+            CONSTRAINT fk_feature_failures_cnn REFERENCES lungsql.cnn_models (cnn_id) ON DELETE CASCADE,
+        run_id      bigint NULL
+            CONSTRAINT fk_feature_failures_run REFERENCES lungsql.feature_runs (run_id) ON DELETE SET NULL,
+        reason      nvarchar(2000) NOT NULL,
+        failed_at   datetime2(3) NOT NULL CONSTRAINT df_feature_failures_at DEFAULT SYSUTCDATETIME(),
+        CONSTRAINT pk_feature_failures PRIMARY KEY (patient_id, cnn_id)
     );
 GO
 

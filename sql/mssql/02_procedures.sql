@@ -51,11 +51,13 @@ GO
 --
 --   EXEC dbo.GenerateFeatures;
 --   EXEC dbo.GenerateFeatures @Shard = 0, @Shards = 2;  -- and @Shard = 1 in another session
+--   EXEC dbo.GenerateFeatures @RetryFailed = 1;          -- after fixing the patients that failed
 CREATE OR ALTER PROCEDURE dbo.GenerateFeatures
     @CnnName     nvarchar(100) = NULL,  -- a name in lungsql.cnn_models; NULL: the newest CNN
     @OnlyMissing bit = 1,               -- 0: featurize every patient again
     @Shard       int = 0,               -- this session's part, 0 .. @Shards - 1
-    @Shards      int = 1                -- number of sessions sharing the work
+    @Shards      int = 1,               -- number of sessions sharing the work
+    @RetryFailed bit = 0                -- 1: also the patients in lungsql.feature_failures
 AS
 BEGIN
     SET NOCOUNT ON;
@@ -73,6 +75,7 @@ Hint: run EXEC dbo.GenerateFeatures on its own, outside BEGIN TRANSACTION ... CO
         THROW 50001, @message, 1;
     END;
     SET @OnlyMissing = ISNULL(@OnlyMissing, 1);
+    SET @RetryFailed = ISNULL(@RetryFailed, 0);
 
     -- The CNN, checked against its SHA-256 before anything runs.
     DECLARE @cnn_id int, @cnn_name nvarchar(100), @cnn_model varbinary(max), @cnn_sha256 char(64),
@@ -116,10 +119,16 @@ FROM lungsql.patients AS p
 WHERE EXISTS (SELECT 1 FROM lungsql.scans AS s WHERE s.patient_id = p.patient_id)
   AND NOT (@only_missing = 1
            AND EXISTS (SELECT 1 FROM lungsql.features AS f
-                       WHERE f.patient_id = p.patient_id AND f.cnn_id = @cnn_id))',
-        @params = N'@cnn_id int, @only_missing bit, @shard int, @shards int',
+                       WHERE f.patient_id = p.patient_id AND f.cnn_id = @cnn_id))
+  AND NOT (@retry_failed = 0
+           AND EXISTS (SELECT 1 FROM lungsql.feature_failures AS ff
+                       WHERE ff.patient_id = p.patient_id AND ff.cnn_id = @cnn_id
+                         AND ff.failed_at >= (SELECT MAX(s.ingested_at) FROM lungsql.scans AS s
+                                              WHERE s.patient_id = p.patient_id)))',
+        @params = N'@cnn_id int, @only_missing bit, @retry_failed bit, @shard int, @shards int',
         @cnn_id = @cnn_id,
         @only_missing = @OnlyMissing,
+        @retry_failed = @RetryFailed,
         @shard = @Shard,
         @shards = @Shards;
 
@@ -130,20 +139,22 @@ WHERE EXISTS (SELECT 1 FROM lungsql.scans AS s WHERE s.patient_id = p.patient_id
     RAISERROR (N'featurizing %d patients with CNN ''%s'' (shard %d of %d)', 0, 1,
                @total, @cnn_name, @Shard, @Shards) WITH NOWAIT;
 
-    DECLARE @patient_id nvarchar(64), @done int = 0, @slices int = 0, @rate int, @seconds float = 0,
-            @started datetime2(7) = SYSUTCDATETIME(), @error nvarchar(max), @provider nvarchar(100),
-            @n_slices int, @n_groups int, @dim int, @data varbinary(max), @sha256 char(64);
+    DECLARE @patient_id nvarchar(64), @done int = 0, @failed int = 0, @slices int = 0, @rate int,
+            @seconds float = 0, @started datetime2(7) = SYSUTCDATETIME(), @error nvarchar(max),
+            @provider nvarchar(100), @n_slices int, @n_groups int, @dim int, @data varbinary(max),
+            @sha256 char(64), @skipped nvarchar(2000);
     DECLARE patients CURSOR LOCAL FAST_FORWARD FOR SELECT patient_id FROM #todo ORDER BY patient_id;
     OPEN patients;
     FETCH NEXT FROM patients INTO @patient_id;
     WHILE @@FETCH_STATUS = 0
     BEGIN
-        SELECT @error = NULL, @n_slices = NULL, @n_groups = NULL, @dim = NULL, @data = NULL, @sha256 = NULL;
+        SELECT @error = NULL, @n_slices = NULL, @n_groups = NULL, @dim = NULL, @data = NULL, @sha256 = NULL,
+               @skipped = NULL;
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
 from lungsql import mssql
-(error, provider, n_slices, n_groups, dim, data, sha256) = mssql.featurize_patient(
+(error, provider, n_slices, n_groups, dim, data, sha256, skipped) = mssql.featurize_patient(
     InputDataSet, cnn_name, cnn_model, cnn_sha256, input_name, output_name, preprocessing)
 ',
             @input_data_1 = N'
@@ -154,7 +165,7 @@ WHERE s.patient_id = @patient_id',
                 @cnn_sha256 char(64), @input_name nvarchar(256), @output_name nvarchar(256),
                 @preprocessing nvarchar(max), @error nvarchar(max) OUTPUT, @provider nvarchar(100) OUTPUT,
                 @n_slices int OUTPUT, @n_groups int OUTPUT, @dim int OUTPUT, @data varbinary(max) OUTPUT,
-                @sha256 char(64) OUTPUT',
+                @sha256 char(64) OUTPUT, @skipped nvarchar(2000) OUTPUT',
             @patient_id = @patient_id,
             @cnn_name = @cnn_name,
             @cnn_model = @cnn_model,
@@ -168,11 +179,29 @@ WHERE s.patient_id = @patient_id',
             @n_groups = @n_groups OUTPUT,
             @dim = @dim OUTPUT,
             @data = @data OUTPUT,
-            @sha256 = @sha256 OUTPUT;
+            @sha256 = @sha256 OUTPUT,
+            @skipped = @skipped OUTPUT;
         IF @error IS NOT NULL
         BEGIN
             SET @message = LEFT(CONCAT(@error, NCHAR(10), N'(patient ''', @patient_id, N''')'), 2048);
             THROW 50000, @message, 1;
+        END;
+        IF @skipped IS NOT NULL  -- this patient cannot be featurized: record why, and go on
+        BEGIN
+            SET @failed += 1;
+            BEGIN TRANSACTION;
+                UPDATE lungsql.feature_failures WITH (UPDLOCK, SERIALIZABLE)
+                SET run_id = @run_id, reason = @skipped, failed_at = SYSUTCDATETIME()
+                WHERE patient_id = @patient_id AND cnn_id = @cnn_id;
+                IF @@ROWCOUNT = 0
+                    INSERT INTO lungsql.feature_failures (patient_id, cnn_id, run_id, reason)
+                    VALUES (@patient_id, @cnn_id, @run_id, @skipped);
+                UPDATE lungsql.feature_runs SET failed = @failed WHERE run_id = @run_id;
+            COMMIT TRANSACTION;
+            SET @message = LEFT(@skipped, 1000);
+            RAISERROR (N'skipped patient %s: %s', 0, 1, @patient_id, @message) WITH NOWAIT;
+            FETCH NEXT FROM patients INTO @patient_id;
+            CONTINUE;
         END;
 
         SET @done += 1;
@@ -186,6 +215,7 @@ WHERE s.patient_id = @patient_id',
             IF @@ROWCOUNT = 0
                 INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id)
                 VALUES (@patient_id, @cnn_id, @n_slices, @n_groups, @dim, @data, @sha256, @run_id);
+            DELETE FROM lungsql.feature_failures WHERE patient_id = @patient_id AND cnn_id = @cnn_id;
             UPDATE lungsql.feature_runs
             SET provider = @provider, patients = @done, slices = @slices, seconds = @seconds
             WHERE run_id = @run_id;
@@ -202,8 +232,8 @@ WHERE s.patient_id = @patient_id',
     UPDATE lungsql.feature_runs SET seconds = @seconds, finished_at = SYSUTCDATETIME() WHERE run_id = @run_id;
     SET @provider = ISNULL(@provider, N'unknown');
     SET @message = CONVERT(nvarchar(30), CAST(@seconds AS decimal(12, 1)));
-    RAISERROR (N'done: %d patients, %d slices in %s s on %s, run %I64d', 0, 1,
-               @done, @slices, @message, @provider, @run_id) WITH NOWAIT;
+    RAISERROR (N'done: %d patients, %d slices in %s s on %s, run %I64d; %d skipped (lungsql.feature_failures)',
+               0, 1, @done, @slices, @message, @provider, @run_id, @failed) WITH NOWAIT;
     SELECT @run_id AS run_id, @cnn_name AS cnn, @provider AS provider, @done AS patients, @slices AS slices,
            @seconds AS seconds;
 END;
@@ -297,6 +327,9 @@ ORDER BY f.patient_id',
     DECLARE @version int, @deployed_id int, @deployed_log_loss float,
             @log_loss float = CAST(JSON_VALUE(@metrics, N'$.log_loss') AS float);
     BEGIN TRANSACTION;
+        -- One train or deploy of a name at a time, until COMMIT: consecutive versions.
+        DECLARE @registry_lock nvarchar(255) = LEFT(CONCAT(N'lungsql.models:', @ModelName), 255);
+        EXEC sp_getapplock @Resource = @registry_lock, @LockMode = N'Exclusive', @LockOwner = N'Transaction';
         SELECT @version = ISNULL(MAX(version), 0) + 1
         FROM lungsql.models WITH (UPDLOCK, HOLDLOCK)
         WHERE name = @ModelName;
@@ -350,6 +383,9 @@ BEGIN
     DECLARE @message nvarchar(2048), @chosen int, @current int, @history int;
     SET @Strategy = LTRIM(RTRIM(ISNULL(@Strategy, N'best_score')));
     BEGIN TRANSACTION;
+        -- One train or deploy of a name at a time, until COMMIT: consecutive versions.
+        DECLARE @registry_lock nvarchar(255) = LEFT(CONCAT(N'lungsql.models:', @ModelName), 255);
+        EXEC sp_getapplock @Resource = @registry_lock, @LockMode = N'Exclusive', @LockOwner = N'Transaction';
         IF NOT EXISTS (SELECT 1 FROM lungsql.models WITH (UPDLOCK, HOLDLOCK) WHERE name = @ModelName)
         BEGIN
             SET @message = CONCAT(N'lungsql: there is no model named ''', @ModelName, N'''', NCHAR(10),

@@ -6,16 +6,21 @@
 
 -- Featurize the patients' CT slices with a CNN stored in lungsql.cnn_models.
 -- Each patient is committed on its own: a cancelled run keeps the patients it
--- finished, and a rerun continues where it stopped. NOTICE lines report
--- progress; lungsql.feature_runs keeps the run.
+-- finished, and a rerun continues where it stopped. A patient that cannot be
+-- featurized (an undecodable slice, say) is recorded in lungsql.feature_failures
+-- and skipped; the run goes on and its last NOTICE names the skipped patients.
+-- NOTICE lines report progress; lungsql.feature_runs keeps the run, and the
+-- next run marks a run whose session died as 'killed'.
 --
 --   CALL lungsql.generate_features();
 --   CALL lungsql.generate_features(shard => 0, shards => 2);  -- and shard => 1 in another session
+--   CALL lungsql.generate_features(retry_failed => true);     -- after fixing the patients that failed
 CREATE OR REPLACE PROCEDURE lungsql.generate_features(
     cnn_name     text    DEFAULT NULL,   -- a name in lungsql.cnn_models; NULL: the newest CNN
     only_missing boolean DEFAULT true,   -- false: featurize every patient again
     shard        integer DEFAULT 0,      -- this session's part, 0 .. shards-1
-    shards       integer DEFAULT 1       -- number of sessions sharing the work
+    shards       integer DEFAULT 1,      -- number of sessions sharing the work
+    retry_failed boolean DEFAULT false   -- true: also the patients in lungsql.feature_failures
 )
 LANGUAGE plpython3u
 AS $$
@@ -23,7 +28,7 @@ import sys
 if "lungsql.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
 from lungsql import procedures
-procedures.generate_features(plpy, cnn_name, only_missing, shard, shards)
+procedures.generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed)
 $$;
 
 -- Train a LightGBM classifier on the labelled patients' features. Returns the
