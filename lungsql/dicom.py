@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from lungsql.codestream import frame_size
 from lungsql.dicom_fast import file_meta_syntax, stored_from_bytes
 from lungsql.errors import InvalidScan
 
@@ -251,6 +252,7 @@ def check_pixels(ds: Dataset) -> None:
         if actual < expected:
             raise InvalidScan(f"truncated pixel data: {actual} of {expected} bytes")
         return
+    _check_codestreams(ds, geometry(ds))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -306,6 +308,22 @@ def decode_stored(data: bytes, limits: Limits | None = None) -> Decoded:
         raise InvalidScan(f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} do not give "
                           "Hounsfield units (a finite intercept and a finite slope other than 0)")
     return Decoded(stored, float(slope), float(intercept))
+
+
+def _check_codestreams(ds: Dataset, g: Geometry) -> None:
+    """InvalidScan when a compressed frame claims more pixels than the header: its decoder would
+    allocate what the frame claims (lungsql.codestream)."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=g.frames))
+    except Exception:
+        return  # pydicom's decoder says what is wrong with the encapsulation
+    for number, frame in enumerate(frames, start=1):
+        size = frame_size(frame)
+        if size is not None and (size[0] > g.rows or size[1] > g.columns):
+            raise InvalidScan(f"compressed frame {number} claims {size[0]} x {size[1]} pixels, "
+                              f"the header {g.rows} x {g.columns}: refused before decoding")
 
 
 _NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")

@@ -405,3 +405,27 @@ def test_deidentified_runs_keep_no_original_path_component(engine, cohort, tmp_p
     deidentifier = ingest.site_deidentifier()
     error_path = recorded[1]
     assert error_path.startswith(deidentifier.pseudonym("MRN-998877") + "/") and error_path.endswith(".dcm")
+
+
+# -- a compressed frame that claims more pixels than its header -------------------------------------
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "JPEG-lossy.dcm"])
+def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(name):
+    import struct
+
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from lungsql.codestream import frame_size
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    assert frame_size(bytes(frame)) == (ds.Rows, ds.Columns)
+    if frame.startswith(b"\xff\x4f"):  # JPEG 2000: Xsiz and Ysiz of the SIZ segment
+        struct.pack_into(">II", frame, 8, 60000, 60000)
+    else:  # JPEG: the height and width of the start-of-frame segment
+        sof = next(i for i in range(2, len(frame) - 1) if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC1))
+        struct.pack_into(">HH", frame, sof + 5, 60000, 60000)
+    ds.PixelData = encapsulate([bytes(frame)])
+    with pytest.raises(InvalidScan, match=r"compressed frame 1 claims 60000 x 60000 pixels, the header "
+                                          rf"{ds.Rows} x {ds.Columns}: refused before decoding"):
+        dicom.check_pixels(ds)
