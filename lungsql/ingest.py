@@ -26,6 +26,7 @@ import csv
 import io
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -308,12 +309,17 @@ def _read_all(files: list[Path], transform: Callable | None, limits: Limits
     Whatever one file raises is its reason: nothing in a file stops the upload."""
     for path in files:
         try:
-            size = path.stat().st_size
-            if size > limits.file_bytes:
-                yield path, None, (f"the file holds {size / 1e6:.0f} MB, more than the largest image allowed "
-                                   f"({limits.decoded_bytes / 1e6:.0f} MB of pixels, LUNGSQL_MAX_DECODED_BYTES)")
+            status = path.stat()
+            if not stat.S_ISREG(status.st_mode):  # a device or a pipe would be read forever
+                yield path, None, "not a regular file (a device, pipe or socket): not read"
                 continue
-            data = path.read_bytes()
+            if status.st_size > limits.file_bytes:
+                yield path, None, (f"the file holds {status.st_size / 1e6:.0f} MB, more than the largest image "
+                                   f"allowed ({limits.decoded_bytes / 1e6:.0f} MB of pixels, "
+                                   "LUNGSQL_MAX_DECODED_BYTES)")
+                continue
+            with open(path, "rb") as handle:
+                data = handle.read(limits.file_bytes + 1)  # no more, should it grow meanwhile
         except OSError as exc:
             yield path, None, f"cannot read file: {exc.strerror or exc}"
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def hostile_folder(cohort: Path, folder: Path) -> dict[str, str]:
     write("cut.dcm", data[: len(data) * 2 // 3], "truncated")
     write("random.dcm", bytes(range(256)) * 40, "not a DICOM file")
     write("empty.dcm", b"", "not a DICOM file")
+    os.mkfifo(folder / "pipe.dcm")  # nobody writes to it: reading it would wait forever
+    expected["pipe.dcm"] = "not a regular file"
+    (folder / "zeros.dcm").symlink_to("/dev/zero")  # reading it would never end
+    expected["zeros.dcm"] = "not a regular file"
     return expected
 
 
