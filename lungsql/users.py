@@ -1,13 +1,21 @@
-"""People who log in to the web app: salted password hashes and a role."""
+"""People who log in to the web app: salted password hashes and a role; what they did (the audit trail).
+
+Passwords are checked inside the database, by ``lungsql.sign_in``
+(lungsql/sign_in.py), which imports this module in the server: SQLAlchemy is
+imported only by the functions that use it.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from lungsql.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 ROLES = ("clinician", "admin")
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -21,11 +29,24 @@ _DUMMY_HASH = generate_password_hash("lungsql-no-such-user")
 def hash_password(password: str) -> str:
     if len(password) < MIN_PASSWORD:
         raise ConfigurationError(f"the password is shorter than {MIN_PASSWORD} characters")
+    if "\x00" in password:
+        raise ConfigurationError("the password contains a NUL character", hint="choose one without it")
     return generate_password_hash(password)
+
+
+def check_password(password_hash: str | None, password: str) -> bool:
+    """Whether `password` matches `password_hash`. For a user who does not exist (None) a dummy hash
+    is checked, so that the answer takes as long."""
+    if password_hash is None:
+        check_password_hash(_DUMMY_HASH, password)
+        return False
+    return check_password_hash(password_hash, password)
 
 
 def add_user(engine: sa.Engine, username: str, password: str, role: str, replace: bool = False) -> int:
     """Create a user (or with `replace`, set an existing user's password and role)."""
+    import sqlalchemy as sa
+
     if not USERNAME.match(username):
         raise ConfigurationError(f"invalid user name {username!r}",
                                  hint="use 1-64 letters, digits, '_', '.', '@' or '-'")
@@ -47,13 +68,18 @@ def add_user(engine: sa.Engine, username: str, password: str, role: str, replace
                             {"u": username, "h": hashed, "r": role}).scalar_one()
 
 
-def authenticate(conn: sa.Connection, username: str, password: str) -> dict | None:
-    """The user's row (user_id, username, role) when the password matches and the user is enabled."""
-    row = conn.execute(sa.text("SELECT user_id, username, password_hash, role, disabled FROM lungsql.users "
-                               "WHERE username = :u"), {"u": username}).mappings().first()
-    if row is None:
-        check_password_hash(_DUMMY_HASH, password)
-        return None
-    if not check_password_hash(row["password_hash"], password) or row["disabled"]:
-        return None
-    return {"user_id": row["user_id"], "username": row["username"], "role": row["role"]}
+def audit_trail(engine: sa.Engine, limit: int = 50, patient_id: str | None = None,
+                username: str | None = None) -> list[sa.Row]:
+    """The latest rows of lungsql.audit_log, newest first: of one patient and/or one user name (any
+    case) when given. Read as the DBA (`lungsql audit`): the web app's role cannot read the log."""
+    import sqlalchemy as sa
+
+    if limit < 1:
+        raise ConfigurationError(f"the number of audit rows must be at least 1, not {limit}")
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT audit_id, occurred_at, username, action, patient_id, address, detail FROM lungsql.audit_log "
+            "WHERE (CAST(:patient_id AS text) IS NULL OR patient_id = :patient_id) "
+            "  AND (CAST(:username AS text) IS NULL OR lower(username) = lower(:username)) "
+            "ORDER BY occurred_at DESC, audit_id DESC LIMIT :limit"),
+            {"patient_id": patient_id, "username": username, "limit": limit}).all()

@@ -133,7 +133,7 @@ def test_failed_sign_in_says_so_opens_no_session_and_is_audited(client, su, user
 
 def test_next_page_after_sign_in_stays_on_this_site(client):
     token = csrf_token(text(client.get("/login")))
-    for target, expected in (("/admin/audit", "/admin/audit"), ("//evil.example/x", "/patients"),
+    for target, expected in (("/admin/", "/admin/"), ("//evil.example/x", "/patients"),
                              ("https://evil.example/", "/patients"), ("/\\evil.example", "/patients")):
         response = client.post("/login", data={"username": "clin", "password": PASSWORDS["clin"],
                                                "csrf_token": token, "next": target})
@@ -143,7 +143,7 @@ def test_next_page_after_sign_in_stays_on_this_site(client):
 
 def test_pages_redirect_to_sign_in_without_a_session(client, web_db):
     for path in ("/", "/patients", "/patients?q=ana", f"/patients/{web_db.ana_id}",
-                 f"/patients/{web_db.ana_id}/slices/0.png", "/admin/", "/admin/audit", "/no-such-page"):
+                 f"/patients/{web_db.ana_id}/slices/0.png", "/admin/", "/no-such-page"):
         response = client.get(path)
         assert response.status_code == 302, path
         assert response.headers["Location"].startswith("/login?next="), path
@@ -202,6 +202,7 @@ def test_repeated_failed_sign_ins_are_slowed_down(app, client, su):
     response = login(client, "clin")
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "30" and "wait 30 s" in text(response)
+    assert audit_rows(su, "login_locked", address=address)[-1].detail == {"retry_after_s": 30, "limit": "name_address"}
     _age_sign_ins(su, address, 20)
     assert login(client, "clin").headers["Retry-After"] == "10"
     # Another user from the same address, or the same user elsewhere, is not held up.
@@ -252,6 +253,132 @@ def test_many_names_from_one_address_are_slowed_down_too(app, su):
     assert login(client, "clin").status_code == 429
 
 
+def _browser(app, address: str | None = None):
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address or next(_addresses)
+    return client
+
+
+def _alert(response) -> str:
+    """The sign-in page's error message."""
+    match = re.search(r'<p class="flash flash-error" role="alert">(.*?)</p>', text(response), re.S)
+    assert match, text(response)
+    return match.group(1)
+
+
+def _sign_in_rows(su, username: str) -> dict[str, int]:
+    with su.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT action, count(*) FROM lungsql.audit_log WHERE username = :u "
+                                         "GROUP BY action"), {"u": username}).all())
+
+
+def test_a_parallel_burst_of_wrong_passwords_is_stopped_at_the_limit(app, su):
+    """20 attempts at once for one name from one address: each waits for the one before it in the
+    database (advisory locks), so no more than LOGIN_MAX_FAILURES passwords are ever checked."""
+    import threading
+
+    users.add_user(su, "burst", "burst-password-1", "clinician")
+    address, attempts = next(_addresses), 20
+    clients = [_browser(app, address) for _ in range(attempts)]
+    tokens = [csrf_token(text(c.get("/login"))) for c in clients]
+    barrier, statuses = threading.Barrier(attempts), []
+
+    def attempt(client, token):
+        barrier.wait()
+        response = client.post("/login", data={"username": "burst", "password": "guess", "csrf_token": token})
+        statuses.append((response.status_code, text(response)))
+
+    threads = [threading.Thread(target=attempt, args=pair) for pair in zip(clients, tokens)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    limit = app.config["LOGIN_MAX_FAILURES"]
+    failed = [body for status, body in statuses if status == 200]
+    locked = [body for status, body in statuses if status == 429]
+    assert len(statuses) == attempts and len(failed) + len(locked) == attempts
+    assert len(failed) <= limit and all("Unknown user name or wrong password." in body for body in failed)
+    assert all("Too many failed sign-in attempts for this user name or from this address" in b for b in locked)
+    assert _sign_in_rows(su, "burst") == {"login_failed": len(failed), "login_locked": len(locked)}
+    assert len(failed) == limit  # serialized, not merely bounded
+    # The right password is refused too while the wait lasts, without being checked.
+    assert login(_browser(app, address), "burst", "burst-password-1").status_code == 429
+
+
+def test_a_name_attacked_from_many_addresses_is_locked_for_every_address(app, su):
+    users.add_user(su, "target", "target-password-1", "clinician")
+    limit = app.config["LOGIN_MAX_FAILURES_PER_USER"]
+    answers = [login(_browser(app), "target", f"guess-{n}") for n in range(limit + 3)]
+    assert [a.status_code for a in answers] == [200] * limit + [429] * 3
+    assert "wait 30 s" in text(answers[limit - 1])  # the failure that reached the limit says so
+    assert all(a.headers["Retry-After"] == "30" for a in answers[limit:])
+    # The right password, from yet another address, is refused until the wait is over.
+    response = login(_browser(app), "target", "target-password-1")
+    assert response.status_code == 429 and "wait 30 s" in _alert(response)
+    with su.begin() as conn:  # 31 s pass for this name's attempts
+        conn.execute(sa.text("UPDATE lungsql.audit_log SET occurred_at = occurred_at - interval '31 s' "
+                             "WHERE username = 'target'"))
+    assert login(_browser(app), "target", "target-password-1").status_code == 302
+    assert _sign_in_rows(su, "target") == {"login_failed": limit, "login_locked": 4, "login": 1}
+
+
+def test_the_locked_answer_is_the_same_for_unknown_and_existing_names(app, su):
+    users.add_user(su, "known", "known-password-1", "clinician")
+    limit = app.config["LOGIN_MAX_FAILURES"]
+    answers = {}
+    for name in ("known", "no-such-user"):
+        client = _browser(app)
+        for _ in range(limit):
+            assert "Unknown user name or wrong password." in _alert(login(client, name, "wrong-password"))
+        with su.begin() as conn:  # both names' failures as old, so that both wait as long
+            conn.execute(sa.text("UPDATE lungsql.audit_log SET occurred_at = clock_timestamp() - interval '5.5 s' "
+                                 "WHERE username = :u"), {"u": name})
+        answers[name] = login(client, name, "wrong-password")
+    known, unknown = answers["known"], answers["no-such-user"]
+    assert known.status_code == unknown.status_code == 429
+    assert known.headers["Retry-After"] == unknown.headers["Retry-After"] == "25"
+    assert _alert(known) == _alert(unknown) == ("Too many failed sign-in attempts for this user name or from "
+                                                "this address: wait 25 s and try again.")
+
+
+def test_a_disabled_user_fails_like_a_wrong_password(app, su):
+    users.add_user(su, "gone", "gone-password-1", "clinician")
+    with su.begin() as conn:
+        conn.execute(sa.text("UPDATE lungsql.users SET disabled = true WHERE username = 'gone'"))
+    client = _browser(app)
+    response = login(client, "gone", "gone-password-1")
+    assert response.status_code == 200 and _alert(response) == "Unknown user name or wrong password."
+    assert client.get("/patients").status_code == 302
+    assert _sign_in_rows(su, "gone") == {"login_failed": 1}
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://lungsql_web@127.0.0.1:1/lungsql",
+                                 "postgresql+psycopg://lungsql_web@/lungsql?host=/no/such/socket-dir"],
+                         ids=["closed-port", "missing-socket"])
+def test_an_unreachable_database_says_so_without_naming_where_or_as_whom(url):
+    app = create_app({"DATABASE_URL": url, "SECRET_KEY": "test-only-secret", "TESTING": True})
+    try:
+        client = app.test_client()
+        token = csrf_token(text(client.get("/login")))  # the sign-in form needs no database
+        page = client.post("/login", data={"username": "clin", "password": "x", "csrf_token": token})
+        with client.session_transaction() as session:  # a visitor whose session names a user
+            session["user_id"] = 1
+        api = client.get("/api/patients?q=ana")
+        for response in (page, api):
+            body = text(response)
+            assert response.status_code == 503
+            assert "The database cannot be reached right now. Try again in a moment." in body
+            assert "What to do" not in body and "hint" not in body
+            for secret in ("lungsql_web", "127.0.0.1", "port 1", "port=", "5432", ".s.PGSQL", "socket", "/no/such",
+                           "refused", "No such file", "WEB_DATABASE", "--web-db", "PostgreSQL"):
+                assert secret not in body, secret
+        assert api.is_json and api.json == {"error": "database unavailable", "status": 503,
+                                            "message": "The database cannot be reached right now. Try again in a "
+                                                       "moment."}
+    finally:
+        app.extensions[ENGINE].dispose()
+
+
 def test_a_disabled_user_loses_the_session_at_the_next_click(app, su):
     users.add_user(su, "temp", "temporary-password", "clinician")
     client = app.test_client()
@@ -284,7 +411,7 @@ def test_search_lists_several_matches_with_their_details(clinician, su):
     for name in expected:
         assert name in body
     assert f"{len(expected)} patients match" in body
-    assert "Known outcome" not in body  # training labels are for administrators
+    assert "Known outcome" not in body  # the web app's role cannot read outcome labels
 
 
 def test_search_results_are_capped(app, clinician):
@@ -391,9 +518,15 @@ def test_patient_page_shows_details_viewer_probability_and_model(clinician, web_
     assert "Known outcome" not in body
 
 
-def test_admins_also_see_the_known_outcome(boss, web_db):
-    body = text(boss.get(f"/patients/{web_db.ana_id}"))
-    assert "Known outcome" in body
+def test_nobody_sees_known_outcomes_not_even_admins(boss, web_db, su):
+    """Training labels stay in the database: the web app's role cannot read them."""
+    assert scalar(su, "SELECT label FROM lungsql.patients WHERE patient_id = :p", p=web_db.ana_id) is not None
+    for path in (f"/patients/{web_db.ana_id}", "/patients?q=an"):
+        body = text(boss.get(path))
+        assert "Known outcome" not in body and "no cancer" not in body, path
+    found = boss.get("/api/patients?q=an").json["patients"]
+    assert found and all("label" not in p for p in found)
+    assert "label" not in boss.get(f"/api/patients/{web_db.ana_id}").json
 
 
 @pytest.mark.parametrize("percent, band", [(0.0, "low"), (19.9, "low"), (20.0, "intermediate"),
@@ -523,9 +656,8 @@ def test_api_search_details_and_prediction(clinician, web_db, su):
 # -- administration -------------------------------------------------------------------------
 def test_admin_pages_are_forbidden_to_clinicians(clinician, su):
     token = csrf_token(text(clinician.get("/patients")))
-    for path in ("/admin/", "/admin/audit"):
-        response = clinician.get(path)
-        assert response.status_code == 403 and "Not allowed" in text(response)
+    response = clinician.get("/admin/")
+    assert response.status_code == 403 and "Not allowed" in text(response)
     before = scalar(su, "SELECT count(*) FROM lungsql.deployments")
     response = clinician.post("/admin/deploy", data={"csrf_token": token, "name": MODEL_NAME,
                                                      "strategy": "most_recent"})
@@ -593,26 +725,34 @@ def test_a_refused_deployment_is_reported_and_audited(boss, su):
     assert [r.detail["strategy"] for r in failed] == ["best_score", "99999"]
 
 
-def test_audit_page_lists_the_latest_events_newest_first(app, boss, web_db, su):
+def test_the_audit_log_is_read_with_the_cli_not_in_the_web_app(boss, web_db, su):
+    """The web app's role cannot read the audit log: no audit page; the DBA runs `lungsql audit`."""
+    from click.testing import CliRunner
+
+    from lungsql.cli import main
+
+    assert boss.get("/admin/audit").status_code == 404
+    assert "Audit log" not in text(boss.get("/admin/"))
     boss.get(f"/patients/{NO_FEATURES[0]}")
-    response = boss.get("/admin/audit")
-    assert response.status_code == 200
-    body = text(response)
-    rows = re.findall(r'<tr class="action-([a-z_]+)">', body)
-    assert rows[:2] == ["score_failed", "view_patient"]  # the view came first, then the score
-    assert len(rows) == min(200, scalar(su, "SELECT count(*) FROM lungsql.audit_log"))
-    app.config["AUDIT_ROWS"] = 5
-    try:
-        assert len(re.findall(r'<tr class="action-', text(boss.get("/admin/audit")))) == 5
-    finally:
-        app.config["AUDIT_ROWS"] = 200
+    runner = CliRunner()
+    result = runner.invoke(main, ["--db", web_db.url, "audit", "--limit", "2", "--patient", NO_FEATURES[0]])
+    assert result.exit_code == 0, result.output
+    header, *lines = result.output.splitlines()
+    assert header.split() == ["when", "user", "action", "patient", "address", "detail"]
+    assert [line.split()[3] for line in lines] == ["score_failed", "view_patient"]  # newest first
+    assert all(line.split()[2] == "boss" and NO_FEATURES[0] in line for line in lines)
+    result = runner.invoke(main, ["--db", web_db.url, "audit", "--user", "BOSS", "--limit", "500"])
+    assert result.exit_code == 0 and len(result.output.splitlines()) - 1 == min(500, scalar(
+        su, "SELECT count(*) FROM lungsql.audit_log WHERE username = 'boss'"))
+    result = runner.invoke(main, ["--db", web_db.url, "audit", "--user", "nobody-at-all"])
+    assert result.exit_code == 0 and result.output.strip() == "no audit rows match"
 
 
 # -- headers, markup and privileges ------------------------------------------------------------
 def test_security_headers_and_no_inline_code(client, boss, web_db):
     responses = [client.get("/login"), client.get("/static/style.css"), boss.get("/patients?q=an"),
                  boss.get(f"/patients/{web_db.ana_id}"), boss.get(f"/patients/{web_db.ana_id}/slices/0.png"),
-                 boss.get("/admin/"), boss.get("/admin/audit"), boss.get("/patients/nobody"),
+                 boss.get("/admin/"), boss.get("/patients/nobody"),
                  boss.get("/api/patients?q=ana")]
     for response in responses:
         for header, value in SECURITY_HEADERS.items():
@@ -667,6 +807,13 @@ def test_the_secret_key_comes_from_the_config_the_environment_or_a_site_file(mon
     assert app.config["SESSION_COOKIE_SECURE"] and app.config["SESSION_COOKIE_SAMESITE"] == "Lax"
     monkeypatch.setenv("LUNGSQL_SECURE_COOKIES", "1")
     assert create_app({"DATABASE_URL": url, "SECRET_KEY": "k"}).config["SESSION_COOKIE_SECURE"]
+
+
+def test_sign_in_limits_that_would_switch_throttling_off_stop_the_app():
+    url = "postgresql+psycopg://lungsql_web@/nowhere"
+    for setting, value in (("LOGIN_MAX_FAILURES", 0), ("LOGIN_MAX_FAILURES_PER_USER", 10**6), ("LOGIN_WINDOW_S", 1)):
+        with pytest.raises(ConfigurationError, match=f"{setting[6:].lower()}.* outside"):
+            create_app({"DATABASE_URL": url, "SECRET_KEY": "k", setting: value})
 
 
 def test_error_pages_are_small_templates(clinician):
@@ -782,8 +929,6 @@ def test_in_a_browser_the_admin_sees_roc_curves(browser, live_server, output_dir
     charts = browser.find_elements(By.CSS_SELECTOR, "svg.roc")
     assert charts and all(c.is_displayed() and c.size["width"] > 200 for c in charts)
     browser.save_screenshot(str(output_dir / "webapp-models.png"))
-    browser.get(f"{live_server}/admin/audit")
-    assert browser.find_elements(By.CSS_SELECTOR, "tr.action-login")
     problems = [entry["message"] for entry in browser.get_log("browser")
                 if entry["level"] == "SEVERE" or "Content Security Policy" in entry["message"]]
     assert problems == []

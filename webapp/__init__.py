@@ -33,11 +33,12 @@ DEFAULTS = {
     "QUERY_MAX_CHARS": 200,            # longer search input is cut, not refused
     "SLICE_CACHE_BYTES": 64 * 1024 * 1024,
     "SLICE_MAX_AGE_S": 600,            # browsers revalidate slice images after this (ETag)
-    "LOGIN_MAX_FAILURES": 5,           # per user name and address, within the window...
-    "LOGIN_WINDOW_S": 600,
-    "LOGIN_BASE_DELAY_S": 30,          # ...then wait 30 s, 60 s, 120 s ... (at most the window)
+    # Failed sign-ins counted by lungsql.sign_in within the window: per user name and address...
+    "LOGIN_MAX_FAILURES": 5,
+    "LOGIN_MAX_FAILURES_PER_USER": 20,      # ...per user name from every address, per address for every name...
     "LOGIN_MAX_FAILURES_PER_ADDRESS": 50,
-    "AUDIT_ROWS": 200,                 # rows on the audit page
+    "LOGIN_WINDOW_S": 600,
+    "LOGIN_BASE_DELAY_S": 30,               # ...then wait 30 s, 60 s, 120 s ... (at most the window)
 }
 
 
@@ -45,7 +46,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     """The app. `test_config` overrides the defaults, e.g. {"DATABASE_URL": ..., "SECRET_KEY": ...}."""
     from webapp import admin, api, auth, db, errors, patients
     from webapp.slices import PngCache
-    from webapp.throttle import LoginThrottle
 
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
@@ -63,12 +63,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     if not app.config.get("HU_WINDOW"):
         app.config["HU_WINDOW"] = tuple(config.get("LUNGSQL_HU_WINDOW"))
 
+    login_limits(app.config).check()  # a bad setting stops the app now, not each sign-in later
     db.init_app(app)
     csrf.init_app(app)
-    app.extensions[auth.THROTTLE] = LoginThrottle(
-        max_failures=app.config["LOGIN_MAX_FAILURES"], window_s=app.config["LOGIN_WINDOW_S"],
-        base_delay_s=app.config["LOGIN_BASE_DELAY_S"],
-        max_failures_per_address=app.config["LOGIN_MAX_FAILURES_PER_ADDRESS"])
     app.extensions[patients.SLICE_CACHE] = PngCache(app.config["SLICE_CACHE_BYTES"])
 
     app.register_blueprint(auth.bp)
@@ -78,8 +75,18 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.register(app)
     app.after_request(_security_headers)
     app.jinja_env.filters.update(sex=_sex, age=_age, when=_when, number=_number)
-    app.context_processor(lambda: {"current_user": g.get("user"), "can_see_labels": patients.can_see_labels})
+    app.context_processor(lambda: {"current_user": g.get("user")})
     return app
+
+
+def login_limits(settings):
+    """The sign-in limits of these settings, as lungsql.sign_in takes them."""
+    from lungsql.sign_in import Limits
+
+    return Limits(max_failures=settings["LOGIN_MAX_FAILURES"],
+                  max_failures_per_user=settings["LOGIN_MAX_FAILURES_PER_USER"],
+                  max_failures_per_address=settings["LOGIN_MAX_FAILURES_PER_ADDRESS"],
+                  window_s=settings["LOGIN_WINDOW_S"], base_delay_s=settings["LOGIN_BASE_DELAY_S"])
 
 
 def _security_headers(response):

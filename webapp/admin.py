@@ -1,7 +1,9 @@
-"""Administrators' pages: the models, their metrics and ROC curves, deployment, the audit log.
+"""Administrators' pages: the models, their metrics and ROC curves, deployment.
 
 Deploying calls ``lungsql.deploy(name, strategy)``, which runs with its
-owner's rights; the web app's role cannot change the registry otherwise.
+owner's rights; the web app's role cannot change the registry otherwise. The
+audit log is not shown here: the web app's role cannot read it (the DBA
+reads it with `lungsql audit`).
 """
 
 from __future__ import annotations
@@ -73,9 +75,3 @@ def deploy():
     current_app.logger.info("model %s deployed as %r (%s)", model_id, name, strategy)
     flash(f"Model {model_id} is now deployed as {name!r} ({strategy.replace('_', ' ')}).", "success")
     return redirect(url_for("admin.models"), 303)
-
-
-@bp.get("/audit")
-def audit_log():
-    rows = audit.latest(current_app.config["AUDIT_ROWS"])
-    return render_template("admin/audit.html", rows=rows)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from flask import Blueprint, abort, current_app, jsonify, request
 
 from webapp import audit, records
-from webapp.patients import can_see_labels
 from webapp.scoring import ScoringUnavailable, score
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -56,6 +55,4 @@ def _public(patient: dict) -> dict:
     out = {key: patient.get(key) for key in ("patient_id", "name", "sex", "age_years", "slices")}
     if patient.get("birth_date") is not None:
         out["birth_date"] = patient["birth_date"].isoformat()
-    if can_see_labels():
-        out["label"] = patient.get("label")
-    return out
+    return out  # never an outcome label: the web app's role cannot read them

@@ -1,7 +1,9 @@
-"""The audit trail: who signed in, viewed or scored which patient, deployed which model.
+"""The audit trail: who signed out, viewed or scored which patient, deployed which model.
 
-Rows go to ``lungsql.audit_log``, which the web app's role may append to and
-read, never change or delete.
+Rows go to ``lungsql.audit_log`` through ``lungsql.audit_append`` (the web
+app's role may neither read the log nor write to it otherwise). Sign-ins are
+audited by ``lungsql.sign_in`` itself. The DBA reads the log with
+`lungsql audit`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from flask import g, request
 
 from webapp.db import get_db
 
-ACTIONS = ("login", "login_failed", "logout", "view_patient", "score_patient", "score_failed",
-           "deploy", "deploy_failed")
+# What lungsql.audit_append accepts (sign-in rows are lungsql.sign_in's alone).
+ACTIONS = ("logout", "view_patient", "score_patient", "score_failed", "deploy", "deploy_failed")
 
-_INSERT = sa.text("INSERT INTO lungsql.audit_log (username, action, patient_id, address, detail) "
-                  "VALUES (:username, :action, :patient_id, :address, CAST(:detail AS jsonb))")
+_APPEND = sa.text("SELECT lungsql.audit_append(:username, :action, :patient_id, :address, CAST(:detail AS jsonb))")
 
 
 def record(action: str, patient_id: str | None = None, detail: dict[str, Any] | None = None,
@@ -29,14 +30,7 @@ def record(action: str, patient_id: str | None = None, detail: dict[str, Any] | 
     if username is None and g.get("user"):
         username = g.user["username"]
     conn = get_db()
-    conn.execute(_INSERT, {"username": username, "action": action, "patient_id": patient_id,
+    conn.execute(_APPEND, {"username": username, "action": action, "patient_id": patient_id,
                            "address": request.remote_addr, "detail": json.dumps(detail or {})})
     if commit:
         conn.commit()
-
-
-def latest(limit: int) -> list[sa.Row]:
-    return get_db().execute(sa.text(
-        "SELECT audit_id, occurred_at, username, action, patient_id, address, detail "
-        "FROM lungsql.audit_log ORDER BY occurred_at DESC, audit_id DESC LIMIT :limit"),
-        {"limit": limit}).all()

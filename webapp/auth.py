@@ -1,27 +1,44 @@
 """Signing in and out; every page but the sign-in page (and static files) needs a session.
 
-The session is Flask's signed cookie holding the user's id. Each request
-reads the user's row again, so a user disabled (or given another role) with
-`lungsql user add --replace` is affected at their next click.
+A sign-in attempt is one call of ``lungsql.sign_in`` in the database
+(lungsql/sign_in.py), committed right after: it throttles failed attempts per
+user name and address, per name and per address (serialized by advisory
+locks, so a parallel burst is counted attempt by attempt), checks the
+password against the stored hash, which the web app's role cannot read, and
+audits the attempt. The session is Flask's signed cookie holding the user's
+id. Each request reads the user's row again, so a user disabled (or given
+another role) with `lungsql user add --replace` is affected at their next click.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import asdict
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from flask import (Blueprint, abort, current_app, flash, g, redirect, render_template, request, session,
                    url_for)
 
-from lungsql import users
-from webapp import audit
+from webapp import audit, login_limits
 from webapp.db import get_db
 
 bp = Blueprint("auth", __name__)
 
-THROTTLE = "lungsql_login_throttle"
 PUBLIC_ENDPOINTS = {"auth.login", "static"}
+
+# One attempt, throttled and audited in the database (sql/postgres/functions/020_web.sql).
+_SIGN_IN = sa.text("""
+SELECT outcome, user_id, role, retry_after
+FROM lungsql.sign_in(CAST(:username AS text), CAST(:password AS text), CAST(:address AS text),
+                     CAST(:max_failures AS integer), CAST(:max_failures_per_user AS integer),
+                     CAST(:max_failures_per_address AS integer), CAST(:window_s AS double precision),
+                     CAST(:base_delay_s AS double precision))
+""")
+
+# The same words whether the name exists or not.
+WRONG = "Unknown user name or wrong password."
+LOCKED = "Too many failed sign-in attempts for this user name or from this address: wait {wait} s and try again."
 
 
 @bp.before_app_request
@@ -53,30 +70,26 @@ def login():
         return render_template("login.html", next=target, username="")
 
     username = clean_username(request.form.get("username", ""))
-    password = request.form.get("password", "")
-    address = request.remote_addr
-    throttle = current_app.extensions[THROTTLE]
-    wait = throttle.retry_after(get_db(), username, address)
-    if wait:
-        message = f"Too many failed sign-in attempts: wait {wait} s and try again."
-        return (render_template("login.html", next=target, username=username, error=message), 429,
-                {"Retry-After": str(wait)})
-    # A name that cannot exist is checked as an unknown one: same answer, same time.
-    user = users.authenticate(get_db(), username if users.USERNAME.match(username) else "", password)
-    if user is None:
-        failures, wait = throttle.after_failure(get_db(), username, address)
-        audit.record("login_failed", username=username or None,
-                     detail={"failures": failures, "wait_s": wait})
-        message = "Unknown user name or wrong password."
-        if wait:
-            message += f" Too many failed attempts: wait {wait} s before the next one."
+    # PostgreSQL text cannot hold NUL; no stored password has one (lungsql.users.hash_password).
+    password = request.form.get("password", "").replace("\x00", "\ufffd")
+    conn = get_db()
+    row = conn.execute(_SIGN_IN, {"username": username, "password": password, "address": request.remote_addr,
+                                  **asdict(login_limits(current_app.config))}).one()
+    conn.commit()  # the attempt's audit row, and the next attempt may go on
+    if row.outcome == "locked":
+        return (render_template("login.html", next=target, username=username,
+                                error=LOCKED.format(wait=row.retry_after)),
+                429, {"Retry-After": str(row.retry_after)})
+    if row.outcome != "ok":
+        message = WRONG
+        if row.retry_after:
+            message += f" Too many failed attempts: wait {row.retry_after} s before the next one."
         return render_template("login.html", next=target, username=username, error=message)
 
     session.clear()
     session.permanent = True
-    session["user_id"] = user["user_id"]
-    g.user = user
-    audit.record("login")
+    session["user_id"] = row.user_id
+    g.user = {"user_id": row.user_id, "username": username, "role": row.role}
     return redirect(target or url_for("patients.search"))
 
 

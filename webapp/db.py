@@ -1,8 +1,10 @@
 """The web app's database: one SQLAlchemy engine per app, one connection per request.
 
-The app connects as the least-privileged role ``lungsql_web``: it reads
-patients, scans, models and deployments, appends to the audit log, and calls
-the scoring and deployment functions. Every statement binds its parameters.
+The app connects as the least-privileged role ``lungsql_web``: it reads the
+models and deployments and users' names and roles, and reaches patients,
+slices, sign-in and the audit log only through functions
+(sql/postgres/functions/020_web.sql), besides the scoring and deployment
+functions. Every statement binds its parameters.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from flask import Flask, current_app, g
 
 from lungsql.errors import DatabaseUnavailable
 
+# All a visitor learns when the database is away: where it is and as whom go to the server's log only.
+UNAVAILABLE = "The database cannot be reached right now. Try again in a moment."
+
 ENGINE = "lungsql_engine"
 
 
@@ -22,6 +27,7 @@ def init_app(app: Flask) -> None:
         app.config["DATABASE_URL"],
         pool_pre_ping=True,
         pool_size=app.config["DATABASE_POOL_SIZE"],
+        hide_parameters=True,  # errors and logs never show bound values (a password being checked)
         connect_args={"application_name": "lungsql-web"},
     )
     app.teardown_appcontext(close_db)
@@ -63,11 +69,10 @@ def get_db() -> sa.Connection:
         try:
             g.db = get_engine().connect()
         except sa.exc.OperationalError as exc:
-            raise DatabaseUnavailable(
-                "the web app cannot reach its database: " + _first_line(exc),
-                hint="check that PostgreSQL runs and that LUNGSQL_WEB_DATABASE_URL (or --web-db) "
-                     "points at it as the role lungsql_web",
-            ) from None
+            current_app.logger.error(
+                "the web app cannot reach its database: %s (check that PostgreSQL runs and that "
+                "LUNGSQL_WEB_DATABASE_URL or --web-db points at it as the role lungsql_web)", _first_line(exc))
+            raise DatabaseUnavailable(UNAVAILABLE) from None
     return g.db
 
 

@@ -1,7 +1,9 @@
 """One handler per kind of error: a small page, or JSON under /api/.
 
-LungSQLError (lungsql.errors) is rendered with its message and hint; a lost
-database connection reads as 'database unavailable' (503).
+LungSQLError (lungsql.errors) is rendered with its message and hint; an
+unreachable database or a lost connection reads as 'database unavailable'
+(503) with one sentence that names no socket, port, host or role (those go to
+the server's log).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from lungsql.errors import DatabaseUnavailable, LungSQLError
+from webapp.db import UNAVAILABLE
 
 TITLES = {
     400: "Bad request",
@@ -87,16 +90,17 @@ def internal_error(exc: InternalServerError):
 def lungsql_error(exc: LungSQLError):
     from flask import current_app
 
-    status = 503 if isinstance(exc, DatabaseUnavailable) else 500
     current_app.logger.error("%s: %s", type(exc).__name__, exc)
-    return render_error(status, _sentence(exc.message), exc.hint)
+    if isinstance(exc, DatabaseUnavailable):
+        return render_error(503, UNAVAILABLE)
+    return render_error(500, _sentence(exc.message), exc.hint)
 
 
 def database_gone(exc: sa.exc.DBAPIError):
     from flask import current_app
 
     current_app.logger.error("database error: %s", exc)
-    return render_error(503, "The database cannot be reached right now. Try again in a moment.")
+    return render_error(503, UNAVAILABLE)
 
 
 def register(app: Flask) -> None:

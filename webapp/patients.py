@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
 
 from webapp import audit, records
 from webapp.scoring import ScoringUnavailable, score
-from webapp.slices import render_png
+from webapp.slices import encode_png
 
 bp = Blueprint("patients", __name__)
 
@@ -47,7 +47,8 @@ def patient(patient_id: str):
 
 @bp.get("/patients/<patient_id>/slices/<int:index>.png")
 def slice_png(patient_id: str, index: int):
-    """Slice number `index` (0-based, series by series in z order) as PNG; 404 beyond the last one."""
+    """Slice number `index` (0-based, series by series in z order) as PNG, rendered by the database
+    (lungsql.slice_image); 404 beyond the last one, 500 with the reason for a slice that cannot be decoded."""
     ref = records.slice_ref(patient_id, index)
     if ref is None:
         abort(404, description="There is no such slice.")
@@ -60,13 +61,11 @@ def slice_png(patient_id: str, index: int):
         cache = current_app.extensions[SLICE_CACHE]
         png = cache.get(etag)
         if png is None:
-            png = render_png(records.slice_dicom(ref["scan_id"]), current_app.config["HU_WINDOW"])
+            pixels = records.slice_pixels(ref["scan_id"], (low, high))
+            if pixels is None:  # deleted since the reference was read
+                abort(404, description="There is no such slice.")
+            png = encode_png(*pixels)
             cache.put(etag, png)
         response = Response(png, mimetype="image/png", headers=headers)
     response.set_etag(etag)
     return response
-
-
-def can_see_labels() -> bool:
-    """Known outcomes (training labels) are shown to administrators only."""
-    return bool(g.get("user")) and g.user["role"] == "admin"

@@ -1,8 +1,10 @@
 """Patients and their slices as the web app reads them: search, one patient, one slice.
 
-Shared by the pages and the JSON API. Input from the browser is cleaned here
-(control and invisible format characters removed: PostgreSQL refuses NUL in
-text) and always bound as a parameter; LIKE metacharacters are escaped.
+Shared by the pages and the JSON API, through the functions the web app's
+role may call (lungsql.web_search_patients, web_patient, web_slice_ref,
+slice_image). Input from the browser is cleaned here (control and invisible
+format characters removed: PostgreSQL refuses NUL in text) and always bound
+as a parameter.
 """
 
 from __future__ import annotations
@@ -12,47 +14,24 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from webapp.db import get_db
+from lungsql.errors import InvalidScan
+from webapp.db import database_message, get_db, is_lungsql_error
 
 # Longest PatientID DICOM allows (LO: 64 characters); anything longer is unknown.
 PATIENT_ID_MAX = 64
 # Characters removed from search input: controls (NUL...), format marks (RTL, zero width), surrogates.
 _DROPPED = {"Cc", "Cf", "Cs"}
 
-_SEARCH = sa.text(r"""
-WITH hits AS (
-    SELECT p.patient_id, p.name, p.sex, p.age_years, p.label,
-           lower(p.patient_id) = lower(:q) AS exact_id,
-           count(*) OVER () AS total
-    FROM lungsql.patients p
-    WHERE lower(p.name) LIKE '%' || lower(:pattern) || '%' ESCAPE '\'
-       OR lower(p.patient_id) LIKE lower(:pattern) || '%' ESCAPE '\'
-    ORDER BY exact_id DESC, p.name, p.patient_id
-    LIMIT :limit
-)
-SELECT h.*, (SELECT count(*) FROM lungsql.scans s WHERE s.patient_id = h.patient_id) AS slices
-FROM hits h
-ORDER BY h.exact_id DESC, h.name, h.patient_id
-""")
-
-_PATIENT = sa.text("""
-SELECT p.patient_id, p.name, p.sex, p.birth_date, p.age_years, p.label,
-       s.slices, s.rows, s.columns
-FROM lungsql.patients p
-CROSS JOIN LATERAL (SELECT count(*) AS slices, max(rows) AS rows, max(columns) AS columns
-                    FROM lungsql.scans WHERE patient_id = p.patient_id) s
-WHERE p.patient_id = :patient_id
-""")
-
-_EXISTS = sa.text("SELECT 1 FROM lungsql.patients WHERE patient_id = :patient_id")
-
-# The viewer's order: series by series, each in z order (the index scans_patient_series_z).
-_SLICE = sa.text("""
-SELECT scan_id, encode(sha256, 'hex') AS sha256
-FROM lungsql.scans WHERE patient_id = :patient_id
-ORDER BY series_instance_uid, z_position, sop_instance_uid
-OFFSET :index LIMIT 1
-""")
+# The web app's role reads patients and scans only through these functions (020_web.sql): no outcome
+# label, no DICOM file. LIKE metacharacters are escaped by web_search_patients itself.
+_SEARCH = sa.text("SELECT * FROM lungsql.web_search_patients(:q, CAST(:limit AS integer))")
+_PATIENT = sa.text("SELECT * FROM lungsql.web_patient(:patient_id)")
+_EXISTS = sa.text("SELECT 1 FROM lungsql.web_patient(:patient_id)")
+# The viewer's order: series by series, each in z order.
+_SLICE = sa.text("SELECT scan_id, sha256 FROM lungsql.web_slice_ref(:patient_id, CAST(:index AS integer))")
+_PIXELS = sa.text("SELECT rows, columns, pixels FROM lungsql.slice_image(CAST(:scan_id AS bigint), "
+                  "CAST(:low AS real), CAST(:high AS real))")
+INDEX_MAX = 2**31 - 1  # slice numbers are PostgreSQL integers
 
 
 @dataclass(frozen=True)
@@ -73,15 +52,11 @@ def clean_query(text: str | None, max_chars: int) -> str:
     return text[:max_chars].strip()
 
 
-def like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def search(query: str, limit: int) -> SearchResult:
     """Patients whose name contains `query` (any case) or whose ID starts with it; exact ID first."""
     if not query:
         return SearchResult(query, [], 0)
-    rows = get_db().execute(_SEARCH, {"q": query, "pattern": like_escape(query), "limit": limit}).mappings().all()
+    rows = get_db().execute(_SEARCH, {"q": query, "limit": limit}).mappings().all()
     return SearchResult(query, [_patient(r) for r in rows], int(rows[0]["total"]) if rows else 0)
 
 
@@ -99,22 +74,32 @@ def patient(patient_id: str) -> dict | None:
 
 
 def exists(patient_id: str) -> bool:
-    """Whether the patient is stored (the cheap check, without counting slices)."""
+    """Whether the patient is stored."""
     return valid_patient_id(patient_id) and get_db().execute(
         _EXISTS, {"patient_id": patient_id}).first() is not None
 
 
 def slice_ref(patient_id: str, index: int) -> dict | None:
     """(scan_id, sha256 hex) of the patient's slice number `index` (0-based) in viewer order, or None."""
-    if not valid_patient_id(patient_id) or index < 0:
+    if not valid_patient_id(patient_id) or not 0 <= index <= INDEX_MAX:
         return None
     row = get_db().execute(_SLICE, {"patient_id": patient_id, "index": index}).mappings().first()
     return None if row is None else dict(row)
 
 
-def slice_dicom(scan_id: int) -> bytes:
-    return bytes(get_db().execute(sa.text("SELECT dicom FROM lungsql.scans WHERE scan_id = :id"),
-                                  {"id": scan_id}).scalar_one())
+def slice_pixels(scan_id: int, window: tuple[float, float]) -> tuple[int, int, bytes] | None:
+    """(rows, columns, uint8 pixels row by row) of a stored slice through `window`, decoded in the
+    database; None for an unknown scan. InvalidScan (a 500 page saying why) when it cannot be decoded."""
+    try:
+        row = get_db().execute(_PIXELS, {"scan_id": scan_id, "low": window[0], "high": window[1]}).first()
+    except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        raise  # the database is gone: 503
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated or not is_lungsql_error(exc):
+            raise
+        get_db().rollback()
+        raise InvalidScan(*database_message(exc)) from None
+    return None if row is None else (int(row.rows), int(row.columns), bytes(row.pixels))
 
 
 def _patient(row) -> dict:

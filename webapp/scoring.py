@@ -25,17 +25,16 @@ BANDS = (
     (0.0, "low", "green", "below 20 %"),
 )
 
-# The score and its audit row in one statement (one round trip); they commit together.
+# The score and its audit row in one statement (one round trip); they commit together. The audit row is
+# appended by lungsql.audit_append, once per row the scoring returned (none when it raised).
 _SCORE = sa.text("""
-WITH scored AS MATERIALIZED (SELECT * FROM lungsql.predict_lung_cancer_detail(:patient_id)),
-audited AS (
-    INSERT INTO lungsql.audit_log (username, action, patient_id, address, detail)
-    SELECT CAST(:username AS text), 'score_patient', CAST(:patient_id AS text), CAST(:address AS text),
-           jsonb_build_object('via', CAST(:via AS text), 'model_id', model_id, 'model_name', name,
-                              'model_version', version, 'probability', probability)
-    FROM scored
-)
-SELECT * FROM scored
+SELECT s.*,
+       lungsql.audit_append(CAST(:username AS text), 'score_patient', CAST(:patient_id AS text),
+                            CAST(:address AS text),
+                            jsonb_build_object('via', CAST(:via AS text), 'model_id', s.model_id,
+                                               'model_name', s.name, 'model_version', s.version,
+                                               'probability', s.probability)) AS audit_id
+FROM lungsql.predict_lung_cancer_detail(CAST(:patient_id AS text)) s
 """)
 
 # What predict_lung_cancer(patient_id) uses when no model name is given: the latest deployment row.

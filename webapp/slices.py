@@ -1,8 +1,11 @@
-"""CT slices as PNG images in the lung window, rendered from the stored DICOM.
+"""CT slices as PNG images in the lung window, from the pixels the database renders.
 
+The database decodes the stored DICOM and maps it through the window
+(``lungsql.slice_image``): the web app's role never reads a DICOM file, and
+the web app never parses one. Here the rows x columns bytes only become a PNG.
 Renderings are kept in an in-process LRU cache keyed by the DICOM file's
-SHA-256 (stored with the scan), bounded in bytes; browsers cache them too
-(ETag = that SHA-256).
+SHA-256 (stored with the scan) and the window, bounded in bytes; browsers
+cache them too (the same ETag).
 """
 
 from __future__ import annotations
@@ -12,26 +15,19 @@ from collections import OrderedDict
 
 import numpy as np
 
-from lungsql import dicom, preprocess
 from lungsql.errors import ConfigurationError, InvalidScan
 
 
-def render_png(data: bytes, window: tuple[float, float]) -> bytes:
-    """One DICOM file's first frame, in Hounsfield units mapped through `window` to 0-255, as PNG."""
+def encode_png(rows: int, columns: int, pixels: bytes) -> bytes:
+    """`pixels` (rows x columns uint8, row by row) as a greyscale PNG."""
     try:
         import cv2
     except ImportError:
         raise ConfigurationError("showing CT slices needs OpenCV",
                                  hint="install lungsql's ml extra: pip install -e '.[ml]'") from None
-    ds = dicom.parse(data)
-    try:
-        hu = dicom.hounsfield(ds)
-    except Exception as exc:  # pydicom raises many kinds on pixels it cannot decode
-        raise InvalidScan(f"cannot decode the pixels of this slice: {str(exc).strip().splitlines()[0]}",
-                          hint=dicom.CODECS_HINT) from None
-    if hu.ndim == 3:  # multi-frame: the first frame
-        hu = hu[0]
-    image = preprocess.window(hu, window[0], window[1], dtype=np.uint8)
+    if rows <= 0 or columns <= 0 or len(pixels) != rows * columns:
+        raise InvalidScan(f"the database returned {len(pixels)} bytes for a slice of {rows} x {columns} pixels")
+    image = np.frombuffer(pixels, dtype=np.uint8).reshape(rows, columns)
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise ConfigurationError("OpenCV could not encode the slice as PNG")

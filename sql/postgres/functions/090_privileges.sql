@@ -1,10 +1,15 @@
 -- Least privilege. Re-applied by every `lungsql init`, after the functions.
 --
--- lungsql_web is the web app's role: it reads patients and scans, the models
--- and their deployments (to show them), users' names, roles and password
--- hashes (to log them in); it appends to and reads the audit log; and it
--- executes the scoring and deployment functions, which run with their
--- owner's rights. It cannot change models, features, users or audit rows.
+-- lungsql_web is the web app's role. It reads the models and their
+-- deployments (the administrators' page) and users' names, roles and whether
+-- they are disabled (each request's user); everything else goes through
+-- functions that run with their owner's rights on a fixed search path:
+-- patients without their outcome labels, slice references and pixels
+-- (020_web.sql: web_search_patients, web_patient, web_slice_ref,
+-- slice_image), signing in (sign_in: the password hashes never leave the
+-- server), appending to the audit log (audit_append), scoring and deploying.
+-- It cannot read outcome labels, DICOM files, features, password hashes or the
+-- audit log, nor change models, features, users or audit rows.
 -- Give it a password for TCP connections: ALTER ROLE lungsql_web PASSWORD '...'.
 
 DO $$
@@ -18,16 +23,17 @@ $$;
 -- Functions are executable by PUBLIC by default: not these.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA lungsql FROM PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA lungsql FROM PUBLIC;
-REVOKE ALL ON ALL TABLES IN SCHEMA lungsql FROM lungsql_web;
+REVOKE ALL ON ALL TABLES IN SCHEMA lungsql FROM lungsql_web;  -- and column privileges (an earlier password_hash)
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA lungsql FROM lungsql_web;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA lungsql FROM lungsql_web;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA lungsql FROM lungsql_web;
 
 GRANT USAGE ON SCHEMA lungsql TO lungsql_web;
-GRANT SELECT ON lungsql.patients, lungsql.scans, lungsql.models, lungsql.deployments TO lungsql_web;
-GRANT SELECT (user_id, username, password_hash, role, disabled) ON lungsql.users TO lungsql_web;
-GRANT SELECT, INSERT ON lungsql.audit_log TO lungsql_web;
+GRANT SELECT ON lungsql.models, lungsql.deployments TO lungsql_web;
+GRANT SELECT (user_id, username, role, disabled) ON lungsql.users TO lungsql_web;
 
--- Scoring and deployment run with the rights of their owner, on a fixed search path.
+-- Scoring and deployment run with the rights of their owner, on a fixed search path
+-- (the functions of 020_web.sql declare it themselves).
 ALTER FUNCTION lungsql.predict_lung_cancer(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION lungsql.predict_lung_cancer_batch(text[], text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION lungsql.predict_lung_cancer_detail(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
@@ -38,3 +44,12 @@ GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer_batch(text[], text) TO lun
 GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer_detail(text, text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.warm_up(text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.deploy(text, text) TO lungsql_web;
+
+-- The web app's boundary (020_web.sql).
+GRANT EXECUTE ON FUNCTION lungsql.web_search_patients(text, integer) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.web_patient(text) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.web_slice_ref(text, integer) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.slice_image(bigint, real, real) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.sign_in(text, text, text, integer, integer, integer, double precision,
+                                          double precision) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.audit_append(text, text, text, text, jsonb) TO lungsql_web;
