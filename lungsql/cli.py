@@ -362,6 +362,8 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
     # LUNGSQL_WEB_OS_USER (webapp.server.drop_privileges). It refuses a URL that logs in as a superuser.
     import os
 
+    from sqlalchemy.engine import make_url
+
     from lungsql.db import check_web_role, resolve_web_url
     from lungsql.secrets import site_secret
     from webapp import create_app
@@ -375,6 +377,8 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
     url = resolve_web_url(web_db)
     check_web_role(url)
     secret_key = site_secret("flask", "LUNGSQL_SECRET_KEY")
+    socket_dir = make_url(url).query.get("host")  # a Unix socket's folder, which the workers must enter
+    reach = (socket_dir,) if isinstance(socket_dir, str) and socket_dir.startswith("/") else ()
     for name in ("LUNGSQL_DATABASE_URL", "LUNGSQL_WEB_DATABASE_URL", "LUNGSQL_SECRET_KEY", "LUNGSQL_DEID_KEY"):
         os.environ.pop(name, None)  # the app has what it needs in its config; the workers need none of these
     workers = workers or default_workers()
@@ -382,7 +386,8 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
                f"({workers} processes x {threads} threads"
                f"{f', as the OS user {run_as.pw_name}' if run_as else ''}; Ctrl+C stops it)")
     run_server(lambda pool: create_app({"DATABASE_URL": url, "SECRET_KEY": secret_key, "DATABASE_POOL_SIZE": pool}),
-               host, port, workers=workers, threads=threads, trusted_proxy=trusted_proxy, run_as=run_as)
+               host, port, workers=workers, threads=threads, trusted_proxy=trusted_proxy, run_as=run_as,
+               reach=reach)
 
 
 @main.command()

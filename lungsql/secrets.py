@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 import config_preprocessing as config
+from lungsql.errors import ConfigurationError
 
 
 def site_secret(name: str, env_var: str) -> bytes:
@@ -17,11 +18,20 @@ def site_secret(name: str, env_var: str) -> bytes:
     value = config.get(env_var)
     if value:
         return value.encode()
-    path = Path(config.get("LUNGSQL_HOME")) / f"{name}.key"
+    return secret_file(Path(config.get("LUNGSQL_HOME")) / f"{name}.key")
+
+
+def secret_file(path: Path) -> bytes:
+    """The random secret kept in `path`: 64 hex digits, written once (mode 0600) and read ever after."""
     try:
         return path.read_bytes().strip()
     except FileNotFoundError:
         pass
+    except PermissionError:
+        raise ConfigurationError(
+            f"cannot read the site secret {path}",
+            hint="run lungsql as the user who created it (or root)",
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
     try:

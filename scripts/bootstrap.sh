@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what lungsql needs and is missing, then nothing else:
 #   1. Debian packages (PostgreSQL 15 with PL/Python), with apt-get;
-#   2. .venv, a virtual environment with lungsql and its extras.
+#   2. .venv, a virtual environment with lungsql and its extras;
+#   3. as root, the system user lungsql-web, which `lungsql serve` becomes when started as root.
 # Safe to run again: a second run checks and returns in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +66,38 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
     .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
+fi
+
+# `lungsql serve` started as root serves as this unprivileged system user (LUNGSQL_WEB_OS_USER), never
+# as root. Only root can create it; as anyone else, serve runs as that user and needs none.
+WEB_OS_USER=${LUNGSQL_WEB_OS_USER:-lungsql-web}
+if [ "$(id -u)" -eq 0 ]; then
+    if ! getent passwd "$WEB_OS_USER" >/dev/null; then
+        say "creating the system user $WEB_OS_USER (lungsql serve runs as it when started as root)"
+        useradd --system --no-create-home --shell /usr/sbin/nologin "$WEB_OS_USER"
+    fi
+    # That user runs the venv's Python. When the Python it was built from lives in a folder others may
+    # not enter (pyenv in /root, say), let that user, and only it, traverse (x, not list) the folders above.
+    if ! runuser -u "$WEB_OS_USER" -- .venv/bin/python -c 'import logging.config, lungsql, flask' 2>/dev/null; then
+        base=$(.venv/bin/python -c 'import sys; print(sys.base_prefix)')
+        if ! command -v setfacl >/dev/null; then
+            say "installing the Debian package acl (setfacl)"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends acl >/dev/null
+        fi
+        folder=""
+        IFS=/ read -r -a parts <<< "${base#/}"
+        for part in "${parts[@]}"; do
+            folder="$folder/$part"
+            if ! runuser -u "$WEB_OS_USER" -- test -x "$folder"; then
+                say "letting $WEB_OS_USER traverse $folder (it runs the Python under $base)"
+                setfacl -m "u:$WEB_OS_USER:x" "$folder"
+            fi
+        done
+        runuser -u "$WEB_OS_USER" -- .venv/bin/python -c 'import logging.config, lungsql, flask' || {
+            echo "the OS user $WEB_OS_USER cannot run .venv/bin/python; make the project and $base readable to it" >&2
+            exit 1
+        }
+    fi
 fi
 say "bootstrap complete"

@@ -8,6 +8,12 @@ socket; each runs `threads` threads and its own database pool. Everything
 the processes must agree on lives in the database (sessions are signed
 cookies; sign-in throttling reads the audit log). On Windows, which has no
 fork, waitress serves in one process.
+
+Started as root, `lungsql serve` reads what is secret first (the signing key,
+the web role's password) and then becomes, for good, the unprivileged OS user
+LUNGSQL_WEB_OS_USER before anything serves a request (`drop_privileges`): code
+run in a worker then has that user's rights, not root's, and reaches the
+database only as lungsql_web.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from typing import Callable, Iterator
 
 from flask import Flask
 
+from lungsql.errors import ConfigurationError
 from lungsql.featurize import default_threads
+
+#: How to create the web server's OS user, for the message that says it is missing.
+CREATE_WEB_OS_USER = "useradd --system --no-create-home --shell /usr/sbin/nologin lungsql-web"
 
 
 def default_workers() -> int:
@@ -35,14 +45,100 @@ def default_workers() -> int:
     return default_threads()
 
 
+def web_os_user(name: str):
+    """The passwd entry of the OS user to serve as (LUNGSQL_WEB_OS_USER), which must exist and not be root."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigurationError(
+            f"lungsql serve runs as root and will not serve as root, but the OS user {name!r} to serve as "
+            "does not exist",
+            hint=f"create it: `{CREATE_WEB_OS_USER.replace('lungsql-web', name)}` (`make bootstrap` creates "
+                 "lungsql-web), or set LUNGSQL_WEB_OS_USER to an unprivileged user",
+        ) from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise ConfigurationError(
+            f"LUNGSQL_WEB_OS_USER={name!r} is root or in the root group: lungsql serve will not serve as root",
+            hint=f"use an unprivileged user, e.g. `{CREATE_WEB_OS_USER}`",
+        )
+    return entry
+
+
+def unreadable_for(entry, paths: list[str]) -> str | None:
+    """The first of `paths` (folders) that the OS user `entry` cannot list and enter, or None."""
+    probe = subprocess.run(
+        ["/bin/sh", "-c", 'for p; do test -r "$p" && test -x "$p" || { echo "$p"; exit 1; }; done', "sh", *paths],
+        user=entry.pw_uid, group=entry.pw_gid, extra_groups=[], cwd="/", capture_output=True, text=True,
+    )
+    if probe.returncode == 0:
+        return None
+    return probe.stdout.strip() or ", ".join(paths)
+
+
+def needed_folders() -> list[str]:
+    """The folders the server reads from after giving up root: Python's standard library and its
+    extension modules, the installed packages, lungsql and the web app (templates, static files)."""
+    import sysconfig
+
+    import flask
+    import gunicorn
+
+    import lungsql
+    import webapp
+
+    folders = [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"] + "/lib-dynload",
+               os.path.dirname(os.path.dirname(flask.__file__)), os.path.dirname(os.path.dirname(gunicorn.__file__)),
+               os.path.dirname(lungsql.__file__), os.path.dirname(webapp.__file__)]
+    return [folder for folder in dict.fromkeys(folders) if os.path.isdir(folder)]
+
+
+def drop_privileges(entry, reach: tuple[str, ...] = ()) -> None:
+    """Become the OS user `entry` (a passwd entry) for good: no supplementary groups, its group, its uid
+    (real, effective and saved), its HOME. First checked: the user can read the Python that runs the
+    server (its modules are imported as they are needed) and the folders in `reach` (the database's
+    socket); afterwards: root cannot be regained."""
+    blocked = unreadable_for(entry, needed_folders() + list(reach))
+    if blocked:
+        raise ConfigurationError(
+            f"lungsql serve would serve as the OS user {entry.pw_name!r}, which cannot enter {blocked} "
+            "(the server needs it once it has given up root)",
+            hint=f"let {entry.pw_name} traverse the folders above it (`make bootstrap` does for the venv's "
+                 f"Python, with setfacl -m u:{entry.pw_name}:x), or build .venv from a Python every user may "
+                 "read, e.g. /usr/bin/python3.11",
+        )
+    os.setgroups([])
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
+    regained = True
+    try:
+        os.setuid(0)
+    except PermissionError:
+        regained = False
+    if (regained or os.getresuid() != (entry.pw_uid,) * 3 or os.getresgid() != (entry.pw_gid,) * 3
+            or set(os.getgroups()) - {entry.pw_gid}):
+        raise ConfigurationError(
+            f"lungsql serve could not give up root for the OS user {entry.pw_name!r}",
+            hint="check that the user exists and that lungsql runs as root or as that user",
+        )
+    if not os.access(".", os.R_OK | os.X_OK):
+        os.chdir("/")  # root's working folder, which the user may not read
+
+
 def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int | None = None,
-          threads: int = 4, trusted_proxy: str | None = None) -> None:
-    """Serve `make_app(pool_size)` until interrupted. The app is built once here first, so that a bad
-    setting stops the server before it forks, and the site's signing key exists before the workers read it.
-    Each worker warms its database pool in the background as it starts (`webapp.db.warm_pool`)."""
+          threads: int = 4, trusted_proxy: str | None = None, run_as=None, reach: tuple[str, ...] = ()) -> None:
+    """Serve `make_app(pool_size)` until interrupted. With `run_as` (a passwd entry, see `web_os_user`),
+    become that OS user first, checking that it can enter the folders in `reach`: `make_app` must then
+    need nothing only root may read (give it the signing key and the database URL). The app is built once
+    here first, so that a bad setting stops the server before it forks. Each worker warms its database
+    pool in the background as it starts (`webapp.db.warm_pool`)."""
     from webapp.db import warm_pool
     from webapp.proxy import TrustedProxy
 
+    if run_as is not None:
+        drop_privileges(run_as, reach)
     workers = workers or default_workers()
     make_app(1)
 
@@ -70,6 +166,8 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
         "accesslog": None,         # the audit log says who saw what
         "forwarded_allow_ips": "",  # TrustedProxy decides which forwarded headers to believe
         "control_socket_disable": True,
+        # The workers' heartbeat files: a folder every user may write (not $TMPDIR, perhaps root's own).
+        "worker_tmp_dir": "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else "/tmp",
     }).run()
 
 
@@ -101,13 +199,15 @@ class Running:
 def running(web_url: str, workers: int | None = None, threads: int = 4,
             timeout_s: float = 60.0) -> Iterator[Running]:
     """`lungsql serve` in processes of its own on a free loopback port, until the block ends: the app
-    as deployed, for the benchmark and the end-to-end tests."""
+    as deployed, for the benchmark and the end-to-end tests (started as root, it serves as
+    LUNGSQL_WEB_OS_USER). `web_url` may hold a password: it goes through the environment, which only
+    the server's user may read, not through the command line, which every user may."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = [sys.executable, "-m", "lungsql", "serve", "--port", str(port), "--threads", str(threads),
-            "--web-db", web_url] + (["--workers", str(workers)] if workers else [])
-    env = dict(os.environ, LUNGSQL_SECRET_KEY=secrets.token_hex(32))
+    argv = [sys.executable, "-m", "lungsql", "serve", "--port", str(port), "--threads", str(threads)
+            ] + (["--workers", str(workers)] if workers else [])
+    env = dict(os.environ, LUNGSQL_SECRET_KEY=secrets.token_hex(32), LUNGSQL_WEB_DATABASE_URL=web_url)
     log = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the server runs
     server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
@@ -116,8 +216,11 @@ def running(web_url: str, workers: int | None = None, threads: int = 4,
             with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5):
                 break
             if server.poll() is not None or time.monotonic() > deadline:
+                from lungsql.db import redact_url
+
                 log.seek(0)
-                raise RuntimeError("lungsql serve did not start: " + log.read().decode(errors="replace")[-500:])
+                raise RuntimeError("lungsql serve did not start: "
+                                   + redact_url(log.read().decode(errors="replace")[-500:]))
             time.sleep(0.1)
         yield Running(f"http://127.0.0.1:{port}", server.pid)
     finally:
