@@ -385,6 +385,16 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
     click.echo(f"lungsql web app on http://{'localhost' if host == '127.0.0.1' else host}:{port} "
                f"({workers} processes x {threads} threads"
                f"{f', as the OS user {run_as.pw_name}' if run_as else ''}; Ctrl+C stops it)")
+    if run_as is not None:
+        # The process's first environment block stays readable in /proc/self/environ after the
+        # variables are removed: start afresh as the web user with only what the app needs.
+        from webapp.server import drop_privileges
+
+        drop_privileges(run_as, reach)
+        env = dict(os.environ, LUNGSQL_WEB_DATABASE_URL=url, LUNGSQL_SECRET_KEY=secret_key.decode())
+        argv = [sys.executable, "-m", "lungsql", "serve", "--host", host, "--port", str(port),
+                "--workers", str(workers), "--threads", str(threads)]
+        os.execve(sys.executable, argv + (["--trusted-proxy", trusted_proxy] if trusted_proxy else []), env)
     run_server(lambda pool: create_app({"DATABASE_URL": url, "SECRET_KEY": secret_key, "DATABASE_POOL_SIZE": pool}),
                host, port, workers=workers, threads=threads, trusted_proxy=trusted_proxy, run_as=run_as,
                reach=reach)

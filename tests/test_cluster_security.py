@@ -171,10 +171,14 @@ def ids(pid: int) -> dict[str, list[int]]:
 
 
 @needs_root
-def test_lungsql_serve_started_as_root_serves_as_the_web_os_user(web_url):
+def test_lungsql_serve_started_as_root_serves_as_the_web_os_user(web_url, monkeypatch):
     from webapp.server import running
 
     user = web_os_user()
+    # Secrets of the operator's environment that the web processes must not keep, even in the first
+    # environment block of the process (/proc/PID/environ), which removing a variable does not clear.
+    monkeypatch.setenv("LUNGSQL_DATABASE_URL", "postgresql://postgres:superuser-s3cret@localhost/lungsql")
+    monkeypatch.setenv("LUNGSQL_DEID_KEY", "deid-key-s3cret")
     with running(web_url, workers=2, threads=1) as server:
         deadline = time.monotonic() + 30
         while len(children(server.pid)) < 2 and time.monotonic() < deadline:
@@ -187,6 +191,8 @@ def test_lungsql_serve_started_as_root_serves_as_the_web_os_user(web_url):
             assert found["Gid"] == [user.pw_gid] * 4 and set(found["Groups"]) <= {user.pw_gid}
             # The web role's password reached the server through its environment, not its command line.
             assert make_url(web_url).password not in Path(f"/proc/{pid}/cmdline").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"superuser-s3cret" not in environ and b"deid-key-s3cret" not in environ
 
 
 @needs_root
