@@ -10,7 +10,9 @@
 -- server), appending to the audit log (audit_append), scoring and deploying.
 -- It cannot read outcome labels, DICOM files, features, password hashes or the
 -- audit log, nor change models, features, users or audit rows.
--- Give it a password for TCP connections: ALTER ROLE lungsql_web PASSWORD '...'.
+-- It logs in with a password: on the local cluster `lungsql db start` sets one
+-- (kept in $LUNGSQL_HOME/web-db.key); elsewhere the DBA sets it, e.g. with
+-- psql's \password lungsql_web, which sends only the SCRAM verifier.
 
 DO $$
 BEGIN
