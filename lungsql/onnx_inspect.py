@@ -1,15 +1,39 @@
-"""What an ONNX CNN takes and gives, read with ONNX Runtime alone (no torch).
+"""What an ONNX CNN takes and gives, read with ONNX Runtime alone (no torch),
+and whether it is data only.
 
 `describe_onnx` finds a user-supplied model's image input and its pooled
 feature output, so `lungsql model import PATH.onnx` can store it with the
 names and sizes the featurizer needs, or say which output to name.
+
+`check_self_contained` refuses a model that would make ONNX Runtime read a
+file (a tensor kept as *external data*, found by a path relative to the
+working directory, which inside a PostgreSQL backend is the data directory)
+or run an operator outside the standard ONNX domains (custom kernels,
+model-local functions).  It runs when a CNN is stored and again, inside the
+server, before ONNX Runtime sees the stored bytes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from typing import Any, Iterator
 
 import numpy as np
+
+from lungsql.errors import ConfigurationError
+
+#: Operator domains whose kernels ONNX Runtime itself implements; a node of any
+#: other domain is a custom operator (a kernel library) or a model-local function.
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+_SELF_CONTAINED_HINT = (
+    "re-save the model with its weights inside: onnx.save_model(onnx.load('model.onnx'), "
+    "'inside.onnx', save_as_external_data=False), then import inside.onnx"
+)
+_STANDARD_OPS_HINT = (
+    "export the model with standard ONNX operators only: no custom operators, and model-local "
+    "functions inlined (onnx.inliner.inline_local_functions)"
+)
 
 
 def _dims(shape: Any) -> list[int | str | None]:
@@ -154,3 +178,107 @@ def _probe_feature_dim(sess, inp, layout, channels, hw, out_name) -> int:
     dtype = np.float16 if "float16" in inp.type else np.float32
     (res,) = sess.run([out_name], {inp.name: np.zeros(shape, dtype)})
     return int(np.prod(res.shape[1:]))
+
+
+# ----------------------------------------------------------------------------- data only
+
+
+def check_self_contained(onnx_bytes: bytes, source: str | None = None) -> None:
+    """Raise `ConfigurationError` unless the ONNX model is data only.
+
+    Refused: a tensor stored as external data (an initializer, a sparse
+    initializer, a tensor attribute such as a Constant's value, in the main
+    graph, in the subgraphs of If/Loop/Scan at any depth, in model-local
+    functions or in training graphs), and a node whose operator domain is not
+    one of `STANDARD_DOMAINS`.  The bytes are parsed with the ``onnx`` package,
+    which never reads external data from bytes.  ``source`` (a file name)
+    prefixes the message.
+    """
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            "checking an ONNX model needs the onnx package, which the Python that runs lungsql lacks",
+            hint="install the ml extra: pip install 'lungsql[ml]'",
+        ) from None
+    prefix = f"{source}: " if source else ""
+    try:
+        model = onnx.load_model_from_string(bytes(onnx_bytes))
+    except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning turned error
+        raise ConfigurationError(
+            f"{prefix}lungsql cannot load the CNN: its bytes are not an ONNX model "
+            f"({str(exc).strip()[:200]})",
+            hint="store the .onnx file as it was exported (lungsql model import PATH.onnx)",
+        ) from None
+    problem = next(_not_data_only(model, onnx.TensorProto.EXTERNAL), None)
+    if problem is not None:
+        message, hint = problem
+        raise ConfigurationError(prefix + message, hint=hint)
+
+
+def _not_data_only(model: Any, external: int) -> Iterator[tuple[str, str]]:
+    """(message, hint) for each way `model` reaches beyond its own bytes: the main graph first, then
+    its subgraphs, training graphs and model-local functions."""
+    pending: deque[tuple[Any, str]] = deque([(model.graph, "")])
+    for info in model.training_info:
+        pending += [(info.initialization, " in the training initialization graph"),
+                    (info.algorithm, " in the training algorithm graph")]
+    yield from _graphs(pending, external)
+    for function in model.functions:
+        where = f" in the model-local function {function.domain}.{function.name}"
+        for attribute in function.attribute_proto:
+            yield from _attribute(attribute, f"the default of attribute {attribute.name!r}{where}", where,
+                                  external, pending)
+        for node in function.node:
+            yield from _node(node, where, external, pending)
+        yield from _graphs(pending, external)
+
+
+def _graphs(pending: deque, external: int) -> Iterator[tuple[str, str]]:
+    """Problems of each queued (graph, where) and of the subgraphs its nodes queue."""
+    while pending:
+        graph, where = pending.popleft()
+        for tensor in graph.initializer:
+            yield from _external(tensor, f"initializer {tensor.name!r}{where}", external)
+        for sparse in graph.sparse_initializer:
+            name = sparse.values.name
+            yield from _external(sparse.values, f"sparse initializer {name!r}{where}", external)
+            yield from _external(sparse.indices, f"the indices of sparse initializer {name!r}{where}", external)
+        for node in graph.node:
+            yield from _node(node, where, external, pending)
+
+
+def _node(node: Any, where: str, external: int, pending: deque) -> Iterator[tuple[str, str]]:
+    label = f"node {node.name or '(unnamed)'!r} ({node.op_type})"
+    if node.domain not in STANDARD_DOMAINS:
+        yield (f"the ONNX model uses the operator {node.op_type!r} of domain {node.domain!r} "
+               f"({label}{where}); lungsql runs the standard ONNX operators only "
+               f"(domains {', '.join(repr(d) for d in STANDARD_DOMAINS)})", _STANDARD_OPS_HINT)
+    for attribute in node.attribute:
+        yield from _attribute(attribute, f"attribute {attribute.name!r} of {label}{where}",
+                              f" in the subgraph {attribute.name!r} of {label}{where}", external, pending)
+
+
+def _attribute(attribute: Any, what: str, subgraph_where: str, external: int, pending: deque
+               ) -> Iterator[tuple[str, str]]:
+    """Problems of the tensors of one attribute; its subgraphs are queued on `pending`.
+
+    Every field is looked at whatever the attribute's declared type says."""
+    tensors = [attribute.t] if attribute.HasField("t") else []
+    tensors += list(attribute.tensors)
+    for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + list(
+            attribute.sparse_tensors):
+        tensors += [sparse.values, sparse.indices]
+    for tensor in tensors:
+        yield from _external(tensor, f"tensor {tensor.name!r} of {what}" if tensor.name else what, external)
+    if attribute.HasField("g"):
+        pending.append((attribute.g, subgraph_where))
+    pending += [(graph, subgraph_where) for graph in attribute.graphs]
+
+
+def _external(tensor: Any, what: str, external: int) -> Iterator[tuple[str, str]]:
+    if tensor.data_location == external or len(tensor.external_data):
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        source = f"from {location[:200]!r}" if location else "from a file"
+        yield (f"the ONNX model reads external data {source} ({what}); "
+               "lungsql stores self-contained models only", _SELF_CONTAINED_HINT)

@@ -2,7 +2,9 @@
 
 A model is stored as LightGBM's text format with the SHA-256 of its UTF-8
 bytes.  `load_model` checks the hash *before* LightGBM parses anything, so a
-model altered in its table is never run.  `cached_model` keeps the last few
+model altered in its table is never run, and then, once per model per
+process, that LightGBM can parse the text without taking the process down
+(`lungsql.model_check`).  `cached_model` keeps the last few
 parsed models per process: the scoring function runs in a long-lived
 PostgreSQL backend, and parsing a few hundred trees over 2561 features takes
 milliseconds while scoring one patient takes a fraction of one.
@@ -19,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lungsql import model_check
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
 from lungsql.training import lightgbm_module
 
@@ -101,7 +104,10 @@ def load_model(model_text: str, sha256: str, model_id: int | None = None) -> Mod
 
     Raises `IntegrityError` when the hash does not match (LightGBM never sees
     the text) and `ConfigurationError` when the text is not a LightGBM binary
-    classifier.
+    classifier or is malformed.  Before this process first parses a text, the
+    text is checked by `lungsql.model_check.check` (its layout in Python, then
+    LightGBM in a child process), since LightGBM's parser can abort the
+    process that runs it, here a database backend.
     """
     if isinstance(model_text, (bytes, bytearray, memoryview)):
         data = bytes(model_text)
@@ -130,6 +136,9 @@ def load_model(model_text: str, sha256: str, model_id: int | None = None) -> Mod
             f"its outputs would not be probabilities; nothing was scored",
             hint="train the model with lungsql, which uses objective=binary",
         )
+    # LightGBM's parser aborts the process on some malformed texts: check the text first (once per
+    # process), importing LightGBM here while the check process runs.
+    model_check.check(data, actual, _name(model_id), meanwhile=lightgbm_module)
     lightgbm = lightgbm_module()
     try:
         booster = lightgbm.Booster(model_str=model_text)
@@ -170,6 +179,9 @@ def cached_model(model_id: int, sha256: str, fetch_text: Callable[[], str]) -> M
 
 
 def cache_clear() -> None:
-    """Forget every parsed model (the next `cached_model` call fetches again)."""
+    """Forget every parsed model (the next `cached_model` call fetches again).
+
+    Which texts were checked (`lungsql.model_check`) is kept: a text with the
+    same SHA-256 is the same text."""
     with _cache_lock:
         _cache.clear()
