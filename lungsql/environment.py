@@ -12,6 +12,7 @@ COMPONENTS: tuple[tuple[str, str, bool], ...] = (
     ("numpy", "numpy", True),
     ("pydicom", "pydicom", True),
     ("onnxruntime", "onnxruntime", True),
+    ("onnx", "onnx", True),  # reads a stored CNN before ONNX Runtime may (lungsql.onnx_inspect)
     ("lightgbm", "lightgbm", True),
     ("cv2", "opencv-python-headless", True),
     ("lungsql", "lungsql", True),

@@ -69,7 +69,7 @@ def test_check_environment_from_inside_the_server(engine):
     with engine.connect() as conn:
         rows = {r.component: r for r in conn.execute(sa.text("SELECT * FROM lungsql.check_environment()"))}
     assert rows["python"].version.startswith("3.11")
-    for component in ("numpy", "pydicom", "onnxruntime", "lightgbm", "cv2", "lungsql"):
+    for component in ("numpy", "pydicom", "onnxruntime", "onnx", "lightgbm", "cv2", "lungsql"):
         assert rows[component].version, component
     assert rows["lungsql"].location.endswith("lungsql")
 
