@@ -883,3 +883,23 @@ def test_rle_pixel_array_is_unchanged():
 def test_non_dicom_bytes_are_rejected():
     with pytest.raises(InvalidDicomError):
         deidentify_bytes(b"not a dicom file" * 20, KEY)
+
+
+def test_hidden_identifiers_are_gone_from_the_bytes_stored_in_the_database(engine, tmp_path, monkeypatch):
+    import sqlalchemy as sa
+
+    from lungsql import ingest
+
+    monkeypatch.setenv("LUNGSQL_DEID_KEY", KEY.decode())
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "hidden.dcm").write_bytes(_to_bytes(_hiding_ct()))
+    summary = ingest.ingest(engine, folder, deidentify=True)
+    assert (summary.stored, summary.errors) == (1, 0)
+    with engine.connect() as conn:
+        for needle in (*HIDDEN_NEEDLES, SITE_UID_ROOT, NAME.split("^")[0].encode(), PATIENT_ID.encode()):
+            found = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans WHERE position(:n IN dicom) > 0"),
+                                 {"n": needle}).scalar_one()
+            assert found == 0, needle
+        patient = conn.execute(sa.text("SELECT patient_id, name, birth_date FROM lungsql.patients")).one()
+    assert patient.patient_id.startswith("anon-") and patient.name is None and patient.birth_date is None
