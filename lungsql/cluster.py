@@ -444,7 +444,10 @@ def _free_port() -> int:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether the server could listen on `port`: bound as PostgreSQL binds, with SO_REUSEADDR, so
+    that connections the stopped server left in TIME_WAIT do not move it to another port."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
