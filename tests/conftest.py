@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from databases import create_database, drop_database
 from lungsql import db, migrations
 from lungsql.cluster import LocalCluster
+from lungsql.errors import ConfigurationError
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,24 @@ def output_dir() -> Path:
     path = Path(os.environ.get("LUNGSQL_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def web_db(cluster, tmp_path_factory, request):
+    """The web app's database (tests/webapp_fixtures.py), built once for each test module that asks for it."""
+    from webapp_fixtures import build
+
+    try:
+        built = build(cluster, tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    except ConfigurationError as exc:  # the built-in CNN cannot be exported here
+        pytest.skip(f"no CNN for the web app's database: {exc}")
+    yield built
+    drop_database(cluster, built.name)
+
+
+@pytest.fixture(scope="module")
+def su(web_db):
+    """The superuser's engine on the web app's database, for setting up and checking."""
+    engine = web_db.engine()
+    yield engine
+    engine.dispose()

@@ -108,6 +108,24 @@ def hostile_folder(cohort: Path, folder: Path) -> dict[str, str]:
     return expected
 
 
+def run_in_threads(target, n: int, timeout_s: float) -> list[BaseException]:
+    """Run `target` in `n` threads at once; the exceptions they raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except Exception as exc:  # handed to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    return errors
+
+
 def server_log_tail(cluster, since: int) -> str:
     with open(cluster.log_file, "rb") as handle:
         handle.seek(since)
@@ -251,19 +269,8 @@ def test_concurrent_uploads_of_one_folder_each_count_what_they_stored(empty_db, 
 
     migrations.init(engine)
     total = len(list(cohort.rglob("*.dcm")))
-    summaries, failures = [], []
-
-    def upload() -> None:
-        try:
-            summaries.append(ingest.ingest(engine, cohort, batch_size=2))
-        except Exception as exc:  # reported below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=upload) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    summaries = []
+    failures = run_in_threads(lambda: summaries.append(ingest.ingest(engine, cohort, batch_size=2)), 2, 120)
     engine.dispose()
     assert not failures
     assert sum(s.stored for s in summaries) == total
@@ -348,19 +355,8 @@ def test_concurrent_trainings_of_one_name_get_consecutive_versions(engine, tmp_p
         conn.execute(sa.text("UPDATE lungsql.patients p SET label = (n.rank <= 5)::int FROM "
                              "(SELECT patient_id, row_number() OVER (ORDER BY patient_id) AS rank "
                              " FROM lungsql.patients) n WHERE n.patient_id = p.patient_id"))
-    errors: list[Exception] = []
-
-    def train() -> None:
-        try:
-            call(engine, "SELECT * FROM lungsql.train_model('race', '{\"min_data_in_leaf\": 1}')")
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=train) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
+    errors = run_in_threads(
+        lambda: call(engine, "SELECT * FROM lungsql.train_model('race', '{\"min_data_in_leaf\": 1}')"), 3, 300)
     with engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version FROM lungsql.models WHERE name = 'race' ORDER BY version")
                                 ).scalars().all()

@@ -14,10 +14,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from databases import drop_database
 from lungsql import dicom, preprocess, users
-from lungsql.errors import ConfigurationError
-from webapp_fixtures import BROKEN_SCAN, PASSWORDS, build
+from webapp_fixtures import BROKEN_SCAN, PASSWORDS
 
 REFUSED = [
     "SELECT dicom FROM lungsql.scans",
@@ -42,23 +40,6 @@ REFUSED = [
     "SELECT * FROM lungsql.train_model()",
     "SELECT lungsql._load_python()",
 ]
-
-
-@pytest.fixture(scope="module")
-def web_db(cluster, tmp_path_factory):
-    try:
-        built = build(cluster, tmp_path_factory.mktemp("web-role-cohort"))
-    except ConfigurationError as exc:  # the built-in CNN cannot be exported here
-        pytest.skip(f"no CNN for the web app's database: {exc}")
-    yield built
-    drop_database(cluster, built.name)
-
-
-@pytest.fixture(scope="module")
-def su(web_db):
-    engine = web_db.engine()
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ from lungsql.errors import ConfigurationError
 from webapp import create_app
 from webapp.db import ENGINE
 from webapp.scoring import band_of
-from databases import drop_database
-from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, build, csrf_token,
+from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, csrf_token,
                              login)
 
 WINDOW = "-1000:400"  # LUNGSQL_HU_WINDOW's default, part of every slice's ETag
@@ -37,24 +36,6 @@ SECURITY_HEADERS = {
 
 
 # -- fixtures ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def web_db(cluster, tmp_path_factory):
-    try:
-        built = build(cluster, tmp_path_factory.mktemp("web-cohort"))
-    except ConfigurationError as exc:  # the built-in CNN cannot be exported here
-        pytest.skip(f"no CNN for the web app's database: {exc}")
-    yield built
-    drop_database(cluster, built.name)
-
-
-@pytest.fixture(scope="module")
-def su(web_db):
-    """The superuser's engine on the web app's database, for setting up and checking."""
-    engine = web_db.engine()
-    yield engine
-    engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def app(web_db):
     app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True})
