@@ -430,3 +430,19 @@ def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(na
     with pytest.raises(InvalidScan, match=r"compressed frame 1 claims 60000 x 60000 pixels, the header "
                                           rf"{ds.Rows} x {ds.Columns}: refused before decoding"):
         dicom.check_pixels(ds)
+
+
+def test_burned_in_slices_are_recorded_unless_the_operator_opts_in(engine, cohort, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNGSQL_DEID_KEY", "test-key-" + "y" * 32)
+    ds = _template(cohort)
+    ds.BurnedInAnnotation = "YES"
+    folder = tmp_path / "burned"
+    folder.mkdir()
+    (folder / "burned.dcm").write_bytes(_file(ds))
+    refused = ingest.ingest(engine, folder, deidentify=True)
+    assert (refused.stored, refused.errors) == (0, 1)
+    with engine.connect() as conn:
+        assert "BurnedInAnnotation is YES" in conn.execute(sa.text("SELECT reason FROM lungsql.ingest_errors")
+                                                           ).scalar_one()
+    kept = ingest.ingest(engine, folder, deidentify=True, allow_burned_in=True)
+    assert (kept.stored, kept.errors) == (1, 0)
