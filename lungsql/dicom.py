@@ -97,6 +97,9 @@ class Decoded:
     slope: float
     intercept: float
 
+    def hounsfield(self) -> np.ndarray:
+        return to_hounsfield(self.stored, self.slope, self.intercept)
+
 
 @dataclass(frozen=True)
 class PatientInfo:
@@ -351,17 +354,15 @@ def stored_pixels(ds: Dataset) -> np.ndarray:
         return ds.pixel_array
 
 
-def hounsfield(ds: Dataset) -> np.ndarray:
-    """The slice in Hounsfield units (float32), through RescaleSlope and RescaleIntercept."""
-    pixels = stored_pixels(ds).astype(np.float32)
-    slope = _float_or_none(ds.get("RescaleSlope"))
-    intercept = _float_or_none(ds.get("RescaleIntercept"))
-    slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+def to_hounsfield(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Hounsfield units (float32) of stored pixel values: slope x stored + intercept, the one place
+    lungsql converts (featurization folds the same map into its preprocessing instead)."""
+    hu = stored.astype(np.float32)
     if slope != 1.0:
-        pixels *= np.float32(slope)
+        hu *= np.float32(slope)
     if intercept != 0.0:
-        pixels += np.float32(intercept)
-    return pixels
+        hu += np.float32(intercept)
+    return hu
 
 
 def slice_hu(data: bytes) -> np.ndarray:
@@ -378,10 +379,7 @@ def slice_hu(data: bytes) -> np.ndarray:
         stored = stored[0]
     if stored.ndim != 2:
         raise InvalidScan(f"pixels of shape {list(decoded.stored.shape)} are not a slice")
-    hu = stored.astype(np.float32)
-    hu *= np.float32(decoded.slope)
-    hu += np.float32(decoded.intercept)
-    return hu
+    return to_hounsfield(stored, decoded.slope, decoded.intercept)
 
 
 def patient_info(ds: Dataset) -> PatientInfo:

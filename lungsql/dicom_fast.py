@@ -1,12 +1,13 @@
-"""Hounsfield units of an uncompressed CT slice straight from its bytes, without pydicom.
+"""The stored pixels of an uncompressed CT slice straight from its bytes, without pydicom.
 
 Featurization reads every stored slice; pydicom builds a full Dataset for each
 (about 1.4 ms for a 512x512 CT file) when only a dozen values are needed.
-`hounsfield_from_bytes` walks the data elements of a Part 10 file in Explicit
-or Implicit VR Little Endian just far enough to find the image attributes and
-the pixel data, and returns None for anything else (compressed syntaxes,
-several frames or samples, odd bit depths, an unexpected layout), so that the
-caller falls back to pydicom. A test checks both paths agree.
+`stored_from_bytes` walks the data elements of a Part 10 file in Explicit or
+Implicit VR Little Endian just far enough to find the image attributes and the
+pixel data, and returns None for anything else (compressed syntaxes, several
+frames or samples, odd bit depths, an unexpected layout), so that
+`lungsql.dicom.decode_stored`, its only caller, falls back to pydicom. A test
+checks both paths agree.
 """
 
 from __future__ import annotations
@@ -32,23 +33,10 @@ class _Unsupported(Exception):
     """The file is not one this fast path reads; pydicom will."""
 
 
-def hounsfield_from_bytes(data: bytes) -> np.ndarray | None:
-    """float32 HU of a single-frame, one-sample, 8/16-bit uncompressed little-endian slice, else None."""
-    found = stored_from_bytes(data)
-    if found is None:
-        return None
-    stored, slope, intercept = found
-    hu = stored.astype(np.float32)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
-    return hu
-
-
 def stored_from_bytes(data: bytes) -> tuple[np.ndarray, float, float] | None:
-    """(stored pixel values, RescaleSlope, RescaleIntercept) of the slices `hounsfield_from_bytes`
-    reads, else None.  The values are a read-only view of `data`, in its own integer type."""
+    """(stored pixel values, RescaleSlope, RescaleIntercept) of a single-frame, one-sample, 8- or
+    16-bit uncompressed little-endian slice, else None.  The values are a read-only view of `data`,
+    in its own integer type."""
     try:
         syntax, offset = _file_meta(data)
         explicit = syntax == EXPLICIT_LE

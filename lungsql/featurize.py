@@ -202,7 +202,7 @@ def patient_vector_names(d: int) -> list[str]:
 def read_volume(scans: Iterable[tuple[bytes, float]]) -> list[np.ndarray]:
     """HU slices (float32) of (DICOM bytes, z position) pairs, in z order."""
     slices, rescale = read_slices(scans)
-    return [(s * np.float32(a) + np.float32(b)).astype(np.float32, copy=False) for s, (a, b) in zip(slices, rescale)]
+    return [dicom.to_hounsfield(s, a, b) for s, (a, b) in zip(slices, rescale)]
 
 
 def read_slices(scans: Iterable[tuple[bytes, float]]) -> tuple[list[np.ndarray], np.ndarray]:

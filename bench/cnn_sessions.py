@@ -1,9 +1,8 @@
-#!/usr/bin/env python
-"""Benchmark the exported CNN feature extractor with ONNX Runtime on the CPU.
+"""The CNN alone: ONNX Runtime images/s by batch size and session options, beside `lungsql bench`.
 
-    python scripts/bench_cnn.py                      # batch sizes 8, 16, 32, 64
-    python scripts/bench_cnn.py --compare            # also compare session options
-    python scripts/bench_cnn.py --model my.onnx --output features
+    .venv/bin/python -m bench.cnn_sessions                  # batch sizes 8, 16, 32, 64
+    .venv/bin/python -m bench.cnn_sessions --compare        # also compare session options
+    .venv/bin/python -m bench.cnn_sessions --model my.onnx --output features
 
 The model is the built-in EfficientNet-Lite0 export (taken from the cache,
 ``$LUNGSQL_CACHE_DIR`` or ``~/.cache/lungsql``, exported there first if
@@ -17,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,10 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lungsql.cnn_export import default_cache_dir, export_builtin  # noqa: E402
-from lungsql.onnx_inspect import describe_onnx  # noqa: E402
+from lungsql.cnn_export import default_cache_dir, export_builtin
+from lungsql.onnx_inspect import describe_onnx
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
