@@ -6,7 +6,9 @@ site changes lungsql without editing code::
     LUNGSQL_DATABASE_URL=postgresql+psycopg://lungsql@db.example.org/pacs lungsql ingest /data/dsb
 
 `lungsql settings` prints them with their current values; the README's table of
-settings is checked against this module by the test suite.
+settings is generated from this module, and the test suite checks that every
+LUNGSQL_ variable the code names is declared here. A bad value is a
+ConfigurationError naming the variable and what it expects.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ class Setting:
         try:
             return self.parse(raw)
         except ValueError as exc:
-            raise ValueError(f"environment variable {self.name}={raw!r} is not valid: {exc}") from None
+            from lungsql.errors import ConfigurationError
+
+            shown = "(hidden)" if self.secret else repr(raw)
+            raise ConfigurationError(f"the setting {self.name}={shown} is not valid: {exc}",
+                                     hint=f"{self.help} Unset it for the default.") from None
 
 
 def _hu_window(text: str) -> tuple[float, float]:
@@ -43,6 +49,10 @@ def _hu_window(text: str) -> tuple[float, float]:
     if not lo < hi:
         raise ValueError("expected LOW:HIGH in Hounsfield units with LOW < HIGH, e.g. -1000:400")
     return lo, hi
+
+
+def _optional_path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def _flag(text: str) -> bool:
@@ -176,6 +186,69 @@ SETTINGS: dict[str, Setting] = {
             "LUNGSQL_BATCH_SIZE",
             32,
             "Images per CNN inference batch.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_CACHE_DIR",
+            None,
+            "Folder where the built-in CNN's ONNX export is cached; unset means $XDG_CACHE_HOME/lungsql "
+            "or ~/.cache/lungsql.",
+            _optional_path,
+        ),
+        Setting(
+            "LUNGSQL_WEB_SESSION_HOURS",
+            8,
+            "Hours a sign-in to the web app lasts (its session cookie and its forms).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_WEB_SEARCH_LIMIT",
+            50,
+            "Patients the web app lists at most for one search.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_WEB_SLICE_CACHE_MB",
+            64,
+            "Megabytes of rendered slice images each web server process keeps in memory.",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_WEB_SLICE_MAX_AGE_S",
+            600,
+            "Seconds a browser may show a cached slice image before it asks again (ETag).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_LOGIN_MAX_FAILURES",
+            5,
+            "Failed sign-ins of one user name from one address, within LUNGSQL_LOGIN_WINDOW_S, before the "
+            "next attempt must wait (1 to 100).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_LOGIN_MAX_FAILURES_PER_USER",
+            20,
+            "Failed sign-ins of one user name from every address before the next must wait (1 to 1000).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_LOGIN_MAX_FAILURES_PER_ADDRESS",
+            50,
+            "Failed sign-ins from one address, for every name, before the next must wait (1 to 10000).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_LOGIN_WINDOW_S",
+            600,
+            "Seconds after which a failed sign-in is forgotten (60 to 86400).",
+            _positive_int,
+        ),
+        Setting(
+            "LUNGSQL_LOGIN_BASE_DELAY_S",
+            30,
+            "The first wait in seconds once a sign-in limit is reached, doubled with each further failure "
+            "(at most the window).",
             _positive_int,
         ),
     )

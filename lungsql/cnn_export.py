@@ -217,10 +217,12 @@ def _export_versions(spec: _BuiltinSpec, optimize: bool) -> dict[str, str]:
 
 
 def default_cache_dir() -> Path:
-    """``$LUNGSQL_CACHE_DIR`` if set, else ``~/.cache/lungsql``."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
+    """The setting LUNGSQL_CACHE_DIR if set, else ``$XDG_CACHE_HOME/lungsql`` or ``~/.cache/lungsql``."""
+    import config_preprocessing as config
+
+    chosen = config.get(CACHE_ENV_VAR)
+    if chosen:
+        return chosen
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lungsql"
 

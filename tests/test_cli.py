@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 import config_preprocessing as config
 from lungsql import docs
 from lungsql.cli import main
+from lungsql.errors import ConfigurationError
 
 
 def lungsql(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -33,8 +35,31 @@ def test_every_setting_has_help_and_is_read_from_its_environment_variable(monkey
     monkeypatch.setenv("LUNGSQL_HU_WINDOW", "-900:300")
     assert config.get("LUNGSQL_HU_WINDOW") == (-900.0, 300.0)
     monkeypatch.setenv("LUNGSQL_BATCH_SIZE", "0")
-    with pytest.raises(ValueError, match="LUNGSQL_BATCH_SIZE"):
+    with pytest.raises(ConfigurationError, match="the setting LUNGSQL_BATCH_SIZE='0' is not valid: expected a "
+                                                 "positive integer"):
         config.get("LUNGSQL_BATCH_SIZE")
+
+
+#: LUNGSQL_ names in the code that are not settings.
+NOT_SETTINGS = {"LUNGSQL_DEID_1", "LUNGSQL_SYNTH"}
+
+
+def test_every_lungsql_variable_the_code_names_is_a_declared_setting():
+    root = Path(config.__file__).parent
+    named = set()
+    for folder in ("lungsql", "webapp", "bench", "scripts"):
+        for path in (root / folder).rglob("*"):
+            if path.suffix in (".py", ".sh", ".sql"):
+                named |= set(re.findall(r"\b(LUNGSQL_[A-Z0-9_]*[A-Z0-9])\b", path.read_text(encoding="utf-8")))
+    undeclared = sorted(named - set(config.SETTINGS) - NOT_SETTINGS)
+    assert not undeclared, f"declare these in config_preprocessing.py (or list them in NOT_SETTINGS): {undeclared}"
+
+
+def test_a_bad_setting_is_a_message_not_a_traceback():
+    result = lungsql("settings", env={"PATH": "/usr/bin:/bin", "LUNGSQL_WEB_SEARCH_LIMIT": "lots"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the setting LUNGSQL_WEB_SEARCH_LIMIT='lots' is not valid" in result.stderr
+    assert "Unset it for the default" in result.stderr
 
 
 def test_version_and_help():

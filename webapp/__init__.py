@@ -21,25 +21,37 @@ csrf = CSRFProtect()
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
-DEFAULTS = {
+# Fixed by design, not settings: the cookie's name and protections, the size of a form, how much of a
+# search is read.
+FIXED = {
     "DATABASE_POOL_SIZE": 4,           # one connection per thread: lungsql serve runs 4 per process
     "SESSION_COOKIE_NAME": "lungsql_session",
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
-    "PERMANENT_SESSION_LIFETIME": dt.timedelta(hours=8),
-    "WTF_CSRF_TIME_LIMIT": 8 * 3600,   # a form stays valid as long as the session
     "MAX_CONTENT_LENGTH": 64 * 1024,   # forms only: no uploads
-    "SEARCH_LIMIT": 50,                # patients listed at most per search
     "QUERY_MAX_CHARS": 200,            # longer search input is cut, not refused
-    "SLICE_CACHE_BYTES": 64 * 1024 * 1024,
-    "SLICE_MAX_AGE_S": 600,            # browsers revalidate slice images after this (ETag)
-    # Failed sign-ins counted by lungsql.sign_in within the window: per user name and address...
-    "LOGIN_MAX_FAILURES": 5,
-    "LOGIN_MAX_FAILURES_PER_USER": 20,      # ...per user name from every address, per address for every name...
-    "LOGIN_MAX_FAILURES_PER_ADDRESS": 50,
-    "LOGIN_WINDOW_S": 600,
-    "LOGIN_BASE_DELAY_S": 30,               # ...then wait 30 s, 60 s, 120 s ... (at most the window)
 }
+
+
+def settings() -> dict:
+    """The app's configuration from the settings of config_preprocessing (LUNGSQL_WEB_*, LUNGSQL_LOGIN_*...)."""
+    hours = config.get("LUNGSQL_WEB_SESSION_HOURS")
+    return {
+        **FIXED,
+        "PERMANENT_SESSION_LIFETIME": dt.timedelta(hours=hours),
+        "WTF_CSRF_TIME_LIMIT": hours * 3600,  # a form stays valid as long as the session
+        "SESSION_COOKIE_SECURE": bool(config.get("LUNGSQL_SECURE_COOKIES")),
+        "SEARCH_LIMIT": config.get("LUNGSQL_WEB_SEARCH_LIMIT"),
+        "SLICE_CACHE_BYTES": config.get("LUNGSQL_WEB_SLICE_CACHE_MB") << 20,
+        "SLICE_MAX_AGE_S": config.get("LUNGSQL_WEB_SLICE_MAX_AGE_S"),
+        "HU_WINDOW": tuple(config.get("LUNGSQL_HU_WINDOW")),
+        # Failed sign-ins counted by lungsql.sign_in within the window (see lungsql.sign_in.Limits).
+        "LOGIN_MAX_FAILURES": config.get("LUNGSQL_LOGIN_MAX_FAILURES"),
+        "LOGIN_MAX_FAILURES_PER_USER": config.get("LUNGSQL_LOGIN_MAX_FAILURES_PER_USER"),
+        "LOGIN_MAX_FAILURES_PER_ADDRESS": config.get("LUNGSQL_LOGIN_MAX_FAILURES_PER_ADDRESS"),
+        "LOGIN_WINDOW_S": config.get("LUNGSQL_LOGIN_WINDOW_S"),
+        "LOGIN_BASE_DELAY_S": config.get("LUNGSQL_LOGIN_BASE_DELAY_S"),
+    }
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -48,8 +60,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from webapp.slices import PngCache
 
     app = Flask(__name__)
-    app.config.from_mapping(DEFAULTS)
-    app.config["SESSION_COOKIE_SECURE"] = _secure_cookies()
+    app.config.from_mapping(settings())
     if test_config:
         app.config.update(test_config)
     if not app.config.get("SECRET_KEY"):
@@ -60,8 +71,6 @@ def create_app(test_config: dict | None = None) -> Flask:
         from lungsql.db import resolve_web_url
 
         app.config["DATABASE_URL"] = resolve_web_url()
-    if not app.config.get("HU_WINDOW"):
-        app.config["HU_WINDOW"] = tuple(config.get("LUNGSQL_HU_WINDOW"))
 
     login_limits(app.config).check()  # a bad setting stops the app now, not each sign-in later
     db.init_app(app)
@@ -98,11 +107,6 @@ def _security_headers(response):
     if request.endpoint != "static" and response.mimetype in ("text/html", "application/json"):
         headers.setdefault("Cache-Control", "no-store")  # pages hold patient data
     return response
-
-
-def _secure_cookies() -> bool:
-    """Session cookies only over https: LUNGSQL_SECURE_COOKIES=1 (or SESSION_COOKIE_SECURE in the config)."""
-    return bool(config.get("LUNGSQL_SECURE_COOKIES"))
 
 
 def _sex(value: str | None) -> str:
