@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from lungsql import environment, featurize, pipeline, scoring
+from lungsql import environment, featurize, pipeline, registry, scoring
 from lungsql.errors import ConfigurationError, LungSQLError
 
 
@@ -154,7 +154,7 @@ def train_model(rows, params: str | None) -> Trained:
 
     Returns the model's text, its SHA-256, the feature set, the effective
     parameters, the validation metrics and the feature names (JSON); T-SQL
-    stores them and applies the registry rule.
+    stores them, then asks `after_training` whether to deploy it.
     """
     parsed = pipeline.parse_params(params, "@Params")
     records = _records(rows)
@@ -166,6 +166,59 @@ def train_model(rows, params: str | None) -> Trained:
     result = pipeline.fit(records, parsed, print)
     return Trained(None, result.model_text, result.sha256, pipeline.FEATURE_SET, json.dumps(result.params),
                    json.dumps(result.metrics), json.dumps(result.feature_names))
+
+
+# -- the registry ------------------------------------------------------------------------
+#: How to train a model, as the SQL Server hint says it.
+TRAIN_HINT = "EXEC dbo.TrainLungCancerModel @ModelName = N'...'"
+
+
+class Chosen(NamedTuple):
+    error: str | None
+    model_id: int | None = None
+    strategy: str | None = None  # as the deployment row records it
+
+
+class Decided(NamedTuple):
+    error: str | None
+    strategy: str | None = None  # None: the deployed model stays
+    notice: str | None = None
+
+
+def _registry(rows) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The models of a name and its deployment history (model ids, newest first), from the rows
+    (model_id, metrics, deployment_id) of the models LEFT JOIN their deployments under the name."""
+    models: dict[int, dict[str, Any]] = {}
+    deployments = []
+    for r in _records(rows):
+        model_id = int(r["model_id"])
+        models[model_id] = {"model_id": model_id, "metrics": r["metrics"]}
+        if r["deployment_id"] is not None:
+            deployments.append((int(r["deployment_id"]), model_id))
+    return models, [m for _, m in sorted(deployments, reverse=True)]
+
+
+@_reports_errors(lambda error: Chosen(error))
+def choose_deployment(rows, model_name: str, strategy: str) -> Chosen:
+    """The model `strategy` deploys as `model_name` (lungsql.registry.choose, as lungsql.deploy
+    chooses it), and the strategy to record; T-SQL writes the deployment row."""
+    models, history = _registry(rows)
+    strategy = registry.clean_strategy(strategy)
+    return Chosen(None, registry.choose(model_name, list(models.values()), history, strategy, TRAIN_HINT),
+                  strategy)
+
+
+@_reports_errors(lambda error: Decided(error))
+def after_training(rows, model_name: str, model_id: int) -> Decided:
+    """Whether model `model_id`, just trained as `model_name`, is deployed
+    (lungsql.registry.after_training, as lungsql.train_model decides), with the notice to print."""
+    models, history = _registry(rows)
+    new_model = models.get(int(model_id))
+    if new_model is None:
+        raise ConfigurationError(f"model {model_id} is not a model named {model_name!r}",
+                                 hint="SELECT model_id, name, version FROM lungsql.models")
+    strategy, notice = registry.after_training(model_name, new_model, models.get(history[0]) if history else None)
+    return Decided(None, strategy, notice)
 
 
 # -- scoring ---------------------------------------------------------------------------

@@ -14,13 +14,12 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from lungsql import featurize, scoring, training
+from lungsql import featurize, registry, scoring, training
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
 from lungsql.preprocess import Preprocessing
 
 #: The patient vector: the CNN recipe of lungsql.featurize, then age and sex.
 FEATURE_SET = featurize.FEATURE_SET + "+age-sex"
-STRATEGIES = ("best_score", "most_recent", "rollback")
 
 
 class PipelineData(Protocol):
@@ -252,17 +251,11 @@ def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict |
         "sha256": result.sha256,
         "metrics": result.metrics,
     })
-    deployed = data.deployed(model_name)
-    if deployed is None:
-        data.insert_deployment(model_name, model_id, "first model")
-        data.notice(f"model {model_id} deployed as {model_name!r}: the first of its name")
-    elif result.metrics["log_loss"] < _json(deployed["metrics"])["log_loss"]:
-        data.insert_deployment(model_name, model_id, "best_score")
-        data.notice(f"model {model_id} deployed as {model_name!r}: validation log loss "
-                    f"{result.metrics['log_loss']:.4f} beats {_json(deployed['metrics'])['log_loss']:.4f}")
-    else:
-        data.notice(f"model {deployed['model_id']} stays deployed as {model_name!r}: it has the better "
-                    "validation log loss")
+    strategy, notice = registry.after_training(model_name, {"model_id": model_id, "metrics": result.metrics},
+                                               data.deployed(model_name))
+    if strategy is not None:
+        data.insert_deployment(model_name, model_id, strategy)
+    data.notice(notice)
     return model_id, result.metrics
 
 
@@ -276,33 +269,11 @@ def fit(rows: Sequence[dict[str, Any]], params: dict | None, progress=None) -> t
 
 
 def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") -> int:
-    """Deploy a model of `model_name` by strategy (or by model id); returns the deployed model id."""
+    """Deploy a model of `model_name` by strategy (or by model id, lungsql.registry.choose);
+    returns the deployed model id."""
     data.lock_model_name(model_name)  # one train_model or deploy of a name at a time
-    models = data.models(model_name)
-    if not models:
-        raise ConfigurationError(f"there is no model named {model_name!r}",
-                                 hint="train one first: SELECT * FROM lungsql.train_model('...')")
-    strategy = str(strategy).strip()
-    if strategy == "best_score":
-        chosen = min(models, key=lambda m: (_json(m["metrics"])["log_loss"], -m["model_id"]))["model_id"]
-    elif strategy == "most_recent":
-        chosen = max(m["model_id"] for m in models)
-    elif strategy == "rollback":
-        history = data.deployment_history(model_name)
-        if len(history) < 2:
-            raise ConfigurationError(f"{model_name!r} has no earlier deployment to roll back to")
-        current = history[0]
-        chosen = next((m for m in history[1:] if m != current), None)
-        if chosen is None:
-            raise ConfigurationError(f"every earlier deployment of {model_name!r} is the current model")
-    elif strategy.isdigit():
-        chosen = int(strategy)
-        if chosen not in {m["model_id"] for m in models}:
-            raise ConfigurationError(f"model {chosen} is not a model named {model_name!r}",
-                                     hint="SELECT model_id, name, version FROM lungsql.models")
-    else:
-        raise ConfigurationError(f"unknown strategy {strategy!r}",
-                                 hint="use 'best_score', 'most_recent', 'rollback' or a model id")
+    strategy = registry.clean_strategy(strategy)
+    chosen = registry.choose(model_name, data.models(model_name), data.deployment_history(model_name), strategy)
     data.insert_deployment(model_name, chosen, strategy)
     return chosen
 

@@ -21,6 +21,7 @@ No SQL Server runs here. What this harness does instead, for each
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -252,6 +253,8 @@ def to_python_column(values: list[Any], sql_type: str) -> pd.Series:
         return pd.Series([None if v is None else bytes(v) for v in values], dtype="object")
     if base in ("char", "nchar", "varchar", "nvarchar"):
         width = _length(sql_type) if base in ("char", "nchar") else None
+        # PostgreSQL's jsonb arrives as Python objects; on SQL Server the column holds the JSON text.
+        values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in values]
         return pd.Series([None if v is None else (str(v).ljust(width) if width else str(v)) for v in values],
                          dtype="object")
     raise ValueError(f"the harness does not convert SQL type {sql_type!r}")

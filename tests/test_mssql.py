@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -120,7 +121,8 @@ def test_featurize_script_refuses_a_tampered_cnn(pg_db, pg):
 # -- dbo.TrainLungCancerModel -----------------------------------------------------------------------
 def test_training_script_gives_the_model_train_model_gave(pg_db, pg):
     model = _row(pg_db, "SELECT * FROM lungsql.models WHERE name = :n", n=MODEL)
-    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": model.cnn_id, "lightgbm_params": "{}"}).outputs
+    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": model.cnn_id, "lightgbm_params": "{}"},
+                         index=0).outputs
     assert out["error"] is None
     assert out["feature_set"] == model.feature_set == pipeline.FEATURE_SET
     assert json.loads(out["feature_names"]) == model.feature_names
@@ -133,11 +135,136 @@ def test_training_script_gives_the_model_train_model_gave(pg_db, pg):
 
 def test_training_script_says_what_is_wrong_with_params(pg_db, pg):
     cnn_id = _cnn(pg_db)["cnn_id"]
-    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": cnn_id, "lightgbm_params": "[7]"}).outputs
+    out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": cnn_id, "lightgbm_params": "[7]"},
+                         index=0).outputs
     assert out["error"].startswith("lungsql: @Params must be a JSON object") and out["model_text"] is None
     out = harness.run_on(pg, "dbo.TrainLungCancerModel", {"cnn_id": cnn_id,
-                                                          "lightgbm_params": '{"num_leaves": 1}'}).outputs
+                                                          "lightgbm_params": '{"num_leaves": 1}'}, index=0).outputs
     assert "LightGBM rejected training parameter 'num_leaves'" in out["error"]
+
+
+# -- the registry: dbo.TrainLungCancerModel's decision and dbo.DeployLungCancerModel ------------------
+def _copy_model(engine, name: str, log_loss: float) -> int:
+    """A model of `name`: the trained model's row with another validation log loss."""
+    with engine.begin() as conn:
+        return conn.execute(sa.text(
+            "INSERT INTO lungsql.models (name, version, cnn_id, feature_set, feature_names, params, model_text, "
+            "                            sha256, metrics) "
+            "SELECT :name, (SELECT coalesce(max(version), 0) + 1 FROM lungsql.models WHERE name = :name), "
+            "       cnn_id, feature_set, feature_names, params, model_text, sha256, "
+            "       jsonb_set(metrics, '{log_loss}', to_jsonb(CAST(:log_loss AS double precision))) "
+            "FROM lungsql.models WHERE name = :model ORDER BY model_id LIMIT 1 RETURNING model_id"),
+            {"name": name, "log_loss": log_loss, "model": MODEL}).scalar_one()
+
+
+def _latest_strategy(engine, name: str) -> str:
+    return _row(engine, "SELECT strategy FROM lungsql.deployments WHERE name = :n "
+                        "ORDER BY deployment_id DESC LIMIT 1", n=name).strategy
+
+
+def _pg_deploy(engine, name: str, strategy: str) -> tuple:
+    """lungsql.deploy on PostgreSQL: (model id, the strategy its row records, None), or
+    (None, None, the error as dbo.DeployLungCancerModel THROWs it)."""
+    try:
+        (chosen,), = call(engine, "SELECT lungsql.deploy(%s, %s)", (name, strategy))
+    except psycopg.Error as exc:
+        message, hint = exc.diag.message_primary.removeprefix("plpy.Error: "), exc.diag.message_hint
+        return None, None, message + (f"\nHint: {hint}" if hint else "")
+    return chosen, _latest_strategy(engine, name), None
+
+
+def _mssql_deploy(pg, name: str, strategy: str) -> tuple:
+    """dbo.DeployLungCancerModel's script: (@chosen, @chosen_strategy, @error)."""
+    out = harness.run_on(pg, "dbo.DeployLungCancerModel", {"model_name": name, "deploy_strategy": strategy}).outputs
+    return out["chosen"], out["chosen_strategy"], out["error"]
+
+
+def test_deploy_script_chooses_as_lungsql_deploy_for_every_strategy(pg_db, pg):
+    name = "registry-deploy"
+    a, b, c = (_copy_model(pg_db, name, loss) for loss in (0.5, 0.3, 0.3))
+    trained = _row(pg_db, "SELECT model_id FROM lungsql.models WHERE name = :n ORDER BY model_id LIMIT 1", n=MODEL)
+    steps = [  # (strategy, what both choose, or the start of the error both give), each on what the last left
+        ("rollback", "lungsql: 'registry-deploy' has no earlier deployment to roll back to"),  # no history
+        ("best_score", c),  # 0.3 twice: the newer
+        ("rollback", "lungsql: 'registry-deploy' has no earlier deployment to roll back to"),  # one deployment
+        ("  most_recent ", c),
+        ("rollback", "lungsql: every earlier deployment of 'registry-deploy' is the current model"),
+        (str(a), a),
+        ("rollback", c),
+        ("rollback", a),
+        (f" {b}", b),
+        ("newest", "lungsql: unknown strategy 'newest'\n"
+                   "Hint: use 'best_score', 'most_recent', 'rollback' or a model id"),
+        (str(trained.model_id), f"lungsql: model {trained.model_id} is not a model named 'registry-deploy'\n"
+                                "Hint: SELECT model_id, name, version FROM lungsql.models"),
+        ("99999999999", "lungsql: model 99999999999 is not a model named 'registry-deploy'"),
+        ("best_score", c),
+    ]
+    for strategy, expected in steps:
+        ours = _mssql_deploy(pg, name, strategy)  # what T-SQL would write: the same state as PostgreSQL's
+        theirs = _pg_deploy(pg_db, name, strategy)
+        assert ours == theirs, strategy
+        if isinstance(expected, int):
+            assert ours == (expected, strategy.strip(), None), strategy
+        else:
+            assert ours[:2] == (None, None) and ours[2].startswith(expected), strategy
+    history = [r[0] for r in call(pg_db, "SELECT model_id FROM lungsql.deployments WHERE name = %s "
+                                         "ORDER BY deployment_id", (name,))]
+    assert history == [c, c, a, c, a, b, c]
+
+
+def test_deploy_script_refuses_a_name_without_models(pg_db, pg):
+    for strategy in ("best_score", "most_recent", "rollback", "1", "newest"):
+        ours, theirs = _mssql_deploy(pg, "nobody", strategy), _pg_deploy(pg_db, "nobody", strategy)
+        assert ours[:2] == theirs[:2] == (None, None)
+        assert theirs[2] == "lungsql: there is no model named 'nobody'\n" \
+                            "Hint: train one first: SELECT * FROM lungsql.train_model('...')"
+        assert ours[2] == "lungsql: there is no model named 'nobody'\n" \
+                          "Hint: train one first: EXEC dbo.TrainLungCancerModel @ModelName = N'...'"
+
+
+def test_training_registry_script_decides_as_train_model(pg_db, pg):
+    name = "registry-train"
+
+    def train() -> tuple[int, str]:
+        """lungsql.train_model on PostgreSQL: the new model and the NOTICE saying whether it is deployed."""
+        notices: list[str] = []
+        (model_id, _), = call(pg_db, "SELECT * FROM lungsql.train_model(%s)", (name,), notices=notices)
+        decision, = [n for n in notices if n.startswith("model ") and " deployed as " in n]
+        return model_id, decision
+
+    def decide(model_id: int, deployed_by_pg: bool) -> dict:
+        """The script at the end of dbo.TrainLungCancerModel, on what it sees there: the new model
+        stored, no deployment row for it yet (the one PostgreSQL wrote is taken out, then put back)."""
+        try:
+            if deployed_by_pg:
+                pg.execute("DELETE FROM lungsql.deployments WHERE deployment_id = (SELECT max(deployment_id) "
+                           "FROM lungsql.deployments WHERE name = %s AND model_id = %s)", (name, model_id))
+            return harness.run_on(pg, "dbo.TrainLungCancerModel", {"model_name": name, "model_id": model_id}).outputs
+        finally:
+            pg.rollback()
+
+    first, notice = train()
+    assert notice == f"model {first} deployed as {name!r}: the first of its name"
+    assert decide(first, True) == {"error": None, "deploy_strategy": "first model", "notice": notice}
+    assert _latest_strategy(pg_db, name) == "first model"
+
+    second, notice = train()  # deterministic training: the same validation log loss is not better
+    assert notice == f"model {first} stays deployed as {name!r}: it has the better validation log loss"
+    assert decide(second, False) == {"error": None, "deploy_strategy": None, "notice": notice}
+
+    with pg_db.begin() as conn:  # make the deployed model look poor
+        conn.execute(sa.text("UPDATE lungsql.models SET metrics = jsonb_set(metrics, '{log_loss}', '9.9') "
+                             "WHERE model_id = :m"), {"m": first})
+    third, notice = train()
+    assert notice.startswith(f"model {third} deployed as {name!r}: validation log loss ")
+    assert notice.endswith(" beats 9.9000")
+    assert decide(third, True) == {"error": None, "deploy_strategy": "best_score", "notice": notice}
+    assert _latest_strategy(pg_db, name) == "best_score"
+
+    out = decide(_row(pg_db, "SELECT min(model_id) AS m FROM lungsql.models WHERE name = :n", n=MODEL).m, False)
+    assert out["error"].startswith("lungsql: model ") and f"is not a model named {name!r}" in out["error"]
+    assert out["deploy_strategy"] is None and out["notice"] is None
 
 
 # -- dbo.PredictLungCancer and dbo.PredictLungCancerBatch --------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 
+from lungsql import registry  # the registry's rules; a light module, no ML code
 from webapp import audit
 from webapp.auth import admin_required
 from webapp.charts import roc_chart
@@ -20,7 +21,7 @@ from webapp.records import clean_query
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.before_request(admin_required)
 
-STRATEGIES = ("best_score", "most_recent", "rollback")
+STRATEGIES = registry.STRATEGIES
 MODELS_SHOWN = 200
 
 
@@ -52,7 +53,7 @@ def models():
 def deploy():
     name = clean_query(request.form.get("name", ""), 200)
     strategy = request.form.get("strategy", "").strip()
-    if not name or not (strategy in STRATEGIES or (strategy.isascii() and strategy.isdigit() and len(strategy) < 10)):
+    if not name or not (strategy in STRATEGIES or (registry.is_model_id(strategy) and len(strategy) < 10)):
         abort(400, description="Choose a model name and a strategy (best_score, most_recent, rollback or a "
                                "model id).")
     conn = get_db()

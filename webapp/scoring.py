@@ -37,15 +37,6 @@ SELECT s.*,
 FROM lungsql.predict_lung_cancer_detail(CAST(:patient_id AS text)) s
 """)
 
-# What predict_lung_cancer(patient_id) uses when no model name is given: the latest deployment row.
-_DEPLOYED = sa.text("""
-SELECT d.deployment_id, d.name AS deployment_name, d.strategy, d.deployed_at,
-       m.model_id, m.name, m.version, m.trained_at,
-       (m.metrics ->> 'auc')::double precision AS auc
-FROM lungsql.deployments d JOIN lungsql.models m ON m.model_id = d.model_id
-ORDER BY d.deployment_id DESC LIMIT 1
-""")
-
 
 @dataclass(frozen=True)
 class DeployedModel:
@@ -107,11 +98,6 @@ def band_of(percent: float) -> tuple[str, str, str]:
         if percent >= lower:
             return band, colour, wording
     return BANDS[-1][1:]
-
-
-def deployed_model(conn: sa.Connection) -> DeployedModel | None:
-    row = conn.execute(_DEPLOYED).mappings().first()
-    return None if row is None else _model(row)
 
 
 def _model(row) -> DeployedModel:

@@ -242,7 +242,7 @@ GO
 -- Train a LightGBM classifier on the labelled patients' features. Returns the
 -- new model's id and its validation metrics (JSON). The first model of a name
 -- is deployed on its own; a later one only when its validation log loss is
--- lower than the deployed one's.
+-- lower than the deployed one's (lungsql.registry, as on PostgreSQL).
 --
 --   EXEC dbo.TrainLungCancerModel;
 --   EXEC dbo.TrainLungCancerModel @ModelName = N'lightgbm', @Params = N'{"num_leaves": 7}';
@@ -323,9 +323,8 @@ ORDER BY f.patient_id',
         THROW 50000, @error, 1;
     END;
 
-    -- Store the model and apply the registry rule in one transaction.
-    DECLARE @version int, @deployed_id int, @deployed_log_loss float,
-            @log_loss float = CAST(JSON_VALUE(@metrics, N'$.log_loss') AS float);
+    -- Store the model and apply the registry rule (lungsql.registry.after_training) in one transaction.
+    DECLARE @version int, @deploy_strategy nvarchar(100), @notice nvarchar(max);
     BEGIN TRANSACTION;
         -- One train or deploy of a name at a time, until COMMIT: consecutive versions.
         DECLARE @registry_lock nvarchar(255) = LEFT(CONCAT(N'lungsql.models:', @ModelName), 255);
@@ -338,38 +337,46 @@ ORDER BY f.patient_id',
         VALUES (@ModelName, @version, @cnn_id, @feature_set, @feature_names, @used_params, @model_text,
                 @model_sha256, @metrics);
         SET @ModelId = SCOPE_IDENTITY();
-        SELECT TOP (1)
-            @deployed_id = d.model_id,
-            @deployed_log_loss = CAST(JSON_VALUE(m.metrics, N'$.log_loss') AS float)
-        FROM lungsql.deployments AS d WITH (UPDLOCK, HOLDLOCK)
-        JOIN lungsql.models AS m ON m.model_id = d.model_id
-        WHERE d.name = @ModelName
-        ORDER BY d.deployment_id DESC;
-        IF @deployed_id IS NULL
+        -- The name's models with their deployments (the new one among them): deploy it or not?
+        EXEC sp_execute_external_script
+            @language = N'Python',
+            @script = N'
+from lungsql import mssql
+error, deploy_strategy, notice = mssql.after_training(InputDataSet, model_name, model_id)
+',
+            @input_data_1 = N'
+SELECT m.model_id, m.metrics, d.deployment_id
+FROM lungsql.models AS m
+LEFT JOIN lungsql.deployments AS d ON d.model_id = m.model_id AND d.name = @model_name
+WHERE m.name = @model_name',
+            @params = N'@model_name nvarchar(100), @model_id int, @error nvarchar(max) OUTPUT,
+                @deploy_strategy nvarchar(100) OUTPUT, @notice nvarchar(max) OUTPUT',
+            @model_name = @ModelName,
+            @model_id = @ModelId,
+            @error = @error OUTPUT,
+            @deploy_strategy = @deploy_strategy OUTPUT,
+            @notice = @notice OUTPUT;
+        IF @error IS NOT NULL
         BEGIN
-            INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES (@ModelName, @ModelId, N'first model');
-            SET @message = CONCAT(N'model ', @ModelId, N' deployed as ''', @ModelName, N''': the first of its name');
-        END
-        ELSE IF @log_loss < @deployed_log_loss
-        BEGIN
-            INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES (@ModelName, @ModelId, N'best_score');
-            SET @message = CONCAT(
-                N'model ', @ModelId, N' deployed as ''', @ModelName, N''': validation log loss ',
-                CAST(@log_loss AS decimal(12, 4)), N' beats ', CAST(@deployed_log_loss AS decimal(12, 4)));
-        END
-        ELSE
-            SET @message = CONCAT(
-                N'model ', @deployed_id, N' stays deployed as ''', @ModelName,
-                N''': it has the better validation log loss');
+            SET @error = LEFT(@error, 2000);
+            THROW 50000, @error, 1;  -- XACT_ABORT: the model is not stored either
+        END;
+        IF @deploy_strategy IS NOT NULL
+            INSERT INTO lungsql.deployments (name, model_id, strategy)
+            VALUES (@ModelName, @ModelId, @deploy_strategy);
     COMMIT TRANSACTION;
+    SET @message = LEFT(@notice, 2000);
     RAISERROR (N'%s', 0, 1, @message) WITH NOWAIT;
     SELECT @ModelId AS model_id, @metrics AS metrics;
 END;
 GO
 
 -- Deploy a model of a name: 'best_score' (lowest validation log loss, the
--- newest on a tie), 'most_recent', 'rollback' (the previously deployed model)
--- or a model id. Returns the deployed model's id.
+-- newest on a tie), 'most_recent', 'rollback' (the previously deployed model
+-- other than the current one) or a model id. Returns the deployed model's id.
+-- lungsql.registry chooses, as lungsql.deploy does on PostgreSQL; a name
+-- without models, an unknown strategy or nothing to roll back to is THROWn
+-- as 50000 with a hint.
 --
 --   EXEC dbo.DeployLungCancerModel @ModelName = N'lightgbm', @Strategy = N'rollback';
 CREATE OR ALTER PROCEDURE dbo.DeployLungCancerModel
@@ -380,62 +387,39 @@ AS
 BEGIN
     SET NOCOUNT ON;
     SET XACT_ABORT ON;
-    DECLARE @message nvarchar(2048), @chosen int, @current int, @history int;
-    SET @Strategy = LTRIM(RTRIM(ISNULL(@Strategy, N'best_score')));
+    DECLARE @error nvarchar(max), @chosen int,
+            @chosen_strategy nvarchar(100);  -- @Strategy as the deployment row records it
+    SET @Strategy = ISNULL(@Strategy, N'best_score');
     BEGIN TRANSACTION;
         -- One train or deploy of a name at a time, until COMMIT: consecutive versions.
         DECLARE @registry_lock nvarchar(255) = LEFT(CONCAT(N'lungsql.models:', @ModelName), 255);
         EXEC sp_getapplock @Resource = @registry_lock, @LockMode = N'Exclusive', @LockOwner = N'Transaction';
-        IF NOT EXISTS (SELECT 1 FROM lungsql.models WITH (UPDLOCK, HOLDLOCK) WHERE name = @ModelName)
+        -- lungsql.registry.choose, as lungsql.deploy chooses on PostgreSQL, on the name's models
+        -- with their deployments under the name.
+        EXEC sp_execute_external_script
+            @language = N'Python',
+            @script = N'
+from lungsql import mssql
+error, chosen, chosen_strategy = mssql.choose_deployment(InputDataSet, model_name, deploy_strategy)
+',
+            @input_data_1 = N'
+SELECT m.model_id, m.metrics, d.deployment_id
+FROM lungsql.models AS m
+LEFT JOIN lungsql.deployments AS d ON d.model_id = m.model_id AND d.name = @model_name
+WHERE m.name = @model_name',
+            @params = N'@model_name nvarchar(100), @deploy_strategy nvarchar(100), @error nvarchar(max) OUTPUT,
+                @chosen int OUTPUT, @chosen_strategy nvarchar(100) OUTPUT',
+            @model_name = @ModelName,
+            @deploy_strategy = @Strategy,
+            @error = @error OUTPUT,
+            @chosen = @chosen OUTPUT,
+            @chosen_strategy = @chosen_strategy OUTPUT;
+        IF @error IS NOT NULL
         BEGIN
-            SET @message = CONCAT(N'lungsql: there is no model named ''', @ModelName, N'''', NCHAR(10),
-                                  N'Hint: train one first: EXEC dbo.TrainLungCancerModel @ModelName = N''...''');
-            THROW 50002, @message, 1;
+            SET @error = LEFT(@error, 2000);
+            THROW 50000, @error, 1;
         END;
-        IF @Strategy = N'best_score'
-            SELECT TOP (1) @chosen = model_id
-            FROM lungsql.models
-            WHERE name = @ModelName
-            ORDER BY CAST(JSON_VALUE(metrics, N'$.log_loss') AS float), model_id DESC;
-        ELSE IF @Strategy = N'most_recent'
-            SELECT @chosen = MAX(model_id) FROM lungsql.models WHERE name = @ModelName;
-        ELSE IF @Strategy = N'rollback'
-        BEGIN
-            SELECT @history = COUNT(*) FROM lungsql.deployments WITH (UPDLOCK, HOLDLOCK) WHERE name = @ModelName;
-            SELECT TOP (1) @current = model_id FROM lungsql.deployments WHERE name = @ModelName
-            ORDER BY deployment_id DESC;
-            IF @history < 2
-            BEGIN
-                SET @message = CONCAT(N'lungsql: ''', @ModelName, N''' has no earlier deployment to roll back to');
-                THROW 50002, @message, 1;
-            END;
-            SELECT TOP (1) @chosen = model_id FROM lungsql.deployments
-            WHERE name = @ModelName AND model_id <> @current
-            ORDER BY deployment_id DESC;
-            IF @chosen IS NULL
-            BEGIN
-                SET @message = CONCAT(N'lungsql: every earlier deployment of ''', @ModelName,
-                                      N''' is the current model');
-                THROW 50002, @message, 1;
-            END;
-        END
-        ELSE IF @Strategy NOT LIKE N'%[^0-9]%' AND LEN(@Strategy) BETWEEN 1 AND 9
-        BEGIN
-            SET @chosen = CAST(@Strategy AS int);
-            IF NOT EXISTS (SELECT 1 FROM lungsql.models WHERE model_id = @chosen AND name = @ModelName)
-            BEGIN
-                SET @message = CONCAT(N'lungsql: model ', @chosen, N' is not a model named ''', @ModelName, N'''',
-                                      NCHAR(10), N'Hint: SELECT model_id, name, version FROM lungsql.models');
-                THROW 50001, @message, 1;
-            END;
-        END
-        ELSE
-        BEGIN
-            SET @message = CONCAT(N'lungsql: unknown strategy ''', @Strategy, N'''', NCHAR(10),
-                                  N'Hint: use ''best_score'', ''most_recent'', ''rollback'' or a model id');
-            THROW 50001, @message, 1;
-        END;
-        INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES (@ModelName, @chosen, @Strategy);
+        INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES (@ModelName, @chosen, @chosen_strategy);
     COMMIT TRANSACTION;
     SET @ModelId = @chosen;
     SELECT @chosen AS model_id;
