@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lungsql.cnn_export import default_cache_dir, export_builtin
-from lungsql.onnx_inspect import describe_onnx
+from lungsql.ml.cnn_export import default_cache_dir, export_builtin
+from lungsql.ml.onnx_inspect import describe_onnx
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

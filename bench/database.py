@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 import psycopg
 import sqlalchemy as sa
 
-from lungsql import migrations
-from lungsql.cluster import LocalCluster
+from lungsql.client import migrations
+from lungsql.client.cluster import LocalCluster
 
 DBNAME = "lungsql_bench"
 

@@ -15,14 +15,17 @@ import numpy as np
 import config_preprocessing as config
 from bench.database import BenchDatabase
 from bench.sizes import Sizes
-from lungsql import cnns, featurize, pipeline
-from lungsql.featurize import read_slices
-from lungsql.preprocess import Preprocessing, prepare_volume
+from lungsql.client import cnns
+from lungsql.ml import devices, featurize
+from lungsql.ml.cpu_clock import CpuClock
+from lungsql.server import pipeline
+from lungsql.dicom.series import read_slices
+from lungsql.ml.preprocess import Preprocessing, prepare_volume
 
 TARGET_SLICES_PER_S = 500.0
 TARGET_EFFICIENCY = 0.85
 PASSES = 3  # end-to-end runs and bare passes, in turns; the medians are reported
-PROVIDERS = {"cpu": [featurize.CPU], "cuda": [featurize.CUDA, featurize.CPU]}
+PROVIDERS = {"cpu": [devices.CPU], "cuda": [devices.CUDA, devices.CPU]}
 
 
 def run(db: BenchDatabase, sizes: Sizes, provider: str | None = None) -> dict:
@@ -31,7 +34,7 @@ def run(db: BenchDatabase, sizes: Sizes, provider: str | None = None) -> dict:
         cnn = conn.execute("SELECT cnn_id, name, model, input_name, output_name, preprocessing "
                            "FROM lungsql.cnn_models ORDER BY cnn_id DESC LIMIT 1").fetchone()
         patients = [r[0] for r in conn.execute("SELECT patient_id FROM lungsql.patients ORDER BY patient_id")]
-    providers = PROVIDERS[provider] if provider else featurize.choose_providers()
+    providers = PROVIDERS[provider] if provider else devices.choose_providers()
     featurizer = featurize.Featurizer(bytes(cnn[2]), cnn[3], cnn[4], Preprocessing.from_json(_json(cnn[5])),
                                       providers=providers)
     with featurizer:
@@ -91,7 +94,7 @@ def _end_to_end(db: BenchDatabase, delete_first: bool) -> tuple[dict, dict]:
     figures = {"provider": provider, "patients": patients, "slices": slices, "seconds": round(seconds, 3),
                "slices_per_s": round(slices / seconds, 1), "call_seconds": round(wall, 3),
                "call_slices_per_s": round(slices / wall, 1)}
-    cpu = {step: cpu[step] for step in featurize.CpuClock.STEPS if step in cpu}  # jsonb sorts its keys
+    cpu = {step: cpu[step] for step in CpuClock.STEPS if step in cpu}  # jsonb sorts its keys
     total = sum(cpu.values())
     split = {"slices": slices, "cpu_seconds": round(total, 3),
              "cores_busy": round(total / seconds, 2),

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 
 def status() -> dict:
-    from lungsql import featurize
+    from lungsql.ml import devices
 
-    providers = featurize.choose_providers()
-    if featurize.CUDA in providers:
+    providers = devices.choose_providers()
+    if devices.CUDA in providers:
         return {"available": True, "providers": providers}
     return {"available": False, "reason": "the machine of this run has no NVIDIA GPU that ONNX Runtime can use",
             "providers": providers, "how_to_run": "on a GPU machine with onnxruntime-gpu: lungsql bench --provider cuda"}

@@ -10,7 +10,8 @@ import numpy as np
 
 from bench.database import BenchDatabase
 from bench.sizes import Sizes
-from lungsql import featurize, pipeline
+from lungsql.ml.features import GroupFeatures
+from lungsql.server import pipeline
 
 DIM = 1280  # EfficientNet-Lite0's pooled features
 TARGET_SECONDS_1600 = 30.0
@@ -26,7 +27,7 @@ def synthetic_rows(patients: int, groups: int, seed: int = 2017) -> list[dict]:
         array = rng.normal(0.0, 1.0, size=(groups, DIM)).astype(np.float32)
         if label:
             array[rng.integers(groups), :16] += 2.5
-        features = featurize.GroupFeatures(array, n_slices=3 * groups)
+        features = GroupFeatures(array, n_slices=3 * groups)
         rows.append({"patient_id": f"bench-{i:05d}", "label": label, "age_years": float(rng.integers(40, 80)),
                      "sex": "MF"[i % 3 % 2], "data": features.to_bytes(), "n_groups": groups, "dim": DIM,
                      "n_slices": features.n_slices, "sha256": hashlib.sha256(features.to_bytes()).hexdigest()})

@@ -9,7 +9,8 @@ import pydicom
 import sqlalchemy as sa
 
 from bench.sizes import Sizes
-from lungsql import ingest, synth
+from lungsql.client import ingest
+from lungsql.dicom import synth
 
 SEED = 2017
 

@@ -4,7 +4,7 @@ clients, served by `lungsql serve` (its own processes, as deployed) on loopback,
 wrk (Debian's, written in C) keeps the load generator's CPU small next to the server's on the same
 cores; a Python client sharing the server's cores costs as much CPU per request as the server. Every
 answer's probability is checked first against `lungsql.predict_lung_cancer_batch` by a Python client
-(`lungsql.http_load`); wrk then counts any status other than 200 as an error."""
+(`bench.http_load`); wrk then counts any status other than 200 as an error."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import tempfile
 
 from bench.database import BenchDatabase
 from bench.sizes import Sizes
-from lungsql import http_load, procstat, users
+from bench import http_load, procstat
+from lungsql.client import users
 from webapp.server import default_workers, running
 
 TARGET_P99_MS = 50.0

@@ -1,3 +1,3 @@
-from lungsql.cli import main
+from lungsql.client.cli import main
 
 main()

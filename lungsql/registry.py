@@ -8,8 +8,8 @@
   before the current one, skipping deployments of the current model itself),
   or a model id of that name.
 
-The rules are written here once, for lungsql.pipeline (PostgreSQL, the CLI),
-for lungsql.mssql (SQL Server's procedures) and for the web app's form. This
+The rules are written here once, for lungsql.server.pipeline (PostgreSQL, the CLI),
+for lungsql.server.mssql (SQL Server's procedures) and for the web app's form. This
 module reads no database and imports nothing heavy: its callers hand it plain
 data, and the web app can import it without the ML stack.
 

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from databases import create_database, drop_database
-from lungsql import db, migrations
-from lungsql.cluster import LocalCluster
+from lungsql.client import db, migrations
+from lungsql.client.cluster import LocalCluster
 from lungsql.errors import ConfigurationError
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungsql.dialects.mssql import SQL_DIR, batches
+from lungsql.client.dialects.mssql import SQL_DIR, batches
 
 PROCEDURES_SQL = SQL_DIR / "02_procedures.sql"
 SCHEMA_SQL = SQL_DIR / "01_schema.sql"

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import config_preprocessing as config
-from lungsql import docs
-from lungsql.cli import main
+from lungsql.client import docs
+from lungsql.client.cli import main
 from lungsql.errors import ConfigurationError
 
 

@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from sqlalchemy.engine import make_url
 
 import config_preprocessing as config
-from lungsql.cli import main
-from lungsql.db import check_web_role, redact_url
+from lungsql.client.cli import main
+from lungsql.client.db import check_web_role, redact_url
 from lungsql.errors import ConfigurationError
-from lungsql.procstat import children
+from bench.procstat import children
 
 WEB_ROLE = "lungsql_web"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching OS users (runuser) needs root")

@@ -1,4 +1,4 @@
-"""Tests for lungsql.cnn_export.
+"""Tests for lungsql.ml.cnn_export.
 
 The describe_onnx tests build tiny ONNX models with a small protobuf encoder
 below, so they need only numpy and onnxruntime.  The export tests need the
@@ -18,15 +18,15 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (the 'ml' extra) is not installed")
 
-from lungsql import cnn_export  # noqa: E402
-from lungsql.cnn_export import (  # noqa: E402
+from lungsql.ml import cnn_export  # noqa: E402
+from lungsql.ml.cnn_export import (  # noqa: E402
     BUILTIN_CNNS,
     ExportedCNN,
     cache_key,
     default_cache_dir,
     export_builtin,
 )
-from lungsql.onnx_inspect import describe_onnx  # noqa: E402
+from lungsql.ml.onnx_inspect import describe_onnx  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # a minimal ONNX (protobuf) writer, enough for small test graphs
@@ -178,7 +178,7 @@ def test_describe_rejects_garbage():
 
 def test_module_imports_without_torch():
     code = (
-        "import sys, lungsql.cnn_export as m; "
+        "import sys, lungsql.ml.cnn_export as m; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert m.BUILTIN_CNNS == ['efficientnet-lite0']"
     )

@@ -7,8 +7,9 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from lungsql import ingest, synth
-from lungsql.cli import main
+from lungsql.client import ingest
+from lungsql.dicom import synth
+from lungsql.client.cli import main
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402

@@ -12,7 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from databases import create_database, drop_database
-from lungsql import cnns, ingest, migrations, synth
+from lungsql.client import cnns, ingest, migrations
+from lungsql.dicom import synth
 
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import sqlalchemy as sa
 
-from lungsql import migrations
+from lungsql.client import migrations
 from lungsql.errors import ConfigurationError
 
 TABLES = {"patients", "scans", "labels", "ingest_errors", "ingest_runs", "settings", "schema_migrations"}

@@ -1,4 +1,4 @@
-"""Tests for lungsql.deidentify (PS3.15 Annex E basic profile). Fast, no database."""
+"""Tests for lungsql.dicom.deidentify (PS3.15 Annex E basic profile). Fast, no database."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from lungsql.deidentify import (
+from lungsql.dicom.deidentify import (
     ACTIONS,
     BASIC_PROFILE,
     DEIDENTIFICATION_METHOD,
@@ -37,7 +37,7 @@ from lungsql.deidentify import (
 )
 from lungsql.dicom import read_scan
 from lungsql.errors import InvalidScan
-from lungsql.ingest import deidentifying_transform
+from lungsql.client.ingest import deidentifying_transform
 
 KEY = b"test-site-secret-0123456789abcdef"
 OTHER_KEY = b"another-site-secret-fedcba987654"
@@ -552,7 +552,7 @@ def test_burned_in_annotation_is_refused_by_default():
 
 def test_burned_in_annotation_is_kept_and_logged_when_allowed(caplog):
     ds = _synthetic_ct(BurnedInAnnotation="YES")
-    with caplog.at_level("WARNING", logger="lungsql.deidentify"):
+    with caplog.at_level("WARNING", logger="lungsql.dicom.deidentify"):
         Deidentifier(KEY, allow_burned_in=True).apply(ds)
     assert ds.BurnedInAnnotation == "YES"
     assert ds.PatientIdentityRemoved == "YES"
@@ -888,7 +888,7 @@ def test_non_dicom_bytes_are_rejected():
 def test_hidden_identifiers_are_gone_from_the_bytes_stored_in_the_database(engine, tmp_path, monkeypatch):
     import sqlalchemy as sa
 
-    from lungsql import ingest
+    from lungsql.client import ingest
 
     monkeypatch.setenv("LUNGSQL_DEID_KEY", KEY.decode())
     folder = tmp_path / "upload"

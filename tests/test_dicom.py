@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.data import get_testdata_file
 
-from lungsql import dicom, synth
+from lungsql import dicom
+from lungsql.dicom import synth
 
 
 def test_fast_stored_pixels_equal_pydicoms_pixel_array(tmp_path):
@@ -37,7 +38,7 @@ def _pydicoms_hounsfield(ds) -> np.ndarray:
 
 
 def hounsfield_from_bytes(data: bytes) -> np.ndarray | None:
-    from lungsql.dicom_fast import stored_from_bytes
+    from lungsql.dicom.fast import stored_from_bytes
 
     found = stored_from_bytes(data)
     return None if found is None else dicom.to_hounsfield(*found)

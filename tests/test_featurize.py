@@ -14,18 +14,14 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from lungsql import dicom, synth  # noqa: E402
+from lungsql import dicom
+from lungsql.dicom import synth  # noqa: E402
 from lungsql.errors import ConfigurationError, IntegrityError, InvalidScan  # noqa: E402
-from lungsql.featurize import (  # noqa: E402
-    FEATURE_SET,
-    Featurizer,
-    GroupFeatures,
-    choose_providers,
-    patient_vector,
-    patient_vector_names,
-    read_volume,
-)
-from lungsql.preprocess import Preprocessing, prepare_volume  # noqa: E402
+from lungsql.dicom.series import read_volume  # noqa: E402
+from lungsql.ml.devices import choose_providers  # noqa: E402
+from lungsql.ml.featurize import Featurizer  # noqa: E402
+from lungsql.ml.features import FEATURE_SET, GroupFeatures, patient_vector, patient_vector_names  # noqa: E402
+from lungsql.ml.preprocess import Preprocessing, prepare_volume  # noqa: E402
 
 D = 5
 RNG = np.random.default_rng(2017)

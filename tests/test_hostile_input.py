@@ -20,8 +20,10 @@ import sqlalchemy as sa
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from databases import call
-from lungsql import cnns, dicom, ingest, synth
-from lungsql.dialects import postgres
+from lungsql import dicom
+from lungsql.client import cnns, ingest
+from lungsql.dicom import synth
+from lungsql.client.dialects import postgres
 from lungsql.errors import InvalidScan
 
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
@@ -265,7 +267,7 @@ def test_a_value_the_database_refuses_is_recorded_and_the_batch_goes_on(engine, 
 
 def test_concurrent_uploads_of_one_folder_each_count_what_they_stored(empty_db, cohort):
     engine = sa.create_engine(empty_db)
-    from lungsql import migrations
+    from lungsql.client import migrations
 
     migrations.init(engine)
     total = len(list(cohort.rglob("*.dcm")))
@@ -416,7 +418,7 @@ def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(na
     from pydicom.data import get_testdata_file
     from pydicom.encaps import encapsulate, generate_frames
 
-    from lungsql.codestream import frame_size
+    from lungsql.dicom.codestream import frame_size
 
     ds = pydicom.dcmread(get_testdata_file(name))
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))

@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from lungsql import ingest, synth
+from lungsql.client import ingest
+from lungsql.dicom import synth
 from lungsql.errors import ConfigurationError
 
 PATIENTS = 4
@@ -85,8 +86,8 @@ def test_run_killed_midway_resumes_without_loss_or_duplicates(engine, cohort, db
         """
         import os, signal, sys
         from pathlib import Path
-        from lungsql import db, ingest
-        from lungsql.dialects import postgres
+        from lungsql.client import db, ingest
+        from lungsql.client.dialects import postgres
         original, calls = postgres.ScanStore._copy_scans, []
         def copy_then_die(self, cur, scans):
             already = original(self, cur, scans)

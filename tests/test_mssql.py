@@ -12,8 +12,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from lungsql import cnns, ingest, migrations, pipeline, synth
-from lungsql.featurize import GroupFeatures
+from lungsql.client import cnns, ingest, migrations
+from lungsql.dicom import synth
+from lungsql.server import pipeline
+from lungsql.ml.features import GroupFeatures
 
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
 pytest.importorskip("pandas", reason="InputDataSet is a pandas DataFrame (pip install pandas)")

@@ -1,6 +1,6 @@
 """SQL Server support, checked without a SQL Server: every T-SQL file parses
 (sqlfluff, dialect tsql), every sp_execute_external_script call is well formed,
-and lungsql.dialects.mssql emits T-SQL that SQLAlchemy's mssql dialect compiles
+and lungsql.client.dialects.mssql emits T-SQL that SQLAlchemy's mssql dialect compiles
 and sqlfluff parses, binding every value it uses."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 
-from lungsql import db, dialects, mssql
-from lungsql.dialects import mssql as tsql
+from lungsql.client import db, dialects
+from lungsql.server import mssql
+from lungsql.client.dialects import mssql as tsql
 from lungsql.errors import ConfigurationError
 
 sqlfluff = pytest.importorskip("sqlfluff", reason="sqlfluff parses the T-SQL (pip install sqlfluff)")
@@ -127,10 +128,10 @@ def test_the_harness_refuses_what_sql_server_would():
 
 
 def test_the_tsql_shard_and_sha256_helpers_are_python_s():
-    # GenerateFeatures leaves the shard to lungsql.pipeline.in_shard, through patients_in_shard.
+    # GenerateFeatures leaves the shard to lungsql.server.pipeline.in_shard, through patients_in_shard.
     import pandas as pd
 
-    from lungsql import pipeline
+    from lungsql.server import pipeline
 
     ids = [f"p{i}" for i in range(300)]
     parts = [list(mssql.patients_in_shard(pd.DataFrame({"patient_id": ids}), s, 3).patient_id) for s in range(3)]
@@ -160,14 +161,14 @@ def test_the_dialect_module_is_chosen_by_the_engine():
 
     assert dialects.module("mssql") is tsql
     assert isinstance(dialects.scan_store(Engine()), tsql.ScanStore)
-    assert dialects.module("postgresql").ScanStore.__module__ == "lungsql.dialects.postgres"
+    assert dialects.module("postgresql").ScanStore.__module__ == "lungsql.client.dialects.postgres"
     assert dialects.engine_options("mssql") == {"fast_executemany": True}
     assert dialects.engine_options("postgresql") == {}
     with pytest.raises(ConfigurationError, match="does not run on 'oracle'"):
         dialects.module("oracle")
 
 
-# -- the SQL lungsql.dialects.mssql emits ----------------------------------------------------------------
+# -- the SQL lungsql.client.dialects.mssql emits ----------------------------------------------------------------
 STATEMENTS = {name: value for name, value in vars(tsql).items() if isinstance(value, sa.TextClause)}
 STATEMENTS.update({f"DELETE_CNN[{i}]": s for i, s in enumerate(tsql.DELETE_CNN)})
 
@@ -218,7 +219,7 @@ def test_a_procedure_error_reads_as_message_and_hint():
 
 
 def test_the_scan_store_passes_every_value_its_statements_bind(tmp_path):
-    from lungsql import synth
+    from lungsql.dicom import synth
     from lungsql.dicom import read_scan
 
     synth.write_cohort(tmp_path, patients=1, slices=(3, 3), seed=5)

@@ -9,9 +9,14 @@ import pytest
 import sqlalchemy as sa
 
 from databases import call
-from lungsql import cnn_export, cnns, ingest, pipeline, synth
-from lungsql.featurize import Featurizer, GroupFeatures, read_volume
-from lungsql.preprocess import Preprocessing
+from lungsql.client import cnns, ingest
+from lungsql.dicom import synth
+from lungsql.ml import cnn_export
+from lungsql.server import pipeline
+from lungsql.dicom.series import read_volume
+from lungsql.ml.featurize import Featurizer
+from lungsql.ml.features import GroupFeatures
+from lungsql.ml.preprocess import Preprocessing
 
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
 

@@ -8,16 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from lungsql import synth
+from lungsql.dicom import synth
+from lungsql.dicom.series import order_slices
 from lungsql.errors import ConfigurationError, LungSQLError
-from lungsql.preprocess import (
+from lungsql.ml.preprocess import (
     Preprocessing,
     Resampler,
     SquareCrop,
     body_crop,
     crop_resize,
     normalize,
-    order_slices,
     pack_groups,
     prepare_volume,
     window,

@@ -115,7 +115,7 @@ def test_a_later_model_replaces_the_deployed_one_only_with_a_lower_log_loss():
 # -- the module stays light ------------------------------------------------------------------------
 def test_the_registry_imports_no_ml_code():
     code = ("import sys, lungsql.registry; "
-            "print(sorted(m for m in ('numpy', 'pandas', 'lightgbm', 'onnxruntime', 'lungsql.pipeline') "
+            "print(sorted(m for m in ('numpy', 'pandas', 'lightgbm', 'onnxruntime', 'lungsql.server.pipeline') "
             "if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"

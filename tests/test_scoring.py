@@ -8,7 +8,7 @@ import lightgbm
 import numpy as np
 import pytest
 
-from lungsql import scoring, training
+from lungsql.ml import scoring, training
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
 
 D = 40

@@ -21,11 +21,13 @@ lightgbm = pytest.importorskip("lightgbm")
 from onnx import TensorProto, external_data_helper, helper, numpy_helper  # noqa: E402
 
 from databases import call  # noqa: E402
-from lungsql import cnns, ingest, model_check, scoring, synth, training  # noqa: E402
+from lungsql.client import cnns, ingest
+from lungsql.dicom import synth
+from lungsql.ml import model_check, scoring, training  # noqa: E402
 from lungsql.errors import ConfigurationError  # noqa: E402
-from lungsql.featurize import Featurizer  # noqa: E402
-from lungsql.onnx_inspect import check_self_contained  # noqa: E402
-from lungsql.preprocess import Preprocessing  # noqa: E402
+from lungsql.ml.featurize import Featurizer  # noqa: E402
+from lungsql.ml.onnx_inspect import check_self_contained  # noqa: E402
+from lungsql.ml.preprocess import Preprocessing  # noqa: E402
 
 SMALL = Preprocessing(image_size=32)
 SECRET = b"15\n"  # what PG_VERSION holds in a PostgreSQL 15 data directory

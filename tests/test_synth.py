@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from lungsql import synth
+from lungsql.dicom import synth
 
 PATIENTS, SLICES, SEED = 3, (5, 8), 2017
 

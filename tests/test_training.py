@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from lungsql import metrics, training
+from lungsql.ml import metrics, training
 from lungsql.errors import ConfigurationError
 
 ONE_THREAD = {"num_threads": 1}

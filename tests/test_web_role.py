@@ -14,7 +14,9 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from lungsql import dicom, preprocess, users
+from lungsql import dicom
+from lungsql.client import users
+from lungsql.ml import preprocess
 from webapp_fixtures import BROKEN_SCAN, PASSWORDS
 
 REFUSED = [

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lungsql import dicom, preprocess, users
+from lungsql import dicom
+from lungsql.client import users
+from lungsql.ml import preprocess
 from lungsql.errors import ConfigurationError
 from webapp import create_app
 from webapp.db import ENGINE
@@ -710,7 +712,7 @@ def test_the_audit_log_is_read_with_the_cli_not_in_the_web_app(boss, web_db, su)
     """The web app's role cannot read the audit log: no audit page; the DBA runs `lungsql audit`."""
     from click.testing import CliRunner
 
-    from lungsql.cli import main
+    from lungsql.client.cli import main
 
     assert boss.get("/admin/audit").status_code == 404
     assert "Audit log" not in text(boss.get("/admin/"))
@@ -921,8 +923,8 @@ def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
     in both (one signing key)."""
     import urllib.request
 
-    from lungsql import http_load
-    from lungsql.procstat import children
+    from bench import http_load
+    from bench.procstat import children
     from webapp.server import running
 
     with running(web_db.web_url, workers=2, threads=2) as server:
@@ -972,7 +974,7 @@ def test_forwarded_headers_are_believed_from_the_trusted_proxy_only(web_db, su):
 
 
 def test_32_concurrent_clients_get_correct_predictions(live_server, su, output_dir):
-    from lungsql import http_load
+    from bench import http_load
 
     with su.connect() as conn:
         expected = dict(conn.execute(sa.text(

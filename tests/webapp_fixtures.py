@@ -1,6 +1,6 @@
 """One database for the web app's tests, built with the code users run.
 
-A synthetic cohort uploaded with ``lungsql.ingest``, the built-in CNN, CNN
+A synthetic cohort uploaded with ``lungsql.client.ingest``, the built-in CNN, CNN
 features from ``CALL lungsql.generate_features()``, two LightGBM models of one
 name (the first deployed) from ``lungsql.train_model``, and two users. A few
 patients are added by hand for the cases the cohort does not have: one
@@ -18,7 +18,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from databases import call, create_database
-from lungsql import cnns, ingest, migrations, synth, users
+from lungsql.client import cnns, ingest, migrations, users
+from lungsql.dicom import synth
 
 PATIENTS = 10
 PASSWORDS = {"clin": "clinician-password-1", "boss": "admin-password-12"}

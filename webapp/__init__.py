@@ -45,7 +45,7 @@ def settings() -> dict:
         "SLICE_CACHE_BYTES": config.get("LUNGSQL_WEB_SLICE_CACHE_MB") << 20,
         "SLICE_MAX_AGE_S": config.get("LUNGSQL_WEB_SLICE_MAX_AGE_S"),
         "HU_WINDOW": tuple(config.get("LUNGSQL_HU_WINDOW")),
-        # Failed sign-ins counted by lungsql.sign_in within the window (see lungsql.sign_in.Limits).
+        # Failed sign-ins counted by lungsql.sign_in within the window (see lungsql.accounts.Limits).
         "LOGIN_MAX_FAILURES": config.get("LUNGSQL_LOGIN_MAX_FAILURES"),
         "LOGIN_MAX_FAILURES_PER_USER": config.get("LUNGSQL_LOGIN_MAX_FAILURES_PER_USER"),
         "LOGIN_MAX_FAILURES_PER_ADDRESS": config.get("LUNGSQL_LOGIN_MAX_FAILURES_PER_ADDRESS"),
@@ -64,11 +64,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     if not app.config.get("SECRET_KEY"):
-        from lungsql.secrets import site_secret
+        from lungsql.client.secrets import site_secret
 
         app.config["SECRET_KEY"] = site_secret("flask", "LUNGSQL_SECRET_KEY")
     if not app.config.get("DATABASE_URL"):
-        from lungsql.db import resolve_web_url
+        from lungsql.client.db import resolve_web_url
 
         app.config["DATABASE_URL"] = resolve_web_url()
 
@@ -90,7 +90,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 def login_limits(settings):
     """The sign-in limits of these settings, as lungsql.sign_in takes them."""
-    from lungsql.sign_in import Limits
+    from lungsql.accounts import Limits
 
     return Limits(max_failures=settings["LOGIN_MAX_FAILURES"],
                   max_failures_per_user=settings["LOGIN_MAX_FAILURES_PER_USER"],

@@ -70,7 +70,7 @@ def login():
         return render_template("login.html", next=target, username="")
 
     username = clean_username(request.form.get("username", ""))
-    # PostgreSQL text cannot hold NUL; no stored password has one (lungsql.users.hash_password).
+    # PostgreSQL text cannot hold NUL; no stored password has one (lungsql.accounts.hash_password).
     password = request.form.get("password", "").replace("\x00", "\ufffd")
     conn = get_db()
     row = conn.execute(_SIGN_IN, {"username": username, "password": password, "address": request.remote_addr,

@@ -87,7 +87,7 @@ def database_message(exc: sa.exc.DBAPIError) -> tuple[str, str | None]:
     diag = getattr(exc.orig, "diag", None)
     message = (getattr(diag, "message_primary", None) or _first_line(exc)).strip()
     hint = getattr(diag, "message_hint", None)
-    for prefix in ("plpy.Error: ", "lungsql: "):  # as PL/Python and lungsql.procedures write it
+    for prefix in ("plpy.Error: ", "lungsql: "):  # as PL/Python and lungsql.server.procedures write it
         message = message.removeprefix(prefix)
     return message, hint
 

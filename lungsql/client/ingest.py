@@ -1,0 +1,381 @@
+"""`lungsql ingest`: upload every DICOM file under a folder into lungsql.scans.
+
+Works on the Kaggle Data Science Bowl 2017 layout (one folder per patient,
+stage1_labels.csv with `id,cancer`) and on any tree of DICOM series, grouped
+by their PatientID tag.
+
+Resumable: files are written in batches, each in one transaction with the
+run's counters, so a killed run loses at most its open batch; a rerun skips
+every instance already stored (by SOPInstanceUID) and duplicates nothing.
+Two uploads of one folder at once store each instance once, and each counts
+as stored only what it stored.
+
+Nothing in one file stops the upload: whatever a file raises (not DICOM, too
+large for the limits, a malformed value, a value the database refuses)
+becomes a one-line reason in lungsql.ingest_errors and on the console, and
+the upload goes on. Only a lost database connection stops it; the rerun
+resumes. Under --deidentify the records of the run keep no original path
+component: paths are relative to the folder given, each part pseudonymized
+with the site key (a patient folder named after its PatientID gets the same
+pseudonym as the patient).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+import config_preprocessing as config
+from lungsql.client import dialects
+from lungsql.dicom import Limits, PatientInfo, ScanRecord, read_scan
+from lungsql.errors import ConfigurationError, LungSQLError
+
+LABELS_FILE = "stage1_labels.csv"
+
+
+@dataclass
+class IngestSummary:
+    run_id: int = 0
+    files_seen: int = 0
+    stored: int = 0
+    skipped: int = 0
+    errors: int = 0
+    bytes: int = 0
+    patients: set[str] = field(default_factory=set)
+    labels: int = 0
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "files_seen": self.files_seen,
+            "stored": self.stored,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "bytes": self.bytes,
+        }
+
+    def settled(self, written: dialects.Written) -> dict[str, int]:
+        """The counters once a batch's `written` (what it did not store after all) is taken into account."""
+        counts = self.counts
+        for record in written.already:
+            counts["stored"] -= 1
+            counts["skipped"] += 1
+            counts["bytes"] -= len(record.data)
+        for record, _ in written.rejected:
+            counts["stored"] -= 1
+            counts["errors"] += 1
+            counts["bytes"] -= len(record.data)
+        return counts
+
+    def settle(self, written: dialects.Written) -> None:
+        counts = self.settled(written)
+        self.stored, self.skipped, self.errors, self.bytes = (counts[k] for k in ("stored", "skipped", "errors",
+                                                                                  "bytes"))
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files_seen / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.files_seen} files in {self.seconds:.1f} s: {self.stored} stored, "
+            f"{self.skipped} already there, {self.errors} rejected; {len(self.patients)} patients, "
+            f"{self.bytes / 1e6:.1f} MB stored; {self.files_per_s:.0f} files/s, {self.mb_per_s:.1f} MB/s"
+        )
+
+
+def find_files(root: Path) -> list[Path]:
+    """Every file under root that could be DICOM, in a stable order.
+
+    Hidden files and CSV files (the labels) are left out; anything else that
+    is not DICOM is reported as such.
+    """
+    if not root.is_dir():
+        raise ConfigurationError(f"{root} is not a folder", hint="give the folder that holds the DICOM files")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower().endswith(".csv"):
+                continue
+            found.append(Path(folder) / name)
+    return found
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """`id,cancer` rows of a DSB-style labels file; a bad row is an error naming its line."""
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read labels file {path}: {exc.strerror}") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"id", "cancer"} <= {f.strip() for f in reader.fieldnames}:
+            raise ConfigurationError(
+                f"labels file {path} needs the columns id,cancer; found {reader.fieldnames}",
+                hint="use the DSB 2017 format: a header line `id,cancer`, then one patient per line",
+            )
+        labels = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if row["cancer"] not in ("0", "1") or not row["id"]:
+                raise ConfigurationError(
+                    f"labels file {path}, line {line}: expected a patient id and cancer 0 or 1, "
+                    f"got {row['id']!r},{row['cancer']!r}"
+                )
+            labels[row["id"]] = int(row["cancer"])
+    return labels
+
+
+def default_labels(root: Path) -> Path | None:
+    for candidate in (root / LABELS_FILE, root.parent / LABELS_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class RecordedPaths:
+    """How the run's records name a file: its path, or under --deidentify a pseudonymous one.
+
+    Pseudonymous paths are relative to the ingest root, every part replaced
+    by the de-identifier's keyed pseudonym (the file's suffix kept), so
+    reruns give the same names and nothing of the original names is stored.
+    """
+
+    def __init__(self, root: Path, deidentifier=None):
+        self.root = root
+        self.deidentifier = deidentifier
+
+    @property
+    def source_dir(self) -> str:
+        if self.deidentifier is None:
+            return _text(str(self.root))
+        return "deidentified:" + self.deidentifier.pseudonym(str(self.root))
+
+    def __call__(self, path: Path) -> str:
+        if self.deidentifier is None:
+            return _text(str(path))
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            parts = (path.name,)
+        named = [self.deidentifier.pseudonym(_text(part)) for part in parts[:-1]]
+        last = Path(_text(parts[-1])) if parts else Path("")
+        named.append(self.deidentifier.pseudonym(last.stem) + last.suffix.lower()[:8])
+        return "/".join(named)
+
+
+def _text(value: str) -> str:
+    """A path or message as text PostgreSQL stores: undecodable bytes escaped, no NUL."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "")
+
+
+def deidentifying_transform(deidentifier) -> Callable:
+    """Rewrites a dataset following PS3.15's basic profile and returns its new bytes."""
+
+    def transform(ds) -> bytes:
+        deidentifier.apply(ds)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    return transform
+
+
+def site_deidentifier(allow_burned_in: bool = False):
+    """The de-identifier keyed by this site's secret (LUNGSQL_DEID_KEY or $LUNGSQL_HOME/deidentify.key)."""
+    from lungsql.dicom.deidentify import Deidentifier
+    from lungsql.client.secrets import site_secret
+
+    key = site_secret("deidentify", "LUNGSQL_DEID_KEY")
+    return Deidentifier(key, allow_burned_in=True) if allow_burned_in else Deidentifier(key)
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.patients: dict[str, PatientInfo] = {}
+        self.scans: list[ScanRecord] = []
+        self.errors: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.scans) + len(self.errors)
+
+
+def ingest(
+    engine: sa.Engine,
+    root: Path,
+    labels_csv: Path | None = None,
+    deidentify: bool = False,
+    batch_size: int | None = None,
+    on_file: Callable[[Path, int], None] | None = None,
+    on_error: Callable[[Path, str], None] | None = None,
+    allow_burned_in: bool = False,
+) -> IngestSummary:
+    """Upload the DICOM files under root. `on_file(path, bytes)` and `on_error(path, reason)` report progress.
+
+    With `deidentify`, slices whose BurnedInAnnotation is YES are rejected unless `allow_burned_in`.
+    """
+    root = Path(root).resolve()
+    batch_size = batch_size or config.get("LUNGSQL_INGEST_BATCH")
+    limits = Limits.from_settings()
+    files = find_files(root)
+    labels_path = labels_csv or default_labels(root)
+    labels = read_labels(labels_path) if labels_path else {}
+    transform, deidentifier = None, None
+    if deidentify:
+        deidentifier = site_deidentifier(allow_burned_in)
+        transform = deidentifying_transform(deidentifier)
+        # Labels follow the patients to their pseudonymous PatientIDs.
+        labels = {deidentifier.pseudonym(pid): label for pid, label in labels.items()}
+    recorded = RecordedPaths(root, deidentifier)
+    paths: dict[str, Path] = {}  # SOPInstanceUID -> file, for the database's refusals
+
+    summary = IngestSummary()
+    store = dialects.scan_store(engine)
+    started = time.perf_counter()
+
+    def write(batch: _Batch) -> None:
+        written = store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors,
+                                    summary.settled, path_of=lambda r: recorded(paths[r.sop_instance_uid]))
+        summary.settle(written)
+        for record, reason in written.rejected:
+            stored.pop(record.sop_instance_uid, None)
+            if on_error:
+                on_error(paths[record.sop_instance_uid], reason)
+        paths.clear()
+
+    try:
+        if labels:
+            source = labels_path.name if deidentify else str(labels_path)
+            summary.labels = store.load_labels(labels, _text(source))
+        stored = store.stored_uids()
+        shapes = store.series_shapes()
+        summary.run_id = store.start_run(recorded.source_dir, deidentify)
+        batch = _Batch()
+        # Files are read and parsed in a thread while this one writes to the database.
+        for path, record, reason in _prefetch(_read_all(files, transform, limits), depth=2 * batch_size):
+            summary.files_seen += 1
+            if record is not None:
+                reason = _conflict(record, stored, shapes)
+            if reason is not None:
+                summary.errors += 1
+                batch.errors.append((recorded(path), _text(reason)))
+                if on_error:
+                    on_error(path, reason)
+            elif record.sop_instance_uid in stored:
+                summary.skipped += 1
+                summary.patients.add(record.patient.patient_id)
+            else:
+                stored[record.sop_instance_uid] = record.sha256
+                shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
+                batch.patients.setdefault(record.patient.patient_id, record.patient)
+                batch.scans.append(record)
+                paths[record.sop_instance_uid] = path
+                summary.stored += 1
+                summary.bytes += len(record.data)
+                summary.patients.add(record.patient.patient_id)
+            if on_file:
+                on_file(path, len(record.data) if record is not None else 0)
+            if len(batch) >= batch_size:
+                write(batch)
+                batch = _Batch()
+        write(batch)
+        summary.seconds = time.perf_counter() - started
+        store.finish_run(summary.run_id, summary.seconds)
+    finally:
+        store.close()
+    return summary
+
+
+def _read_all(files: list[Path], transform: Callable | None, limits: Limits
+              ) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
+    """(path, record, None) for each file that is a CT slice, else (path, None, one-line reason).
+
+    Whatever one file raises is its reason: nothing in a file stops the upload."""
+    for path in files:
+        try:
+            status = path.stat()
+            if not stat.S_ISREG(status.st_mode):  # a device or a pipe would be read forever
+                yield path, None, "not a regular file (a device, pipe or socket): not read"
+                continue
+            if status.st_size > limits.file_bytes:
+                yield path, None, (f"the file holds {status.st_size / 1e6:.0f} MB, more than the largest image "
+                                   f"allowed ({limits.decoded_bytes / 1e6:.0f} MB of pixels, "
+                                   "LUNGSQL_MAX_DECODED_BYTES)")
+                continue
+            with open(path, "rb") as handle:
+                data = handle.read(limits.file_bytes + 1)  # no more, should it grow meanwhile
+        except OSError as exc:
+            yield path, None, f"cannot read file: {exc.strerror or exc}"
+            continue
+        try:
+            yield path, read_scan(data, transform, limits), None
+        except LungSQLError as exc:
+            yield path, None, exc.message
+        except MemoryError:
+            yield path, None, "not enough memory to read this file"
+        except Exception as exc:  # a malformed file can make any library raise anything
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            yield path, None, f"cannot read as a CT slice: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Yield what `items` yields, computed ahead by a thread, at most `depth` ahead."""
+    done = object()
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                ahead.put(item)
+            ahead.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ahead.put(exc)
+
+    worker = threading.Thread(target=produce, name="lungsql-reader", daemon=True)
+    worker.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+
+
+def _conflict(record: ScanRecord, stored: dict[str, bytes], shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why a valid slice still cannot join what is stored, or None."""
+    known = stored.get(record.sop_instance_uid)
+    if known is not None and known != record.sha256:
+        return f"SOPInstanceUID {record.sop_instance_uid} is already stored with different content"
+    shape = shapes.get(record.series_instance_uid)
+    if shape is not None and shape != (record.rows, record.columns):
+        return (
+            f"{record.rows}x{record.columns} slice in series {record.series_instance_uid}, "
+            f"whose slices are {shape[0]}x{shape[1]}"
+        )
+    return None
+

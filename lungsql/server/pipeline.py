@@ -1,0 +1,339 @@
+"""The pipeline the stored procedures run: featurize, train, deploy, score.
+
+Each step takes a data-access object (`PipelineData`): backed by plpy inside
+PostgreSQL (lungsql.server.plpy_data), by InputDataSet and OutputDataSet
+inside SQL Server, or by anything else in tests. The science is here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from lungsql import registry
+from lungsql.ml import featurize, scoring, training
+from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
+from lungsql.ml.features import GroupFeatures, patient_vector_names
+from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
+from lungsql.ml.preprocess import Preprocessing
+
+#: The patient vector: the CNN recipe of lungsql.ml.features, then age and sex.
+FEATURE_SET = CNN_FEATURE_SET + "+age-sex"
+
+
+class PipelineData(Protocol):
+    """What the pipeline reads and writes; see lungsql.server.plpy_data for the reference."""
+
+    def cnn_model(self, name: str | None) -> dict[str, Any]: ...
+    def patients_to_featurize(self, cnn_id: int, only_missing: bool, retry_failed: bool) -> list[str]: ...
+    def failed_patients(self, cnn_id: int) -> list[str]: ...
+    def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]: ...
+    def mark_killed_runs(self) -> list[int]: ...
+    def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int: ...
+    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures,
+                       run_id: int) -> None: ...
+    def record_feature_failure(self, patient_id: str, cnn_id: int, run_id: int, reason: str) -> None: ...
+    def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
+                           cpu_seconds: dict[str, float], finished: bool, failed: int = 0) -> None: ...
+    def commit(self) -> None: ...
+    def notice(self, text: str) -> None: ...
+    def lock_model_name(self, name: str) -> None: ...
+    def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]: ...
+    def insert_model(self, row: dict[str, Any]) -> int: ...
+    def models(self, name: str) -> list[dict[str, Any]]: ...
+    def deployed(self, name: str | None) -> dict[str, Any] | None: ...
+    def deployment_history(self, name: str) -> list[int]: ...
+    def insert_deployment(self, name: str, model_id: int, strategy: str) -> None: ...
+    def model_text(self, model_id: int) -> str: ...
+    def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]: ...
+    def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None: ...
+
+
+# -- featurization -------------------------------------------------------------
+@dataclass
+class FeatureRun:
+    run_id: int
+    cnn: str
+    provider: str
+    patients: int
+    slices: int
+    seconds: float
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per step: lungsql.ml.cpu_clock.CpuClock
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (patient id, reason) of the skipped
+    left_out: int = 0  # patients that failed in an earlier run and were not retried
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.slices / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        """The run's last NOTICE: what it did, and the patients it skipped."""
+        text = (f"done: {self.patients} patients, {self.slices} slices in {self.seconds:.1f} s "
+                f"({self.slices_per_s:.0f} slices/s) on {self.provider}, run {self.run_id}")
+        if self.failed:
+            named = ", ".join(f"{pid} ({reason})" for pid, reason in self.failed[:SKIPPED_NAMED])
+            more = f" and {len(self.failed) - SKIPPED_NAMED} more" if len(self.failed) > SKIPPED_NAMED else ""
+            text += (f"; skipped {len(self.failed)} patient(s) that could not be featurized: {named}{more}. "
+                     "Their reasons are in lungsql.feature_failures; after fixing their scans, "
+                     "CALL lungsql.generate_features(retry_failed => true)")
+        if self.left_out:
+            text += (f"; {self.left_out} patient(s) that failed in an earlier run were left out "
+                     "(retry_failed => true retries them)")
+        return text
+
+
+#: The skipped patients the last NOTICE of a run names; lungsql.feature_failures lists them all.
+SKIPPED_NAMED = 10
+
+
+def in_shard(patient_id: str, shard: int, shards: int) -> bool:
+    """Stable assignment of a patient to one of `shards` disjoint sets."""
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") % shards == shard
+
+
+def load_featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
+    model = bytes(cnn["model"])
+    if hashlib.sha256(model).hexdigest() != cnn["sha256"]:
+        raise IntegrityError(
+            f"the bytes of CNN {cnn['name']!r} do not match their SHA-256: the stored model was altered; "
+            "nothing was featurized",
+            hint=f"import the CNN again: lungsql model import ... --name {cnn['name']}",
+        )
+    return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
+                                Preprocessing.from_json(_json(cnn["preprocessing"])))
+
+
+def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
+                      shard: int = 0, shards: int = 1, retry_failed: bool = False) -> FeatureRun:
+    """Featurize every patient of this shard, each one committed on its own.
+
+    A patient that cannot be featurized is recorded (`record_feature_failure`)
+    and skipped; later runs leave it out unless `retry_failed` (or its scans
+    changed since).  Runs whose session died before they finished are marked
+    killed first.
+    """
+    if shards < 1 or not 0 <= shard < shards:
+        raise ConfigurationError(f"shard must be in 0..shards-1 and shards >= 1; got shard={shard}, shards={shards}",
+                                 hint="e.g. run shard => 0, shards => 2 and shard => 1, shards => 2 in two sessions")
+    cnn = data.cnn_model(cnn_name)
+    for run_id in data.mark_killed_runs():
+        data.notice(f"featurization run {run_id} ended before it finished (its session is gone): marked killed")
+    with load_featurizer(cnn) as featurizer:
+        patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing, retry_failed)
+                    if in_shard(p, shard, shards)]
+        left_out = 0 if retry_failed else sum(
+            1 for p in data.failed_patients(cnn["cnn_id"]) if in_shard(p, shard, shards) and p not in set(patients))
+        run = _featurize(data, cnn, featurizer, patients, shard, shards)
+        run.left_out = left_out
+        return run
+
+
+def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Featurizer, patients: list[str],
+               shard: int, shards: int) -> FeatureRun:
+    run = FeatureRun(data.start_feature_run(cnn["cnn_id"], featurizer.provider, shard, shards),
+                     cnn["name"], featurizer.provider, 0, 0, 0.0)
+    data.commit()
+    data.notice(f"featurizing {len(patients)} patients with CNN {cnn['name']!r} on {featurizer.provider} "
+                f"(shard {shard} of {shards})")
+    started = time.perf_counter()
+    clock = featurizer.cpu
+
+    def read(patient_id: str) -> list[tuple[bytes, float]]:
+        with clock.step("reading"):
+            return largest_series(data.patient_scans(patient_id))
+
+    volumes = ((pid, read(pid)) for pid in patients)
+    for patient_id, features in featurizer.featurize_volumes(volumes, errors=featurize.PATIENT_ERRORS):
+        run.seconds = time.perf_counter() - started
+        with clock.step("writing"):
+            if isinstance(features, BaseException):
+                reason = failure_reason(features)
+                run.failed.append((patient_id, reason))
+                data.record_feature_failure(patient_id, cnn["cnn_id"], run.run_id, reason)
+            else:
+                run.patients += 1
+                run.slices += features.n_slices
+                data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
+            data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, clock.seconds(),
+                                    finished=False, failed=len(run.failed))
+            data.commit()  # this patient is done, whatever happens to the next
+        if isinstance(features, BaseException):
+            data.notice(f"skipped patient {patient_id}: {run.failed[-1][1]}")
+        data.notice(f"{run.patients + len(run.failed)}/{len(patients)} patients, {run.slices} slices, "
+                    f"{run.slices_per_s:.0f} slices/s" + (f", {len(run.failed)} skipped" if run.failed else ""))
+    run.seconds = time.perf_counter() - started
+    run.cpu_seconds = clock.seconds()
+    data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, run.cpu_seconds, finished=True,
+                            failed=len(run.failed))
+    data.commit()
+    if run.slices:
+        data.notice(clock.describe(run.slices))
+    return run
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a patient could not be featurized."""
+    if isinstance(exc, LungSQLError):
+        return exc.message.splitlines()[0][:500]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:400]}" if text else type(exc).__name__
+
+
+def largest_series(scans: list[tuple[bytes, float, str]]) -> list[tuple[bytes, float]]:
+    """The slices of the patient's largest series (the CT volume), as (bytes, z)."""
+    if not scans:
+        return []
+    counts: dict[str, int] = {}
+    for _, _, series in scans:
+        counts[series] = counts.get(series, 0) + 1
+    biggest = max(counts, key=lambda s: (counts[s], s))
+    return [(dicom, z) for dicom, z, series in scans if series == biggest]
+
+
+# -- patient vectors -------------------------------------------------------------
+def patient_vector(row: dict[str, Any]) -> np.ndarray:
+    """A patient's model input from a features row: the CNN summary, age, sex (NaN when unknown)."""
+    features = GroupFeatures.from_bytes(row["data"], (row["n_groups"], row["dim"]), row["sha256"],
+                                                  n_slices=row["n_slices"])
+    age = row.get("age_years")
+    sex = row.get("sex")
+    extra = np.array([np.nan if age is None else float(age),
+                      {"M": 1.0, "F": 0.0}.get(sex, np.nan)], dtype=np.float32)
+    return np.concatenate([features.patient_vector(), extra])
+
+
+def feature_names(dim: int) -> list[str]:
+    return patient_vector_names(dim) + ["age_years", "sex_male"]
+
+
+# -- training and the registry ---------------------------------------------------------
+def parse_params(text: str | None, argument: str = "params") -> dict[str, Any]:
+    """LightGBM parameters given to a procedure as JSON text: an object, or nothing."""
+    import json
+
+    example = '{"num_leaves": 7}'
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ConfigurationError(f"{argument} is not JSON: {exc}", hint=f"e.g. {example}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigurationError(f"{argument} must be a JSON object", hint=f"e.g. {example}")
+    return parsed
+
+
+def train_model(data: PipelineData, model_name: str = "lightgbm", params: dict | None = None,
+                cnn_name: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Train a LightGBM classifier on the labelled patients; returns (model id, metrics)."""
+    if not model_name or not model_name.strip():
+        raise ConfigurationError("model_name must not be empty", hint="e.g. model_name => 'lightgbm'")
+    cnn = data.cnn_model(cnn_name)
+    rows = data.labelled_features(cnn["cnn_id"])
+    if not rows:
+        raise ConfigurationError(
+            f"no labelled patient has features from CNN {cnn['name']!r}",
+            hint="load labels with `lungsql ingest --labels`, then CALL lungsql.generate_features()",
+        )
+    data.notice(f"training {model_name!r} on {len(rows)} labelled patients (CNN {cnn['name']!r})")
+    result = fit(rows, params, data.notice)
+    # From here to the end of the transaction, one call per name at a time: concurrent trainings of a
+    # name get consecutive versions, and each sees the deployments the previous one made.
+    data.lock_model_name(model_name)
+    versions = [m["version"] for m in data.models(model_name)]
+    model_id = data.insert_model({
+        "name": model_name,
+        "version": max(versions, default=0) + 1,
+        "cnn_id": cnn["cnn_id"],
+        "feature_set": FEATURE_SET,
+        "feature_names": result.feature_names,
+        "params": result.params,
+        "model_text": result.model_text,
+        "sha256": result.sha256,
+        "metrics": result.metrics,
+    })
+    strategy, notice = registry.after_training(model_name, {"model_id": model_id, "metrics": result.metrics},
+                                               data.deployed(model_name))
+    if strategy is not None:
+        data.insert_deployment(model_name, model_id, strategy)
+    data.notice(notice)
+    return model_id, result.metrics
+
+
+def fit(rows: Sequence[dict[str, Any]], params: dict | None, progress=None) -> training.TrainResult:
+    """LightGBM on labelled features rows (patient_id, label, age_years, sex, data, n_groups, dim,
+    n_slices, sha256): the patient vectors, the labels, the training."""
+    X = np.stack([patient_vector(r) for r in rows])
+    y = np.array([int(r["label"]) for r in rows])
+    return training.train(X, y, [r["patient_id"] for r in rows], feature_names(int(rows[0]["dim"])),
+                          params=params, progress=progress)
+
+
+def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") -> int:
+    """Deploy a model of `model_name` by strategy (or by model id, lungsql.registry.choose);
+    returns the deployed model id."""
+    data.lock_model_name(model_name)  # one train_model or deploy of a name at a time
+    strategy = registry.clean_strategy(strategy)
+    chosen = registry.choose(model_name, data.models(model_name), data.deployment_history(model_name), strategy)
+    data.insert_deployment(model_name, chosen, strategy)
+    return chosen
+
+
+# -- scoring ----------------------------------------------------------------------
+@dataclass
+class Scores:
+    """Probabilities and the deployed model that gave them (as PipelineData.deployed returned it)."""
+
+    model: dict[str, Any]
+    results: list[tuple[str, float]]
+
+
+def predict(data: PipelineData, patient_ids: Sequence[str], model_name: str | None = None
+            ) -> Iterator[tuple[str, float]]:
+    """(patient id, probability of cancer) from the deployed model, each one recorded."""
+    return iter(score(data, patient_ids, model_name).results)
+
+
+def warm_up(data: PipelineData, model_name: str | None = None) -> int | None:
+    """Parse and verify the deployed model into this process's cache, scoring nobody: the next
+    score in this process skips the loading.  The deployed model's id, or None."""
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        return None
+    scoring.cached_model(deployed["model_id"], deployed["sha256"], lambda: data.model_text(deployed["model_id"]))
+    return int(deployed["model_id"])
+
+
+def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None = None) -> Scores:
+    """`predict`, with the model that answered."""
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        raise LungSQLError(
+            "no model is deployed" + (f" as {model_name!r}" if model_name else ""),
+            hint="train one: SELECT * FROM lungsql.train_model()",
+        )
+    model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
+                                 lambda: data.model_text(deployed["model_id"]))
+    rows = {r["patient_id"]: r for r in data.patient_features(patient_ids, deployed["cnn_id"])}
+    missing = [p for p in patient_ids if p not in rows]
+    if missing:
+        raise LungSQLError(
+            f"no features for patient {missing[0]!r} from the CNN of model {deployed['model_id']}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            hint="check the patient id, or featurize: CALL lungsql.generate_features()",
+        )
+    vectors = np.stack([patient_vector(rows[p]) for p in patient_ids]) if patient_ids else None
+    probabilities = model.predict(vectors) if vectors is not None else []
+    results = [(p, float(min(1.0, max(0.0, prob)))) for p, prob in zip(patient_ids, probabilities)]
+    data.record_predictions(deployed["model_id"], results)
+    return Scores(deployed, results)
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, (str, bytes)):
+        import json
+
+        return json.loads(value)
+    return value

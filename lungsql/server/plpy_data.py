@@ -1,0 +1,221 @@
+"""The pipeline's data access inside PostgreSQL, through plpy.
+
+Statements are prepared once per server process and every value is bound:
+nothing is formatted into SQL. Reads go through plpy in the backend itself:
+no connection back to the database and no credentials in the server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from lungsql.errors import ConfigurationError, LungSQLError
+from lungsql.ml.features import GroupFeatures
+
+_PLANS: dict[str, Any] = {}
+SCANS_PER_FETCH = 4
+
+
+class PlpyData:
+    def __init__(self, plpy):
+        self.plpy = plpy
+
+    def _run(self, sql: str, types: Sequence[str] = (), args: Sequence[Any] = ()):
+        plan = _PLANS.get(sql)
+        if plan is None:
+            plan = _PLANS[sql] = self.plpy.prepare(sql, list(types))
+        return self.plpy.execute(plan, list(args))
+
+    def commit(self) -> None:
+        try:
+            self.plpy.commit()
+        except self.plpy.SPIError as exc:
+            if "invalid transaction termination" in str(exc):
+                raise LungSQLError(
+                    "generate_features commits each patient, so it cannot run inside a transaction block",
+                    hint="run CALL lungsql.generate_features(...) on its own, outside BEGIN ... COMMIT",
+                ) from None
+            raise
+
+    def notice(self, text: str) -> None:
+        self.plpy.notice(text)
+
+    # -- CNNs and features ---------------------------------------------------
+    def cnn_model(self, name: str | None) -> dict[str, Any]:
+        if name is None:
+            rows = self._run("SELECT * FROM lungsql.cnn_models ORDER BY created_at DESC, cnn_id DESC LIMIT 1")
+        else:
+            rows = self._run("SELECT * FROM lungsql.cnn_models WHERE name = $1", ["text"], [name])
+        if not rows:
+            raise ConfigurationError(
+                "no CNN is stored" if name is None else f"no CNN named {name!r}",
+                hint="import one: lungsql model import --builtin efficientnet-lite0",
+            )
+        return dict(rows[0])
+
+    def patients_to_featurize(self, cnn_id: int, only_missing: bool, retry_failed: bool = False) -> list[str]:
+        # A patient that failed is left out unless retry_failed, or unless a scan arrived after it failed.
+        rows = self._run(
+            """SELECT p.patient_id FROM lungsql.patients p
+               WHERE EXISTS (SELECT 1 FROM lungsql.scans s WHERE s.patient_id = p.patient_id)
+                 AND NOT ($2 AND EXISTS (SELECT 1 FROM lungsql.features f
+                                          WHERE f.patient_id = p.patient_id AND f.cnn_id = $1))
+                 AND NOT (NOT $3 AND EXISTS (
+                         SELECT 1 FROM lungsql.feature_failures ff
+                         WHERE ff.patient_id = p.patient_id AND ff.cnn_id = $1
+                           AND ff.failed_at >= (SELECT max(s.ingested_at) FROM lungsql.scans s
+                                                WHERE s.patient_id = p.patient_id)))
+               ORDER BY p.patient_id""",
+            ["integer", "boolean", "boolean"], [cnn_id, only_missing, retry_failed],
+        )
+        return [r["patient_id"] for r in rows]
+
+    def failed_patients(self, cnn_id: int) -> list[str]:
+        rows = self._run("SELECT patient_id FROM lungsql.feature_failures WHERE cnn_id = $1 ORDER BY patient_id",
+                         ["integer"], [cnn_id])
+        return [r["patient_id"] for r in rows]
+
+    def mark_killed_runs(self) -> list[int]:
+        # A run is alive while the backend that started it is: same pid, same start time.
+        rows = self._run(
+            """UPDATE lungsql.feature_runs r SET status = 'killed'
+               WHERE r.status = 'running' AND NOT EXISTS (
+                   SELECT 1 FROM pg_stat_activity a
+                   WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start)
+               RETURNING r.run_id""")
+        return sorted(r["run_id"] for r in rows)
+
+    def record_feature_failure(self, patient_id: str, cnn_id: int, run_id: int, reason: str) -> None:
+        self._run(
+            """INSERT INTO lungsql.feature_failures (patient_id, cnn_id, run_id, reason) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (patient_id, cnn_id) DO UPDATE
+               SET run_id = EXCLUDED.run_id, reason = EXCLUDED.reason, failed_at = now()""",
+            ["text", "integer", "bigint", "text"], [patient_id, cnn_id, run_id, reason.replace("\x00", "")])
+
+    def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]:
+        # A few slices per fetch: PL/Python holds the GIL while the server reads, and
+        # the CNN threads need it for a moment between batches (lungsql.ml.featurize).
+        sql = "SELECT dicom, z_position, series_instance_uid FROM lungsql.scans WHERE patient_id = $1"
+        plan = _PLANS.get(sql)
+        if plan is None:
+            plan = _PLANS[sql] = self.plpy.prepare(sql, ["text"])
+        cursor = self.plpy.cursor(plan, [patient_id])
+        scans = []
+        while True:
+            rows = cursor.fetch(SCANS_PER_FETCH)
+            if not rows:
+                break
+            scans.extend((r["dicom"], r["z_position"], r["series_instance_uid"]) for r in rows)
+        cursor.close()
+        return scans
+
+    def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int:
+        return self._run(
+            "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards, backend_pid, backend_start) "
+            "SELECT $1, $2, $3, $4, pg_backend_pid(), "
+            "       (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) "
+            "RETURNING run_id",
+            ["integer", "text", "integer", "integer"], [cnn_id, provider, shard, shards],
+        )[0]["run_id"]
+
+    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures, run_id: int) -> None:
+        n_groups, dim = features.shape
+        data = features.to_bytes()
+        self._run(
+            """INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+               ON CONFLICT (patient_id, cnn_id) DO UPDATE SET n_slices = EXCLUDED.n_slices,
+                   n_groups = EXCLUDED.n_groups, dim = EXCLUDED.dim, data = EXCLUDED.data,
+                   sha256 = EXCLUDED.sha256, run_id = EXCLUDED.run_id, created_at = now()""",
+            ["text", "integer", "integer", "integer", "integer", "bytea", "text", "bigint"],
+            [patient_id, cnn_id, features.n_slices, n_groups, dim, data, features.sha256, run_id],
+        )
+        self._run("DELETE FROM lungsql.feature_failures WHERE patient_id = $1 AND cnn_id = $2",
+                  ["text", "integer"], [patient_id, cnn_id])
+
+    def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
+                           cpu_seconds: dict[str, float], finished: bool, failed: int = 0) -> None:
+        self._run(
+            """UPDATE lungsql.feature_runs SET patients = $2, slices = $3, seconds = $4, cpu_seconds = $5,
+                      finished_at = CASE WHEN $6 THEN now() END, failed = $7,
+                      status = CASE WHEN $6 THEN 'finished' ELSE 'running' END
+               WHERE run_id = $1""",
+            ["bigint", "integer", "integer", "double precision", "jsonb", "boolean", "integer"],
+            [run_id, patients, slices, seconds, json.dumps({k: round(v, 4) for k, v in cpu_seconds.items()}),
+             finished, failed],
+        )
+
+    # -- models and the registry ------------------------------------------------
+    def lock_model_name(self, name: str) -> None:
+        # Held until this transaction ends: train_model and deploy of one name take turns.
+        self._run("SELECT pg_advisory_xact_lock(hashtextextended('lungsql.models:' || $1, 0))", ["text"], [name])
+
+    def labelled_features(self, cnn_id: int) -> list[dict[str, Any]]:
+        rows = self._run(
+            """SELECT f.patient_id, p.label, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256
+               FROM lungsql.features f JOIN lungsql.patients p USING (patient_id)
+               WHERE f.cnn_id = $1 AND p.label IS NOT NULL ORDER BY f.patient_id""",
+            ["integer"], [cnn_id],
+        )
+        return [dict(r) for r in rows]
+
+    def insert_model(self, row: dict[str, Any]) -> int:
+        return self._run(
+            """INSERT INTO lungsql.models (name, version, cnn_id, feature_set, feature_names, params,
+                                          model_text, sha256, metrics)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING model_id""",
+            ["text", "integer", "integer", "text", "jsonb", "jsonb", "text", "text", "jsonb"],
+            [row["name"], row["version"], row["cnn_id"], row["feature_set"], json.dumps(row["feature_names"]),
+             json.dumps(row["params"]), row["model_text"], row["sha256"], json.dumps(row["metrics"])],
+        )[0]["model_id"]
+
+    def models(self, name: str) -> list[dict[str, Any]]:
+        rows = self._run(
+            "SELECT model_id, version, metrics::text AS metrics FROM lungsql.models WHERE name = $1 "
+            "ORDER BY model_id", ["text"], [name])
+        return [dict(r) for r in rows]
+
+    def deployed(self, name: str | None) -> dict[str, Any] | None:
+        rows = self._run(
+            """SELECT m.model_id, m.sha256, m.cnn_id, m.metrics::text AS metrics, m.name, m.version, m.trained_at,
+                      d.deployment_id, d.name AS deployment_name, d.strategy, d.deployed_at
+               FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
+               WHERE $1::text IS NULL OR d.name = $1
+               ORDER BY d.deployment_id DESC LIMIT 1""",
+            ["text"], [name],
+        )
+        return dict(rows[0]) if rows else None
+
+    def deployment_history(self, name: str) -> list[int]:
+        rows = self._run(
+            "SELECT model_id FROM lungsql.deployments WHERE name = $1 ORDER BY deployment_id DESC",
+            ["text"], [name])
+        return [r["model_id"] for r in rows]
+
+    def insert_deployment(self, name: str, model_id: int, strategy: str) -> None:
+        self._run("INSERT INTO lungsql.deployments (name, model_id, strategy) VALUES ($1, $2, $3)",
+                  ["text", "integer", "text"], [name, model_id, strategy])
+
+    def model_text(self, model_id: int) -> str:
+        return self._run("SELECT model_text FROM lungsql.models WHERE model_id = $1",
+                         ["integer"], [model_id])[0]["model_text"]
+
+    # -- scoring ------------------------------------------------------------------
+    def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]:
+        rows = self._run(
+            """SELECT f.patient_id, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256
+               FROM lungsql.features f JOIN lungsql.patients p USING (patient_id)
+               WHERE f.cnn_id = $2 AND f.patient_id = ANY($1)""",
+            ["text[]", "integer"], [list(patient_ids), cnn_id],
+        )
+        return [dict(r) for r in rows]
+
+    def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None:
+        if rows:
+            self._run(
+                """INSERT INTO lungsql.predictions (patient_id, model_id, probability)
+                   SELECT unnest($1::text[]), $2, unnest($3::double precision[])""",
+                ["text[]", "integer", "double precision[]"],
+                [[p for p, _ in rows], model_id, [prob for _, prob in rows]],
+            )

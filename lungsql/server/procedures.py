@@ -1,0 +1,158 @@
+"""Entry points of the PL/Python stored procedures.
+
+Every PL/Python body in sql/postgres/functions is a thin shell that calls one
+function here with `plpy`. These functions turn arguments into calls of the
+lungsql modules that hold the science, and errors into `plpy.error` with a
+hint, so a DBA reads in psql what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from lungsql.server import environment
+from lungsql.errors import LungSQLError
+
+
+def procedure(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Render a LungSQLError as a PostgreSQL error with its hint."""
+
+    @functools.wraps(func)
+    def wrapper(plpy, *args, **kwargs):
+        try:
+            return func(plpy, *args, **kwargs)
+        except LungSQLError as exc:
+            if exc.hint:
+                plpy.error(f"lungsql: {exc.message}", hint=exc.hint)
+            plpy.error(f"lungsql: {exc.message}")  # no HINT line rather than 'HINT:  None'
+
+    return wrapper
+
+
+@procedure
+def check_environment(plpy) -> list[tuple[str, str | None, str | None]]:
+    components = environment.inspect_components()
+    problem = environment.missing_message(components)
+    if problem is not None:
+        message, hint = problem
+        raise LungSQLError(message, hint=hint)
+    return [(c.name, c.version, c.location) for c in components]
+
+
+@procedure
+def generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed=False) -> None:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    run = pipeline.generate_features(PlpyData(plpy), cnn_name, bool(only_missing), int(shard), int(shards),
+                                     retry_failed=bool(retry_failed))
+    plpy.notice(run.describe())
+
+
+@procedure
+def train_model(plpy, model_name, params, cnn_name) -> list[tuple[int, str]]:
+    import json
+
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    parsed = pipeline.parse_params(params)
+    model_id, metrics = pipeline.train_model(PlpyData(plpy), model_name, parsed, cnn_name)
+    return [(model_id, json.dumps(metrics))]
+
+
+@procedure
+def deploy(plpy, model_name, strategy) -> int:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    return pipeline.deploy(PlpyData(plpy), model_name, strategy)
+
+
+@procedure
+def predict_one(plpy, patient_id, model_name) -> float | None:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    if patient_id is None:
+        return None
+    return next(pipeline.predict(PlpyData(plpy), [patient_id], model_name))[1]
+
+
+@procedure
+def warm_up(plpy, model_name) -> int | None:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    return pipeline.warm_up(PlpyData(plpy), model_name)
+
+
+@procedure
+def predict_detail(plpy, patient_id, model_name) -> list[tuple]:
+    import json
+
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    if patient_id is None:
+        return []
+    scores = pipeline.score(PlpyData(plpy), [patient_id], model_name)
+    m = scores.model
+    auc = json.loads(m["metrics"]).get("auc")
+    return [(scores.results[0][1], m["model_id"], m["name"], m["version"], m["trained_at"], auc,
+             m["deployment_name"], m["strategy"], m["deployed_at"])]
+
+
+@procedure
+def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    ids = list(dict.fromkeys(p for p in (patient_ids or []) if p is not None))
+    return list(pipeline.predict(PlpyData(plpy), ids, model_name))
+
+
+# -- the web app's boundary (sql/postgres/functions/020_web.sql) ------------------------------------
+_WEB_PLANS: dict[str, Any] = {}
+_SLICE_DICOM = "SELECT dicom FROM lungsql.scans WHERE scan_id = $1"
+
+
+@procedure
+def slice_image(plpy, scan_id, window_low, window_high) -> list[tuple[int, int, bytes]]:
+    """lungsql.slice_image: one stored slice's first frame through the window, as rows x columns uint8 bytes.
+    The DICOM file is decoded here, in the server (lungsql.dicom.slice_hu, under the decoding limits)."""
+    import numpy as np
+
+    from lungsql import dicom
+    from lungsql.ml import preprocess
+    from lungsql.errors import ConfigurationError, InvalidScan
+
+    if scan_id is None:
+        return []
+    if window_low is None or window_high is None or not window_low < window_high:
+        raise ConfigurationError(f"the window needs window_low below window_high, not {window_low} to {window_high}",
+                                 hint="e.g. lungsql.slice_image(scan_id, -1000, 400), the lung window")
+    plan = _WEB_PLANS.get(_SLICE_DICOM)
+    if plan is None:
+        plan = _WEB_PLANS[_SLICE_DICOM] = plpy.prepare(_SLICE_DICOM, ["bigint"])
+    rows = plpy.execute(plan, [scan_id])
+    if not rows:
+        return []
+    hu = dicom.slice_hu(rows[0]["dicom"])
+    if hu.ndim != 2:
+        raise InvalidScan(f"not a greyscale slice: its pixels have the shape {hu.shape}")
+    image = np.ascontiguousarray(preprocess.window(hu, float(window_low), float(window_high), dtype=np.uint8))
+    return [(int(image.shape[0]), int(image.shape[1]), image.tobytes())]
+
+
+@procedure
+def sign_in(plpy, username, password, address, max_failures, max_failures_per_user, max_failures_per_address,
+            window_s, base_delay_s) -> list[tuple]:
+    """lungsql.sign_in: one throttled, audited sign-in attempt (lungsql.sign_in)."""
+    from lungsql.server import sign_in as signing
+
+    limits = signing.Limits(max_failures=max_failures, max_failures_per_user=max_failures_per_user,
+                            max_failures_per_address=max_failures_per_address, window_s=window_s,
+                            base_delay_s=base_delay_s)
+    return [signing.sign_in(signing.PlpySignIns(plpy), username, password, address, limits).row()]
