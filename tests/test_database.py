@@ -84,3 +84,28 @@ def test_check_environment_names_the_fix_when_lungsql_is_not_installed(engine):
     diag = caught.value.orig.diag
     assert "cannot import lungsql" in diag.message_primary
     assert "lungsql init" in diag.message_hint
+
+
+def test_a_database_error_reads_alike_for_every_client(engine):
+    import psycopg
+
+    from databases import call
+    from lungsql.client import database_errors
+
+    with pytest.raises(psycopg.Error) as raised:
+        call(engine, "SELECT lungsql.deploy('nothing-here')")
+    found = database_errors.read(raised.value)
+    assert (found.message, found.ours) == ("there is no model named 'nothing-here'", True)
+    assert found.hint.startswith("train one first")
+    with pytest.raises(psycopg.Error) as raised:
+        call(engine, "SELECT 1 / 0")
+    found = database_errors.read(raised.value)
+    assert (found.message, found.hint, found.ours) == ("division by zero", None, False)
+
+    class OdbcError(Exception):  # what pyodbc raises for a THROW of dbo.DeployLungCancerModel
+        pass
+
+    found = database_errors.read(OdbcError("42000", "[Microsoft][ODBC Driver 18 for SQL Server][SQL Server]lungsql: "
+                                                    "there is no model named 'x'\nHint: train one first (50000) "
+                                                    "(SQLExecDirectW)"))
+    assert (found.message, found.hint, found.ours) == ("there is no model named 'x'", "train one first", True)

@@ -15,7 +15,7 @@ from lungsql import registry  # the registry's rules; a light module, no ML code
 from webapp import audit
 from webapp.auth import admin_required
 from webapp.charts import roc_chart
-from webapp.db import database_message, get_db
+from webapp.db import database_message, get_db, is_lungsql_error
 from webapp.records import clean_query
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -66,6 +66,8 @@ def deploy():
     except sa.exc.DBAPIError as exc:
         if exc.connection_invalidated:
             raise
+        if not is_lungsql_error(exc):
+            current_app.logger.exception("deploying %r (%s) failed", name, strategy)
         conn.rollback()
         message, hint = database_message(exc)
         audit.record("deploy_failed", detail={"name": name, "strategy": strategy, "error": message})

@@ -14,6 +14,7 @@ import threading
 import sqlalchemy as sa
 from flask import Flask, current_app, g
 
+from lungsql.client import database_errors
 from lungsql.errors import DatabaseUnavailable
 
 # All a visitor learns when the database is away: where it is and as whom go to the server's log only.
@@ -83,19 +84,14 @@ def close_db(exc: BaseException | None = None) -> None:
 
 
 def database_message(exc: sa.exc.DBAPIError) -> tuple[str, str | None]:
-    """(message, hint) of a PostgreSQL error, e.g. one raised by a lungsql function."""
-    diag = getattr(exc.orig, "diag", None)
-    message = (getattr(diag, "message_primary", None) or _first_line(exc)).strip()
-    hint = getattr(diag, "message_hint", None)
-    for prefix in ("plpy.Error: ", "lungsql: "):  # as PL/Python and lungsql.server.procedures write it
-        message = message.removeprefix(prefix)
-    return message, hint
+    """(message, hint) of a database error, e.g. one raised by a lungsql function (lungsql.client.database_errors)."""
+    found = database_errors.read(exc)
+    return found.message, found.hint
 
 
 def is_lungsql_error(exc: sa.exc.DBAPIError) -> bool:
     """Whether a database error was raised on purpose by a lungsql function (not a lost connection)."""
-    diag = getattr(exc.orig, "diag", None)
-    return (getattr(diag, "message_primary", None) or "").removeprefix("plpy.Error: ").startswith("lungsql: ")
+    return database_errors.read(exc).ours
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import sqlalchemy as sa
 from flask import current_app, g, request
 
+from lungsql.errors import LungSQLError
 from webapp import audit
 from webapp.db import database_message, get_db, is_lungsql_error
 
@@ -83,13 +84,8 @@ class Score:
                 "band": self.band, "colour": self.colour, "model": self.model.as_json()}
 
 
-class ScoringUnavailable(Exception):
+class ScoringUnavailable(LungSQLError):
     """No probability for this patient now (no features, no deployed model...); the message says why."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
 
 def band_of(percent: float) -> tuple[str, str, str]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import sqlalchemy as sa
 
 from lungsql.client.db import driver_connection
+from lungsql.client import database_errors
 from lungsql.errors import LungSQLError
 
 _PROGRESS = re.compile(r"^(\d+)/(\d+) patients")
@@ -50,9 +51,7 @@ def session(engine: sa.Engine, on_notice: Callable[[str], None] | None = None,
 
 
 def _readable(exc) -> LungSQLError:
-    diag = getattr(exc, "diag", None)
-    message = (diag.message_primary if diag else None) or str(exc).strip().splitlines()[0]
-    return LungSQLError(message.removeprefix("lungsql: "), hint=diag.message_hint if diag else None)
+    return database_errors.read(exc).error()
 
 
 def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: bool, shard: int,

@@ -135,9 +135,9 @@ def check(ctx: click.Context) -> None:
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT * FROM lungsql.check_environment()")).all()
     except sa.exc.DBAPIError as exc:
-        diag = getattr(exc.orig, "diag", None)
-        message = (diag.message_primary if diag else None) or str(exc.orig).splitlines()[0]
-        raise LungSQLError(message, hint=diag.message_hint if diag else None) from None
+        from lungsql.client import database_errors
+
+        raise database_errors.read(exc).error() from None
     _table(["component", "version", "location"], rows)
 
 

@@ -22,6 +22,8 @@ import sqlalchemy as sa
 import config_preprocessing as config
 from lungsql.client.dialects import Counts, Written
 from lungsql.dicom import PatientInfo, ScanRecord
+from lungsql.client import database_errors
+from lungsql.client.database_errors import server_message
 from lungsql.errors import LungSQLError
 
 SQL_DIR = config.PROJECT_ROOT / "sql" / "mssql"
@@ -223,21 +225,11 @@ DEPLOY = sa.text("EXEC dbo.DeployLungCancerModel @ModelName = :model_name, @Stra
 PREDICT = sa.text("EXEC dbo.PredictLungCancerBatch @PatientIds = :patient_ids, @ModelName = :model_name")
 CHECK_ENVIRONMENT = sa.text("EXEC dbo.CheckLungSQLEnvironment")
 
-_DRIVER_PREFIX = re.compile(r"^(\[[^\]]*\])+")
-_DRIVER_SUFFIX = re.compile(r"\s*\(\d+\)\s*\(SQL\w+\)\s*$")
-
-
-def server_message(text: str) -> str:
-    """A PRINT, RAISERROR or error text without the ODBC driver's decorations."""
-    return _DRIVER_SUFFIX.sub("", _DRIVER_PREFIX.sub("", str(text).strip()))
 
 
 def readable_error(exc: Exception) -> LungSQLError:
     """A procedure's THROW as a LungSQLError with its hint."""
-    args = getattr(exc, "args", ())
-    text = server_message(args[1] if len(args) > 1 else str(exc))
-    message, _, hint = text.partition("\nHint: ")
-    return LungSQLError(message.removeprefix("lungsql: ").strip(), hint=hint.strip() or None)
+    return database_errors.read(exc).error()
 
 
 def positional(statement: sa.TextClause, params: dict[str, Any], dialect: sa.Dialect) -> tuple[str, list[Any]]:
