@@ -19,6 +19,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+#: A checkout keeps its cluster and data beside the code; an installed lungsql keeps them in the
+#: user's home, or under /var/lib for root (whose home the server's OS user cannot enter).
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file()
+_STATE = (PROJECT_ROOT if IN_CHECKOUT else
+          Path("/var/lib/lungsql") if hasattr(os, "geteuid") and os.geteuid() == 0 else Path.home() / ".lungsql")
+
+
+def sql_dir() -> Path:
+    """The SQL files: packaged with an installed lungsql (lungsql/sql), else the checkout's sql/."""
+    import lungsql
+
+    packaged = Path(lungsql.__file__).resolve().parent / "sql"
+    return packaged if packaged.is_dir() else PROJECT_ROOT / "sql"
 
 
 @dataclass(frozen=True)
@@ -101,8 +114,9 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting(
             "LUNGSQL_HOME",
-            PROJECT_ROOT / ".lungsql",
-            "Folder of the local PostgreSQL cluster, its logs and the site's secrets.",
+            _STATE / ".lungsql" if IN_CHECKOUT else _STATE,
+            "Folder of the local PostgreSQL cluster, its logs and the site's secrets (in a checkout, "
+            ".lungsql/ beside the code; installed, ~/.lungsql, or /var/lib/lungsql for root).",
             Path,
         ),
         Setting(
@@ -128,7 +142,7 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting(
             "LUNGSQL_DATA_PATH",
-            PROJECT_ROOT / "data",
+            _STATE / "data",
             "Folder where `lungsql demo` writes its synthetic cohort.",
             Path,
         ),

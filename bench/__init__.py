@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench.sizes import FULL, QUICK
+from lungsql.bench.sizes import FULL, QUICK
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -22,8 +22,8 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         markdown: Path | None = None, say: Callable[[str], None] = print) -> dict:
     """Run every benchmark; write the JSON to `out` (quick: a temporary file when None) and, unless
     `quick`, the table into `markdown` (default BENCHMARKS.md). Returns the results."""
-    from bench import featurize, gpu, machine, report, scoring, training, upload, web
-    from bench.database import throwaway
+    from lungsql.bench import featurize, gpu, machine, report, scoring, training, upload, web
+    from lungsql.bench.database import throwaway
 
     sizes = QUICK if quick else FULL
     started = time.perf_counter()

@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 import config_preprocessing as config
-from bench.database import BenchDatabase
-from bench.sizes import Sizes
+from lungsql.bench.database import BenchDatabase
+from lungsql.bench.sizes import Sizes
 from lungsql.client import cnns
 from lungsql.ml import devices, featurize
 from lungsql.ml.cpu_clock import CpuClock

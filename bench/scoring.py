@@ -6,8 +6,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from bench.database import BenchDatabase
-from bench.sizes import Sizes
+from lungsql.bench.database import BenchDatabase
+from lungsql.bench.sizes import Sizes
 
 TARGET_P50_MS = 5.0
 NEW_SESSIONS = 3

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from bench.database import BenchDatabase
-from bench.sizes import Sizes
+from lungsql.bench.database import BenchDatabase
+from lungsql.bench.sizes import Sizes
 from lungsql.ml.features import GroupFeatures
 from lungsql.server import pipeline
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import sqlalchemy as sa
 
-from bench.sizes import Sizes
+from lungsql.bench.sizes import Sizes
 from lungsql.client import ingest
 from lungsql.dicom import synth
 

@@ -15,11 +15,11 @@ import shutil
 import subprocess
 import tempfile
 
-from bench.database import BenchDatabase
-from bench.sizes import Sizes
-from bench import http_load, procstat
+from lungsql.bench.database import BenchDatabase
+from lungsql.bench.sizes import Sizes
+from lungsql.bench import http_load, procstat
 from lungsql.client import users
-from webapp.server import default_workers, running
+from lungsql.webapp.server import default_workers, running
 
 TARGET_P99_MS = 50.0
 THREADS = 4  # lungsql serve's default, per process

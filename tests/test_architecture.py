@@ -35,12 +35,13 @@ def offending(folder: Path, forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_what_runs_inside_the_server_opens_no_connection_and_imports_no_client_code():
-    forbidden = ("lungsql.client", "sqlalchemy", "psycopg", "pyodbc", "webapp", "bench")
+    forbidden = ("lungsql.client", "sqlalchemy", "psycopg", "pyodbc", "lungsql.webapp", "lungsql.bench")
     assert offending(PACKAGE / "server", forbidden) == []
 
 
 def test_the_science_and_the_dicom_code_import_neither_side():
-    forbidden = ("lungsql.client", "lungsql.server", "sqlalchemy", "psycopg", "pyodbc", "webapp", "bench", "flask")
+    forbidden = ("lungsql.client", "lungsql.server", "sqlalchemy", "psycopg", "pyodbc", "lungsql.webapp",
+                 "lungsql.bench", "flask")
     assert offending(PACKAGE / "ml", forbidden) == []
     assert offending(PACKAGE / "dicom", forbidden) == []
 
@@ -49,8 +50,8 @@ def test_the_web_app_talks_to_the_database_only():
     forbidden = ("lungsql.ml", "lungsql.server", "lungsql.dicom", "onnxruntime", "lightgbm", "pydicom", "torch")
     assert offending(WEBAPP, forbidden) == []
     # And at run time: every module of the web app imported, none of those loaded.
-    modules = sorted(f"webapp.{p.stem}" for p in WEBAPP.glob("*.py") if p.stem != "__init__")
-    script = (f"import sys, webapp; import {', '.join(modules)}; "
+    modules = sorted(f"lungsql.webapp.{p.stem}" for p in WEBAPP.glob("*.py") if p.stem != "__init__")
+    script = (f"import sys, lungsql.webapp; import {', '.join(modules)}; "
               "print('\\n'.join(sorted(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             cwd=PACKAGE.parent).stdout.split()

@@ -25,7 +25,7 @@ import config_preprocessing as config
 from lungsql.client.cli import main
 from lungsql.client.db import check_web_role, redact_url
 from lungsql.errors import ConfigurationError
-from bench.procstat import children
+from lungsql.bench.procstat import children
 
 WEB_ROLE = "lungsql_web"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching OS users (runuser) needs root")
@@ -172,7 +172,7 @@ def ids(pid: int) -> dict[str, list[int]]:
 
 @needs_root
 def test_lungsql_serve_started_as_root_serves_as_the_web_os_user(web_url, monkeypatch):
-    from webapp.server import running
+    from lungsql.webapp.server import running
 
     user = web_os_user()
     # Secrets of the operator's environment that the web processes must not keep, even in the first
@@ -208,7 +208,7 @@ def test_lungsql_serve_refuses_a_superuser_url(cluster, engine):
 
 @needs_root
 def test_serve_first_checks_that_the_web_os_user_can_enter_what_it_needs(tmp_path):
-    from webapp.server import needed_folders, unreadable_for
+    from lungsql.webapp.server import needed_folders, unreadable_for
 
     user = web_os_user()
     private = tmp_path / "private"

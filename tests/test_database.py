@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -109,3 +112,33 @@ def test_a_database_error_reads_alike_for_every_client(engine):
                                                     "there is no model named 'x'\nHint: train one first (50000) "
                                                     "(SQLExecDirectW)"))
     assert (found.message, found.hint, found.ours) == ("there is no model named 'x'", "train one first", True)
+
+
+def test_init_refuses_a_server_python_path_others_may_write_or_the_server_cannot_read(tmp_path):
+    import os
+
+    from lungsql.client.migrations import check_server_path
+    from lungsql.errors import ConfigurationError
+
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="every user may write to") as error:
+        check_server_path([str(open_to_all / "site-packages")], None)
+    assert "/opt" in error.value.hint
+    if os.geteuid() != 0:
+        pytest.skip("the server runs as another OS user only when lungsql runs as root")
+    private = tmp_path / "private"  # pytest's own temporary folders are private to root
+    private.mkdir(mode=0o700)
+    with pytest.raises(ConfigurationError, match="'postgres' cannot read"):
+        check_server_path([str(private)], "postgres")
+    owned = Path(tempfile.mkdtemp(prefix="lungsql-owned-"))
+    try:
+        owned.chmod(0o755)
+        os.chown(owned, pwd.getpwnam("postgres").pw_uid, -1)
+        with pytest.raises(ConfigurationError, match="'postgres' may write"):
+            check_server_path([str(owned)], "postgres")
+        os.chown(owned, 0, -1)
+        check_server_path([str(owned)], "postgres")  # root's, readable by all: fine
+    finally:
+        owned.rmdir()

@@ -22,9 +22,9 @@ from lungsql import dicom
 from lungsql.client import users
 from lungsql.ml import preprocess
 from lungsql.errors import ConfigurationError
-from webapp import create_app
-from webapp.db import ENGINE
-from webapp.scoring import band_of
+from lungsql.webapp import create_app
+from lungsql.webapp.db import ENGINE
+from lungsql.webapp.scoring import band_of
 from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, csrf_token,
                              login)
 
@@ -814,7 +814,7 @@ def test_error_pages_are_small_templates(clinician):
 @pytest.fixture(scope="module")
 def live_server(web_db):
     """`lungsql serve` on a free port, in processes of its own, as deployed (two processes)."""
-    from webapp.server import running
+    from lungsql.webapp.server import running
 
     with running(web_db.web_url, workers=2, threads=4) as server:
         yield server.url
@@ -923,9 +923,9 @@ def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
     in both (one signing key)."""
     import urllib.request
 
-    from bench import http_load
-    from bench.procstat import children
-    from webapp.server import running
+    from lungsql.bench import http_load
+    from lungsql.bench.procstat import children
+    from lungsql.webapp.server import running
 
     with running(web_db.web_url, workers=2, threads=2) as server:
         deadline = time.monotonic() + 30  # the second worker may still be starting
@@ -941,7 +941,7 @@ def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
 
 def test_the_pool_is_warmed_in_the_background(web_db, su):
     """Every connection of a new pool runs lungsql.warm_up (as lungsql_web) before the first request."""
-    from webapp.db import warm_pool
+    from lungsql.webapp.db import warm_pool
 
     app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True,
                       "DATABASE_POOL_SIZE": 3})
@@ -953,7 +953,7 @@ def test_the_pool_is_warmed_in_the_background(web_db, su):
 
 
 def test_forwarded_headers_are_believed_from_the_trusted_proxy_only(web_db, su):
-    from webapp.proxy import TrustedProxy
+    from lungsql.webapp.proxy import TrustedProxy
 
     app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True})
     app.wsgi_app = TrustedProxy(app.wsgi_app, "10.200.0.1")
@@ -974,7 +974,7 @@ def test_forwarded_headers_are_believed_from_the_trusted_proxy_only(web_db, su):
 
 
 def test_32_concurrent_clients_get_correct_predictions(live_server, su, output_dir):
-    from bench import http_load
+    from lungsql.bench import http_load
 
     with su.connect() as conn:
         expected = dict(conn.execute(sa.text(

@@ -56,8 +56,8 @@ def settings() -> dict:
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The app. `test_config` overrides the defaults, e.g. {"DATABASE_URL": ..., "SECRET_KEY": ...}."""
-    from webapp import admin, api, auth, db, errors, patients
-    from webapp.slices import PngCache
+    from lungsql.webapp import admin, api, auth, db, errors, patients
+    from lungsql.webapp.slices import PngCache
 
     app = Flask(__name__)
     app.config.from_mapping(settings())

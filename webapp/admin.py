@@ -12,11 +12,11 @@ import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 
 from lungsql import registry  # the registry's rules; a light module, no ML code
-from webapp import audit
-from webapp.auth import admin_required
-from webapp.charts import roc_chart
-from webapp.db import database_message, get_db, is_lungsql_error
-from webapp.records import clean_query
+from lungsql.webapp import audit
+from lungsql.webapp.auth import admin_required
+from lungsql.webapp.charts import roc_chart
+from lungsql.webapp.db import database_message, get_db, is_lungsql_error
+from lungsql.webapp.records import clean_query
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.before_request(admin_required)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, jsonify, request
 
-from webapp import audit, records
-from webapp.scoring import ScoringUnavailable, score
+from lungsql.webapp import audit, records
+from lungsql.webapp.scoring import ScoringUnavailable, score
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import g, request
 
-from webapp.db import get_db
+from lungsql.webapp.db import get_db
 
 # What lungsql.audit_append accepts (sign-in rows are lungsql.sign_in's alone).
 ACTIONS = ("logout", "view_patient", "score_patient", "score_failed", "deploy", "deploy_failed")

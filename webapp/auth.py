@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from flask import (Blueprint, abort, current_app, flash, g, redirect, render_template, request, session,
                    url_for)
 
-from webapp import audit, login_limits
-from webapp.db import get_db
+from lungsql.webapp import audit, login_limits
+from lungsql.webapp.db import get_db
 
 bp = Blueprint("auth", __name__)
 

@@ -13,7 +13,7 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from lungsql.errors import DatabaseUnavailable, LungSQLError
-from webapp.db import UNAVAILABLE
+from lungsql.webapp.db import UNAVAILABLE
 
 TITLES = {
     400: "Bad request",

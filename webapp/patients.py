@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
 
-from webapp import audit, records
-from webapp.scoring import ScoringUnavailable, score
-from webapp.slices import encode_png
+from lungsql.webapp import audit, records
+from lungsql.webapp.scoring import ScoringUnavailable, score
+from lungsql.webapp.slices import encode_png
 
 bp = Blueprint("patients", __name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from lungsql.errors import InvalidScan
-from webapp.db import database_message, get_db, is_lungsql_error
+from lungsql.webapp.db import database_message, get_db, is_lungsql_error
 
 # Longest PatientID DICOM allows (LO: 64 characters); anything longer is unknown.
 PATIENT_ID_MAX = 64

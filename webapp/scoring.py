@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from flask import current_app, g, request
 
 from lungsql.errors import LungSQLError
-from webapp import audit
-from webapp.db import database_message, get_db, is_lungsql_error
+from lungsql.webapp import audit
+from lungsql.webapp.db import database_message, get_db, is_lungsql_error
 
 # Colour bands of the probability, in percent: [lower bound, band, colour, wording).
 BANDS = (

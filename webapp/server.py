@@ -88,7 +88,7 @@ def needed_folders() -> list[str]:
     import gunicorn
 
     import lungsql
-    import webapp
+    from lungsql import webapp
 
     folders = [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"] + "/lib-dynload",
                os.path.dirname(os.path.dirname(flask.__file__)), os.path.dirname(os.path.dirname(gunicorn.__file__)),
@@ -136,8 +136,8 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
     need nothing only root may read (give it the signing key and the database URL). The app is built once
     here first, so that a bad setting stops the server before it forks. Each worker warms its database
     pool in the background as it starts (`webapp.db.warm_pool`)."""
-    from webapp.db import warm_pool
-    from webapp.proxy import TrustedProxy
+    from lungsql.webapp.db import warm_pool
+    from lungsql.webapp.proxy import TrustedProxy
 
     if run_as is not None:
         drop_privileges(run_as, reach)

@@ -366,9 +366,9 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
 
     from lungsql.client.db import check_web_role, resolve_web_url
     from lungsql.client.secrets import site_secret
-    from webapp import create_app
-    from webapp.server import default_workers, web_os_user
-    from webapp.server import serve as run_server
+    from lungsql.webapp import create_app
+    from lungsql.webapp.server import default_workers, web_os_user
+    from lungsql.webapp.server import serve as run_server
 
     run_as = None
     if sys.platform != "win32" and os.geteuid() == 0:  # never serve as root
@@ -388,7 +388,7 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
     if run_as is not None:
         # The process's first environment block stays readable in /proc/self/environ after the
         # variables are removed: start afresh as the web user with only what the app needs.
-        from webapp.server import drop_privileges
+        from lungsql.webapp.server import drop_privileges
 
         drop_privileges(run_as, reach)
         env = dict(os.environ, LUNGSQL_WEB_DATABASE_URL=url, LUNGSQL_SECRET_KEY=secret_key.decode())
@@ -411,7 +411,7 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
 @reports_errors
 def bench(quick: bool, out: Path | None, keep: bool, provider: str | None) -> None:
     """Benchmark upload, featurization, training, scoring and the web app; write BENCHMARKS.md."""
-    import bench as benchmarks
+    from lungsql import bench as benchmarks
 
     benchmarks.run(out=out, quick=quick, keep=keep, provider=provider, say=_step)
 

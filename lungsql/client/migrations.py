@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sysconfig
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import config_preprocessing as config
 from lungsql.client.db import driver_connection
 from lungsql.errors import ConfigurationError
 
-SQL_DIR = config.PROJECT_ROOT / "sql" / "postgres"
+SQL_DIR = config.sql_dir() / "postgres"
 _LOCK_KEY = 0x6C756E67  # 'lung'
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
@@ -49,9 +50,76 @@ def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
     return found
 
 
+#: What Python inside the server imports: lungsql and the packages its procedures need.
+SERVER_PACKAGES = ("lungsql", "config_preprocessing", "numpy", "pydicom", "onnxruntime", "onnx", "lightgbm", "cv2",
+                   "werkzeug")
+
+
 def server_python_path() -> list[str]:
-    """Where Python inside the server finds lungsql: this project and this venv's site-packages."""
-    return [str(config.PROJECT_ROOT), sysconfig.get_paths()["purelib"]]
+    """Where Python inside the server finds lungsql and each package it needs: the folders this
+    Python imports them from (the checkout or the venv's site-packages), in the order it searches."""
+    import importlib.util
+
+    found: list[str] = []
+    for name in SERVER_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        origin = Path(spec.origin).resolve()
+        folder = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+        if str(folder) not in found:
+            found.append(str(folder))
+    return found or [sysconfig.get_paths()["purelib"]]
+
+
+def server_os_user(pg) -> str | None:
+    """The OS user the database server runs as, when its data directory is on this machine (else None:
+    a server elsewhere, whose files lungsql cannot look at from here)."""
+    import pwd
+
+    try:
+        data_dir = pg.execute("SELECT current_setting('data_directory')").fetchone()[0]
+        return pwd.getpwuid(os.stat(data_dir).st_uid).pw_name
+    except (OSError, KeyError, TypeError, Exception):  # not a superuser, not local, no such user
+        return None
+
+
+def check_server_path(paths: list[str], os_user: str | None) -> None:
+    """Refuse, naming the fix, a folder Python inside the server would import from that the server's
+    OS user cannot read (it would import something else, or nothing), or that others may write
+    (whoever can write there runs code as the server's OS user): the folder or one above it
+    writable by every user (sticky folders such as /tmp aside), or, when the server runs as another
+    OS user than lungsql, writable by the server's own user."""
+    import getpass
+    import shutil
+    import stat
+    import subprocess
+
+    fix = ("install lungsql where only its owner can write and the server's OS user can read, e.g. a venv "
+           "under /opt owned by root: python3.11 -m venv /opt/lungsql && /opt/lungsql/bin/pip install "
+           "'lungsql[ml,codecs]' (or the project folder), then run /opt/lungsql/bin/lungsql init")
+    runuser = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)),
+                                              None)
+    other_user = os_user is not None and os_user != getpass.getuser() and os.geteuid() == 0 and runuser is not None
+    for path in paths:
+        folder = Path(path)
+        for part in (folder, *folder.parents):
+            try:
+                mode = part.stat().st_mode
+            except OSError:
+                continue
+            if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+                raise ConfigurationError(f"Python inside the server would import from {folder}, and every user "
+                                         f"may write to {part}", hint=fix)
+        if not other_user:
+            continue
+        for test, what in (("-r", "read"), ("-w", "write")):
+            allowed = subprocess.run([runuser, "-u", os_user, "--", "test", test, str(folder), "-a", "-x",
+                                      str(folder)], capture_output=True).returncode == 0
+            if (what == "read") != allowed:
+                raise ConfigurationError(
+                    f"the database server's OS user {os_user!r} " + ("cannot read" if what == "read" else "may write")
+                    + f" {folder}, where Python inside the server imports from", hint=fix)
 
 
 def init(engine: sa.Engine, sql_dir: Path = SQL_DIR) -> InitReport:
@@ -94,6 +162,7 @@ def init(engine: sa.Engine, sql_dir: Path = SQL_DIR) -> InitReport:
             pg.execute(path.read_text(encoding="utf-8"))
             report.functions.append(path.name)
         report.python_path = server_python_path()
+        check_server_path(report.python_path, server_os_user(pg))
         pg.execute(
             """INSERT INTO lungsql.settings (name, value) VALUES ('python.path', %s)
                ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()""",

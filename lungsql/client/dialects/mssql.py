@@ -26,7 +26,7 @@ from lungsql.client import database_errors
 from lungsql.client.database_errors import server_message
 from lungsql.errors import LungSQLError
 
-SQL_DIR = config.PROJECT_ROOT / "sql" / "mssql"
+SQL_DIR = config.sql_dir() / "mssql"
 #: Applied by `install`, in this order; 00_instance.sql is run once per instance by a sysadmin.
 DATABASE_SCRIPTS = ("01_schema.sql", "02_procedures.sql", "03_security.sql")
 #: create_engine() options for mssql+pyodbc: parameter arrays instead of one round trip per row.
