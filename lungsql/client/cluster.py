@@ -39,6 +39,12 @@ import config_preprocessing as config
 from lungsql.errors import ConfigurationError, DatabaseUnavailable
 
 SUPERUSER = "postgres"
+
+
+def runuser() -> str | None:
+    """util-linux's runuser, which runs a command as another OS user (root only), wherever PATH leaves it."""
+    return shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)),
+                                           None)
 #: The web app's least-privileged role; it logs in with the password in $LUNGSQL_HOME/web-db.key.
 WEB_ROLE = "lungsql_web"
 #: The pg_ident.conf map of the OS users who may log in as SUPERUSER.
@@ -264,7 +270,7 @@ class LocalCluster:
             self._give_to_server(folder)
         if self.os_user is not None:
             probe = subprocess.run(
-                ["runuser", "-u", self.os_user, "--", "test", "-x", str(self.home)],
+                [runuser() or "runuser", "-u", self.os_user, "--", "test", "-x", str(self.home)],
                 capture_output=True,
             )
             if probe.returncode != 0:
@@ -394,7 +400,7 @@ class LocalCluster:
 
     def _run_as_server(self, argv: list[str]) -> subprocess.CompletedProcess:
         if self.os_user is not None:
-            argv = ["runuser", "-u", self.os_user, "--", *argv]
+            argv = [runuser() or "runuser", "-u", self.os_user, "--", *argv]
         return subprocess.run(argv, capture_output=True, text=True, cwd="/")
 
     def _give_to_server(self, path: Path) -> None:

@@ -91,15 +91,15 @@ def check_server_path(paths: list[str], os_user: str | None) -> None:
     writable by every user (sticky folders such as /tmp aside), or, when the server runs as another
     OS user than lungsql, writable by the server's own user."""
     import getpass
-    import shutil
     import stat
     import subprocess
 
     fix = ("install lungsql where only its owner can write and the server's OS user can read, e.g. a venv "
            "under /opt owned by root: python3.11 -m venv /opt/lungsql && /opt/lungsql/bin/pip install "
            "'lungsql[ml,codecs]' (or the project folder), then run /opt/lungsql/bin/lungsql init")
-    runuser = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)),
-                                              None)
+    from lungsql.client.cluster import runuser as find_runuser
+
+    runuser = find_runuser()
     other_user = os_user is not None and os_user != getpass.getuser() and os.geteuid() == 0 and runuser is not None
     for path in paths:
         folder = Path(path)
