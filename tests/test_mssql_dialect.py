@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +44,7 @@ def test_the_tsql_files_are_all_there():
 
 @pytest.mark.parametrize("path", SQL_FILES, ids=lambda p: p.name)
 def test_every_tsql_file_parses_with_sqlfluff(path: Path):
-    started = time.perf_counter()
     assert unparsable(path.read_text(encoding="utf-8")) == []
-    assert time.perf_counter() - started < 30
 
 
 def test_the_schema_has_every_table_of_the_postgresql_schema():
