@@ -14,7 +14,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import venv
 import zipfile
 from pathlib import Path
 
@@ -40,13 +39,17 @@ def installed(wheel):
     home = Path(tempfile.mkdtemp(prefix="lungsql-wheel-"))
     home.chmod(0o755)
     env_dir = home / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
+    # As a DBA gives the server its own environment (the dependencies come from the development venv).
+    result = subprocess.run([sys.executable, "-m", "lungsql", "server-install", str(env_dir), "--from", str(wheel),
+                             "--no-deps"], capture_output=True, text=True, timeout=300, cwd=home)
+    assert result.returncode == 0, result.stderr
+    assert f"{env_dir}/bin/lungsql init" in result.stdout
     python = env_dir / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
-                   check=True, timeout=300, cwd=home)
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    (site / "lungsql-test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    deps = site / "lungsql-test-dependencies.pth"
+    deps.write_text(sysconfig.get_paths()["purelib"] + "\n")
+    deps.chmod(0o644)
     yield env_dir
     shutil.rmtree(home, ignore_errors=True)
 
@@ -59,6 +62,16 @@ def test_the_wheel_holds_the_sql_and_nothing_generic_at_the_top(wheel):
                      "lungsql/sql/mssql/02_procedures.sql", "lungsql/webapp/templates/base.html",
                      "lungsql/webapp/static/viewer.js", "lungsql/bench/__init__.py"):
         assert packaged in names, packaged
+
+
+def test_the_servers_environment_is_read_only_for_everyone_but_its_owner(installed):
+    for path in [installed, *installed.rglob("*")]:
+        if path.is_symlink():
+            continue
+        status = path.stat()
+        assert not status.st_mode & 0o022, path
+        if os.geteuid() == 0:
+            assert status.st_uid == 0, path
 
 
 def test_the_installed_package_initialises_and_checks_a_database(installed, empty_db, tmp_path):

@@ -118,6 +118,26 @@ def init(ctx: click.Context) -> None:
     click.echo("Python inside the server imports lungsql from: " + ", ".join(report.python_path))
 
 
+@main.command("server-install")
+@click.argument("prefix", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--from", "source", metavar="WHEEL|FOLDER",
+              help="The lungsql to install: a wheel or a project folder (default: this checkout).")
+@click.option("--no-deps", is_flag=True,
+              help="Install lungsql alone; its dependencies come from elsewhere (an offline mirror, say).")
+@reports_errors
+def server_install(prefix: Path, source: str | None, no_deps: bool) -> None:
+    """Give the database server a venv of its own at PREFIX: lungsql and its runtime extras only, read-only
+    for everyone but its owner (root, when run as root). Then run PREFIX/bin/lungsql init."""
+    from lungsql.client.server_install import server_install as install
+
+    if source is None:
+        if not config.IN_CHECKOUT:
+            raise click.UsageError("give the wheel or project folder to install with --from")
+        source = str(config.PROJECT_ROOT)
+    lungsql = install(prefix, source, no_deps=no_deps)
+    click.echo(f"the server's environment is ready in {prefix}; record it for the database with:\n  {lungsql} init")
+
+
 @main.command()
 @click.pass_context
 @reports_errors
