@@ -89,3 +89,21 @@ def test_the_installed_package_initialises_and_checks_a_database(installed, empt
     assert rows["lungsql"].startswith(str(installed)), rows  # the server imports the installed lungsql too
     assert str(ROOT) not in rows["lungsql"]
     assert os.path.isdir(rows["numpy"])
+
+
+def test_the_installed_package_runs_the_demo_with_a_cluster_of_its_own(installed):
+    state = Path(tempfile.mkdtemp(prefix="lungsql-wheel-state-"))
+    state.chmod(0o755)  # the server's OS user enters the cluster's folder
+    env = {"PATH": f"{installed / 'bin'}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "LUNGSQL_HOME": str(state / "home"), "LUNGSQL_DATA_PATH": str(state / "data")}
+    lungsql = str(installed / "bin" / "lungsql")
+    try:
+        demo = subprocess.run([lungsql, "demo", "--no-serve", "--patients", "8", "--slices", "3:4"],
+                              capture_output=True, text=True, env=env, cwd=state, timeout=900)
+        assert demo.returncode == 0, demo.stderr[-2000:]
+        for step in ("starting the local database", "applied migration 001_foundation.sql",
+                     "CALL lungsql.generate_features()", "SELECT lungsql.predict_lung_cancer(...)", "==> done"):
+            assert step in demo.stdout, step
+    finally:
+        subprocess.run([lungsql, "db", "stop"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
