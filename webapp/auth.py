@@ -1,7 +1,7 @@
 """Signing in and out; every page but the sign-in page (and static files) needs a session.
 
 A sign-in attempt is one call of ``lungsql.sign_in`` in the database
-(lungsql/sign_in.py), committed right after: it throttles failed attempts per
+(lungsql/server/sign_in.py), committed right after: it throttles failed attempts per
 user name and address, per name and per address (serialized by advisory
 locks, so a parallel burst is counted attempt by attempt), checks the
 password against the stored hash, which the web app's role cannot read, and

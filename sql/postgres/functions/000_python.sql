@@ -1,7 +1,7 @@
 -- Python inside the server: how PL/Python finds lungsql, and what it sees.
 --
 -- Re-created by every `lungsql init`. Each PL/Python body is a thin shell that
--- calls one function of the lungsql package (lungsql/procedures.py).
+-- calls one function of the lungsql package (lungsql/server/procedures.py).
 
 -- Puts the Python environment recorded by `lungsql init` (settings row
 -- 'python.path': the project folder and the venv's site-packages) in front of
