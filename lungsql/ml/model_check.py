@@ -52,7 +52,7 @@ _HINT = ("retrain the model (SELECT * FROM lungsql.train_model(...)) or deploy a
 _MARKER = "lungsql-model-check: "
 # Optional packages lightgbm imports when present; the check process needs none of them (about 0.2 s).
 _NOT_NEEDED = ("pandas", "sklearn", "dask", "distributed", "matplotlib", "graphviz", "pyarrow", "polars",
-               "cffi", "psutil", "joblib")
+               "cffi", "psutil")
 _ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
               "from lungsql.ml.model_check import _child_main; _child_main(int(sys.argv[2]), int(sys.argv[3]))")
