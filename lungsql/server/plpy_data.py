@@ -93,6 +93,11 @@ class PlpyData:
                SET run_id = EXCLUDED.run_id, reason = EXCLUDED.reason, failed_at = now()""",
             ["text", "integer", "bigint", "text"], [patient_id, cnn_id, run_id, reason.replace("\x00", "")])
 
+    def scan_dicom(self, scan_id: int) -> bytes | None:
+        """One stored DICOM file (for lungsql.slice_image), or None."""
+        rows = self._run("SELECT dicom FROM lungsql.scans WHERE scan_id = $1", ["bigint"], [scan_id])
+        return bytes(rows[0]["dicom"]) if rows else None
+
     def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]:
         # A few slices per fetch: PL/Python holds the GIL while the server reads, and
         # the CNN threads need it for a moment between batches (lungsql.ml.featurize).

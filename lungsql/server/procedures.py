@@ -114,8 +114,6 @@ def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
 
 
 # -- the web app's boundary (sql/postgres/functions/020_web.sql) ------------------------------------
-_WEB_PLANS: dict[str, Any] = {}
-_SLICE_DICOM = "SELECT dicom FROM lungsql.scans WHERE scan_id = $1"
 
 
 @procedure
@@ -133,13 +131,12 @@ def slice_image(plpy, scan_id, window_low, window_high) -> list[tuple[int, int, 
     if window_low is None or window_high is None or not window_low < window_high:
         raise ConfigurationError(f"the window needs window_low below window_high, not {window_low} to {window_high}",
                                  hint="e.g. lungsql.slice_image(scan_id, -1000, 400), the lung window")
-    plan = _WEB_PLANS.get(_SLICE_DICOM)
-    if plan is None:
-        plan = _WEB_PLANS[_SLICE_DICOM] = plpy.prepare(_SLICE_DICOM, ["bigint"])
-    rows = plpy.execute(plan, [scan_id])
-    if not rows:
+    from lungsql.server.plpy_data import PlpyData
+
+    data = PlpyData(plpy).scan_dicom(int(scan_id))
+    if data is None:
         return []
-    hu = dicom.slice_hu(rows[0]["dicom"])
+    hu = dicom.slice_hu(data)
     if hu.ndim != 2:
         raise InvalidScan(f"not a greyscale slice: its pixels have the shape {hu.shape}")
     image = np.ascontiguousarray(preprocess.window(hu, float(window_low), float(window_high), dtype=np.uint8))
