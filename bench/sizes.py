@@ -29,4 +29,6 @@ FULL = Sizes(patients=16, slices=(60, 60), shard_sessions=(1, 2), training_patie
              web_warmup_seconds=5.0, web_sweep_clients=(1, 8), web_sweep_seconds=10.0)
 QUICK = Sizes(patients=8, slices=(4, 6), shard_sessions=(1, 2), training_patients=(20, 40),
               groups_per_patient=4, scoring_calls=50, batch_repeats=2, web_clients=4, web_seconds=2.0,
-              web_warmup_seconds=0.5, web_sweep_clients=(1,), web_sweep_seconds=1.0)
+              # A worker warms its pool's connections one by one (most of a second each) as it starts:
+              # long enough a warm-up that the 1-client run meets warm ones.
+              web_warmup_seconds=2.0, web_sweep_clients=(1,), web_sweep_seconds=2.0)
