@@ -107,6 +107,9 @@ def hostile_folder(cohort: Path, folder: Path) -> dict[str, str]:
     expected["pipe.dcm"] = "not a regular file"
     (folder / "zeros.dcm").symlink_to("/dev/zero")  # reading it would never end
     expected["zeros.dcm"] = "not a regular file"
+    # A name that is not UTF-8 (bytes from another system's encoding): recorded with them escaped.
+    (folder / os.fsdecode(b"caf\xe9.dcm")).write_bytes(b"not an image")
+    expected[os.fsdecode(b"caf\xe9.dcm")] = "not a DICOM file"
     return expected
 
 
@@ -200,7 +203,7 @@ def test_a_hostile_folder_beside_a_good_cohort(engine, cohort, cluster, tmp_path
         errors = dict(conn.execute(sa.text("SELECT source_path, reason FROM lungsql.ingest_errors")).all())
         assert conn.execute(sa.text("SELECT count(*) FROM lungsql.scans")).scalar() == len(good_files)
     for name, words in expected.items():
-        path = str(root / "hostile" / name)
+        path = ingest.RecordedPaths(root)(root / "hostile" / name)  # as stored: undecodable bytes escaped
         assert path in errors, name
         assert words in errors[path], (name, errors[path])
         assert "\n" not in errors[path]

@@ -221,8 +221,9 @@ def read_scan(data: bytes, transform: Callable[[Dataset], bytes] | None = None,
         raise InvalidScan("missing Rows or Columns")
     z_position = _z_position(ds)
     geometry(ds, limits)  # the size, from the header, before anything is decoded
-    check_pixels(ds)
-    decoded = decode_stored(data, limits)  # what featurization will run on these bytes
+    # The bytes to store, decoded once as featurization will decode them: this is also the check that
+    # the pixel data is complete and decodable (check_pixels), so a compressed slice is decoded once.
+    decoded = decode_stored(data, limits)
     spacing = _floats(ds.get("PixelSpacing"), 2)
     return ScanRecord(
         sop_instance_uid=str(ds.SOPInstanceUID),
