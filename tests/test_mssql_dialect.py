@@ -1,7 +1,8 @@
 """SQL Server support, checked without a SQL Server: every T-SQL file parses
 (sqlfluff, dialect tsql), every sp_execute_external_script call is well formed,
 and lungsql.client.dialects.mssql emits T-SQL that SQLAlchemy's mssql dialect compiles
-and sqlfluff parses, binding every value it uses."""
+and sqlfluff parses, binding every value it uses and naming only columns
+of 01_schema.sql and arguments its procedures declare."""
 
 from __future__ import annotations
 
@@ -181,6 +182,58 @@ def test_each_statement_compiles_to_tsql_that_parses(name):
 class _Everything(dict):
     def __missing__(self, key):
         return key
+
+
+def _schema_columns() -> dict[str, set[str]]:
+    """Table -> its columns in 01_schema.sql, computed ones (such as error_key) included."""
+    columns: dict[str, set[str]] = {}
+    for table, column in harness.column_types():
+        columns.setdefault(table, set()).add(column)
+    text = (tsql.SQL_DIR / "01_schema.sql").read_text(encoding="utf-8")
+    for table in re.finditer(r"CREATE\s+TABLE\s+lungsql\.(\w+)\s*\((.*?)\n\s*\);", text, re.DOTALL):
+        columns[table.group(1)] |= set(re.findall(r"^\s*(\w+)\s+AS\s", table.group(2), re.MULTILINE))
+    return columns
+
+
+def _parsed(statement: sa.TextClause):
+    from sqlfluff.core import Linter
+
+    sql, _ = tsql.positional(statement, _Everything(), DIALECT)
+    numbered = iter(range(1, 1000))
+    return Linter(dialect="tsql").parse_string(re.sub(r"\?", lambda _: f"@p{next(numbered)}", sql)).tree
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in STATEMENTS.items() if not str(s).startswith("EXEC")))
+def test_each_statement_names_only_columns_of_the_tables_it_reads(name):
+    # A misspelt column is a runtime error on SQL Server: find it here, against 01_schema.sql.
+    tree = _parsed(STATEMENTS[name])
+    schema = _schema_columns()
+    aliases: dict[str, str] = {}  # alias -> the table it names
+    for expression in tree.recursive_crawl("from_expression_element"):
+        table = next(expression.recursive_crawl("table_reference", no_recursive_seg_type="select_statement"), None)
+        alias = expression.get_child("alias_expression")
+        if table and alias:  # a subquery's alias is a name the statement gives, not a table
+            aliases[alias.raw.split()[-1]] = table.raw
+    tables = {aliases.get(t.raw, t.raw).removeprefix("lungsql.") for t in tree.recursive_crawl("table_reference")}
+    assert tables <= set(schema), tables - set(schema)
+    derived = {a.raw.split()[-1] for a in tree.recursive_crawl("alias_expression")} - set(aliases)
+    for reference in tree.recursive_crawl("column_reference"):
+        *qualifier, column = reference.raw.replace("[", "").replace("]", "").split(".")
+        if column in derived:  # a name the statement itself gives (ROW_NUMBER() ... AS n)
+            continue
+        candidates = [aliases[qualifier[0]].removeprefix("lungsql.")] if qualifier else sorted(tables)
+        assert any(column in schema[t] for t in candidates), f"{column} is in none of {candidates}"
+
+
+def test_each_procedure_call_passes_only_arguments_the_procedure_declares():
+    text = (tsql.SQL_DIR / "02_procedures.sql").read_text(encoding="utf-8")
+    headers = dict(re.findall(r"CREATE OR ALTER PROCEDURE (dbo\.\w+)(.*?)\nAS\n", text, re.DOTALL))
+    calls = {n: str(s) for n, s in STATEMENTS.items() if str(s).startswith("EXEC")}
+    assert len(calls) == 5
+    for name, sql in calls.items():
+        procedure = sql.split()[1]
+        declared = set(re.findall(r"(@\w+)\s+\w+", headers[procedure]))
+        assert set(re.findall(r"(@\w+)\s*=", sql)) <= declared, name
 
 
 def test_reruns_skip_what_is_stored_under_a_lock():
