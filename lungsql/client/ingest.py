@@ -30,6 +30,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +217,117 @@ class _Batch:
         return len(self.scans) + len(self.errors)
 
 
+class Upload:
+    """One run of lungsql.ingest_runs: instances offered one at a time are checked and stored in batches.
+
+    Every way in uses it: a folder (`ingest`), a pull from a PACS, a push to the listener. Each
+    instance is offered once, read (`read_instance`) or with the reason it could not be; `offer`
+    batches it and `commit` writes the batch in one transaction with the run's counters. An
+    instance already stored (by SOPInstanceUID) is counted and skipped, so a rerun duplicates
+    nothing. `on_error(origin, reason)` hears of every instance that is not stored.
+
+    With a `deidentifier`, `transform` is what `read_instance` must apply, labels follow the
+    patients to their pseudonymous PatientIDs, and names given to `offer` must already be
+    pseudonymous (see RecordedPaths).
+    """
+
+    def __init__(self, engine: sa.Engine, source: str, *, deidentifier=None, labels: dict[str, int] | None = None,
+                 labels_source: str = "", batch_size: int | None = None,
+                 on_error: Callable[[Any, str], None] | None = None):
+        self.engine = engine
+        self.source = source
+        self.deidentifier = deidentifier
+        self.transform = deidentifying_transform(deidentifier) if deidentifier is not None else None
+        self.limits = Limits.from_settings()
+        self.batch_size = batch_size or config.get("LUNGSQL_INGEST_BATCH")
+        self.labels = labels or {}
+        if deidentifier is not None:
+            self.labels = {deidentifier.pseudonym(pid): label for pid, label in self.labels.items()}
+        self.labels_source = labels_source
+        self.on_error = on_error
+        self.summary = IngestSummary()
+        self._batch = _Batch()
+        self._origins: dict[str, tuple[str, Any]] = {}  # SOPInstanceUID -> (recorded name, origin) of the batch
+        self._started = 0.0
+
+    def __enter__(self) -> Upload:
+        self._store = dialects.scan_store(self.engine)
+        self._started = time.perf_counter()
+        try:
+            if self.labels:
+                self.summary.labels = self._store.load_labels(self.labels, _text(self.labels_source))
+            self._stored = self._store.stored_uids()
+            self._shapes = self._store.series_shapes()
+            self.summary.run_id = self._store.start_run(_text(self.source), self.deidentifier is not None)
+        except BaseException:
+            self._store.close()
+            raise
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                self.commit()
+                self.summary.seconds = time.perf_counter() - self._started
+                self._store.finish_run(self.summary.run_id, self.summary.seconds)
+        finally:
+            self._store.close()
+
+    def read(self, data: bytes) -> tuple[ScanRecord | None, str | None]:
+        """`read_instance` with this upload's de-identification and limits."""
+        return read_instance(data, self.transform, self.limits)
+
+    def offer(self, name: str, record: ScanRecord | None, reason: str | None = None, origin: Any = None) -> str:
+        """Take one instance (its record, or the reason it has none); 'stored', 'skipped' or 'rejected'.
+
+        'stored' means batched: it is in the database once `commit` (called every batch_size
+        instances, and at the end) returns without naming it."""
+        summary, origin = self.summary, name if origin is None else origin
+        summary.files_seen += 1
+        if record is not None:
+            reason = _conflict(record, self._stored, self._shapes)
+        if reason is not None:
+            summary.errors += 1
+            self._batch.errors.append((_text(name), _text(reason)))
+            if self.on_error:
+                self.on_error(origin, reason)
+            outcome = "rejected"
+        elif record.sop_instance_uid in self._stored:
+            summary.skipped += 1
+            summary.patients.add(record.patient.patient_id)
+            outcome = "skipped"
+        else:
+            self._stored[record.sop_instance_uid] = record.sha256
+            self._shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
+            self._batch.patients.setdefault(record.patient.patient_id, record.patient)
+            self._batch.scans.append(record)
+            self._origins[record.sop_instance_uid] = (_text(name), origin)
+            summary.stored += 1
+            summary.bytes += len(record.data)
+            summary.patients.add(record.patient.patient_id)
+            outcome = "stored"
+        if len(self._batch) >= self.batch_size:
+            self.commit()
+        return outcome
+
+    def commit(self) -> dict[str, str]:
+        """Write the open batch in one transaction; SOPInstanceUID -> reason for each the database refused."""
+        batch, origins = self._batch, self._origins
+        self._batch, self._origins = _Batch(), {}
+        if not len(batch):
+            return {}
+        written = self._store.write_batch(self.summary.run_id, batch.patients.values(), batch.scans, batch.errors,
+                                          self.summary.settled, path_of=lambda r: origins[r.sop_instance_uid][0])
+        self.summary.settle(written)
+        refused = {}
+        for record, reason in written.rejected:
+            self._stored.pop(record.sop_instance_uid, None)
+            refused[record.sop_instance_uid] = reason
+            if self.on_error:
+                self.on_error(origins[record.sop_instance_uid][1], reason)
+        return refused
+
+
 def ingest(
     engine: sa.Engine,
     root: Path,
@@ -231,82 +343,42 @@ def ingest(
     With `deidentify`, slices whose BurnedInAnnotation is YES are rejected unless `allow_burned_in`.
     """
     root = Path(root).resolve()
-    batch_size = batch_size or config.get("LUNGSQL_INGEST_BATCH")
-    limits = Limits.from_settings()
     files = find_files(root)
     labels_path = labels_csv or default_labels(root)
     labels = read_labels(labels_path) if labels_path else {}
-    transform, deidentifier = None, None
-    if deidentify:
-        deidentifier = site_deidentifier(allow_burned_in)
-        transform = deidentifying_transform(deidentifier)
-        # Labels follow the patients to their pseudonymous PatientIDs.
-        labels = {deidentifier.pseudonym(pid): label for pid, label in labels.items()}
+    deidentifier = site_deidentifier(allow_burned_in) if deidentify else None
     recorded = RecordedPaths(root, deidentifier)
-    paths: dict[str, Path] = {}  # SOPInstanceUID -> file, for the database's refusals
-
-    summary = IngestSummary()
-    store = dialects.scan_store(engine)
-    started = time.perf_counter()
-
-    def write(batch: _Batch) -> None:
-        written = store.write_batch(summary.run_id, batch.patients.values(), batch.scans, batch.errors,
-                                    summary.settled, path_of=lambda r: recorded(paths[r.sop_instance_uid]))
-        summary.settle(written)
-        for record, reason in written.rejected:
-            stored.pop(record.sop_instance_uid, None)
-            if on_error:
-                on_error(paths[record.sop_instance_uid], reason)
-        paths.clear()
-
-    try:
-        if labels:
-            source = labels_path.name if deidentify else str(labels_path)
-            summary.labels = store.load_labels(labels, _text(source))
-        stored = store.stored_uids()
-        shapes = store.series_shapes()
-        summary.run_id = store.start_run(recorded.source_dir, deidentify)
-        batch = _Batch()
+    labels_source = "" if labels_path is None else labels_path.name if deidentify else str(labels_path)
+    upload = Upload(engine, recorded.source_dir, deidentifier=deidentifier, labels=labels,
+                    labels_source=labels_source, batch_size=batch_size, on_error=on_error)
+    with upload:
         # Files are read and parsed in a thread while this one writes to the database.
-        for path, record, reason in _prefetch(_read_all(files, transform, limits), depth=2 * batch_size):
-            summary.files_seen += 1
-            if record is not None:
-                reason = _conflict(record, stored, shapes)
-            if reason is not None:
-                summary.errors += 1
-                batch.errors.append((recorded(path), _text(reason)))
-                if on_error:
-                    on_error(path, reason)
-            elif record.sop_instance_uid in stored:
-                summary.skipped += 1
-                summary.patients.add(record.patient.patient_id)
-            else:
-                stored[record.sop_instance_uid] = record.sha256
-                shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
-                batch.patients.setdefault(record.patient.patient_id, record.patient)
-                batch.scans.append(record)
-                paths[record.sop_instance_uid] = path
-                summary.stored += 1
-                summary.bytes += len(record.data)
-                summary.patients.add(record.patient.patient_id)
+        for path, record, reason in prefetch(_read_all(files, upload.transform, upload.limits),
+                                             depth=2 * upload.batch_size):
+            upload.offer(recorded(path), record, reason, origin=path)
             if on_file:
                 on_file(path, len(record.data) if record is not None else 0)
-            if len(batch) >= batch_size:
-                write(batch)
-                batch = _Batch()
-        write(batch)
-        summary.seconds = time.perf_counter() - started
-        store.finish_run(summary.run_id, summary.seconds)
-    finally:
-        store.close()
-    return summary
+    return upload.summary
+
+
+def read_instance(data: bytes, transform: Callable | None, limits: Limits) -> tuple[ScanRecord | None, str | None]:
+    """(record, None) for the bytes of a CT instance, else (None, a one-line reason).
+
+    Whatever the bytes make a library raise is the reason: nothing in one instance stops an upload."""
+    try:
+        return read_scan(data, transform, limits), None
+    except LungSQLError as exc:
+        return None, exc.message
+    except MemoryError:
+        return None, "not enough memory to read this file"
+    except Exception as exc:  # a malformed file can make any library raise anything
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return None, f"cannot read as a CT slice: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def _read_all(files: list[Path], transform: Callable | None, limits: Limits
               ) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
-    """(path, record, None) for each file that is a CT slice, else (path, None, one-line reason).
-
-    Whatever one file raises is its reason: nothing in a file stops the upload."""
+    """(path, record, None) for each file that is a CT slice, else (path, None, one-line reason)."""
     for path in files:
         try:
             status = path.stat()
@@ -323,18 +395,10 @@ def _read_all(files: list[Path], transform: Callable | None, limits: Limits
         except OSError as exc:
             yield path, None, f"cannot read file: {exc.strerror or exc}"
             continue
-        try:
-            yield path, read_scan(data, transform, limits), None
-        except LungSQLError as exc:
-            yield path, None, exc.message
-        except MemoryError:
-            yield path, None, "not enough memory to read this file"
-        except Exception as exc:  # a malformed file can make any library raise anything
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            yield path, None, f"cannot read as a CT slice: {type(exc).__name__}" + (f": {text}" if text else "")
+        yield (path, *read_instance(data, transform, limits))
 
 
-def _prefetch(items: Iterator, depth: int) -> Iterator:
+def prefetch(items: Iterator, depth: int) -> Iterator:
     """Yield what `items` yields, computed ahead by a thread, at most `depth` ahead."""
     done = object()
     ahead: queue.Queue = queue.Queue(maxsize=depth)
