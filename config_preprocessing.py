@@ -77,6 +77,17 @@ def _flag(text: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
+def _ae_title(text: str) -> str:
+    title = text.strip()
+    if not 0 < len(title) <= 16 or not title.isascii() or not title.isprintable() or "\\" in title:
+        raise ValueError("expected an AE title: 1 to 16 printable ASCII characters, no backslash")
+    return title
+
+
+def _ae_titles(text: str) -> tuple[str, ...]:
+    return tuple(_ae_title(part) for part in text.split(",") if part.strip())
+
+
 def _positive_int(text: str) -> int:
     number = int(text)
     if number <= 0:
@@ -152,6 +163,43 @@ SETTINGS: dict[str, Setting] = {
             "Site secret for pseudonymous PatientIDs and UIDs under --deidentify; "
             "unset means a key generated once into $LUNGSQL_HOME/deidentify.key.",
             secret=True,
+        ),
+        Setting(
+            "LUNGSQL_PACS_URL",
+            None,
+            "DICOMweb root of the PACS that `lungsql pacs pull` and `push-results` use when --url is not given "
+            "(for Orthanc, http://HOST:8042/dicom-web). Put no password in it: see LUNGSQL_PACS_USER.",
+        ),
+        Setting(
+            "LUNGSQL_PACS_USER",
+            None,
+            "User name for the PACS's DICOMweb service (HTTP basic authentication); unset means none.",
+        ),
+        Setting(
+            "LUNGSQL_PACS_PASSWORD",
+            None,
+            "Password of LUNGSQL_PACS_USER. Kept out of the command line, where other users could read it.",
+            secret=True,
+        ),
+        Setting(
+            "LUNGSQL_PACS_CA_BUNDLE",
+            None,
+            "CA certificates (a PEM file) that the PACS's https certificate must chain to; unset means the "
+            "system's.",
+            _optional_path,
+        ),
+        Setting(
+            "LUNGSQL_AET",
+            "LUNGSQL",
+            "lungsql's own DICOM application entity title: the listener's, and the calling one of DIMSE pulls.",
+            _ae_title,
+        ),
+        Setting(
+            "LUNGSQL_LISTEN_ALLOWED_AETS",
+            (),
+            "Calling AE titles the listener accepts, comma-separated (for example ORTHANC,PACS1); "
+            "unset means it accepts none and says so.",
+            _ae_titles,
         ),
         Setting(
             "LUNGSQL_INGEST_BATCH",

@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # chromium and chromium-driver: the web app's end-to-end test runs in a real headless browser.
 # unixodbc: pyodbc's library, for SQL Server URLs (an ODBC driver such as tdsodbc is the site's choice).
 # wrk: the HTTP load generator of `lungsql bench` (the web app under 32 clients).
+# orthanc and orthanc-dicomweb: the PACS that `lungsql demo --pacs` and the PACS tests run on loopback.
 APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core
-              unixodbc wrk)
-EXTRAS="ml,codecs,export,mssql,dev"
+              unixodbc wrk orthanc orthanc-dicomweb)
+EXTRAS="ml,codecs,export,mssql,pacs,dev"
 
 say() { printf '==> %s\n' "$*"; }
 

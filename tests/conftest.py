@@ -16,6 +16,7 @@ from databases import create_database, drop_database
 from lungsql.client import db, migrations
 from lungsql.client.cluster import LocalCluster
 from lungsql.errors import ConfigurationError
+from pacs_fixtures import orthanc, orthanc_clean  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -277,6 +277,10 @@ class Upload:
         """`read_instance` with this upload's de-identification and limits."""
         return read_instance(data, self.transform, self.limits)
 
+    def is_stored(self, sop_instance_uid: str) -> bool:
+        """Whether the instance is in the database (or in the open batch): a pull need not fetch it."""
+        return sop_instance_uid in self._stored
+
     def offer(self, name: str, record: ScanRecord | None, reason: str | None = None, origin: Any = None) -> str:
         """Take one instance (its record, or the reason it has none); 'stored', 'skipped' or 'rejected'.
 

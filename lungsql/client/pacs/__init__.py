@@ -1,0 +1,1 @@
+"""Connections to a hospital's PACS: DICOMweb and DIMSE in, results back."""
