@@ -4,6 +4,13 @@ DICOMweb and DIMSE and pushed to lungsql's listener, into a real PostgreSQL."""
 from __future__ import annotations
 
 import datetime as dt
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -158,3 +165,174 @@ def test_an_unreachable_pacs_is_a_clear_error(engine):
     web = dicomweb.client("http://127.0.0.1:9/dicom-web", attempts=1)  # the discard port: nothing listens
     with pytest.raises(LungSQLError, match="cannot reach the PACS"):
         dicomweb.pull(engine, web, dicomweb.Query(patient="x"))
+
+
+# -- the listener (C-STORE SCP) ------------------------------------------------------------------------
+def dimse_rows(engine) -> set[tuple]:
+    """What a DIMSE transfer must keep: everything but the file's bytes (DIMSE carries no file meta)."""
+    with engine.connect() as conn:
+        return set(conn.execute(sa.text(
+            "SELECT sop_instance_uid, patient_id, series_instance_uid, z_position, rows, columns, "
+            "transfer_syntax_uid FROM lungsql.scans")).all())
+
+
+def same_pixels(engine, other) -> bool:
+    query = sa.text("SELECT sop_instance_uid, dicom FROM lungsql.scans")
+    with engine.connect() as conn, other.connect() as conn2:
+        mine = {uid: pydicom.dcmread(io.BytesIO(data)).PixelData for uid, data in conn.execute(query)}
+        theirs = {uid: pydicom.dcmread(io.BytesIO(data)).PixelData for uid, data in conn2.execute(query)}
+    return mine == theirs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def send(port: int, paths, calling: str = "MODALITY", stop_after: int | None = None) -> dict[str, int]:
+    """C-STORE each file to the listener on port as a modality would; SOPInstanceUID -> status received."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSQL")
+    statuses: dict[str, int] = {}
+    if not assoc.is_established:
+        return statuses
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        status = assoc.send_c_store(ds)
+        if not status or "Status" not in status:
+            break  # the listener went away
+        statuses[str(ds.SOPInstanceUID)] = status.Status
+        if stop_after is not None and len(statuses) >= stop_after:
+            break
+    if assoc.is_established:
+        assoc.release()
+    return statuses
+
+
+def test_the_listener_stores_what_the_pacs_pushes(engine, folder_engine, pacs, cohort):
+    from lungsql.client.pacs.listener import Listener
+
+    with Listener(engine, 0, host="127.0.0.1", allowed=[pacs.aet]) as listener:
+        pacs.add_modality("lungsql", listener.aet, "127.0.0.1", listener.port)
+        ids = pacs.request("GET", "/instances")
+        pacs.request("POST", "/modalities/lungsql/store", json={"Resources": ids, "Synchronous": True})
+    assert dimse_rows(engine) == dimse_rows(folder_engine)
+    assert same_pixels(engine, folder_engine)
+    assert listener.summary.stored == len(ids) and listener.summary.errors == 0
+    with engine.connect() as conn:
+        run = conn.execute(sa.text("SELECT source_dir, stored, finished_at FROM lungsql.ingest_runs")).one()
+    assert run.source_dir.startswith("dimse-listener:LUNGSQL@127.0.0.1:") and run.stored == len(ids)
+    assert run.finished_at is not None
+
+
+def test_a_listener_killed_midway_loses_nothing_it_acknowledged(db_env, engine, cohort, tmp_path):
+    files = sorted(cohort.rglob("*.dcm"))
+    port = free_port()
+    command = [sys.executable, "-m", "lungsql", "listen", "--host", "127.0.0.1", "--port", str(port),
+               "--allow", "MODALITY"]
+    env = {**os.environ, "LUNGSQL_DATABASE_URL": db_env}
+
+    def started() -> subprocess.Popen:
+        process = subprocess.Popen(command, env=env, stderr=open(tmp_path / "listener.log", "ab"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return process
+            time.sleep(0.1)
+        raise AssertionError((tmp_path / "listener.log").read_text())
+
+    listener = started()
+    acknowledged = send(port, files, stop_after=5)
+    listener.kill()  # SIGKILL: no chance to finish anything
+    listener.wait()
+    assert len(acknowledged) == 5 and set(acknowledged.values()) == {0}
+    with engine.connect() as conn:
+        stored = {r[0] for r in conn.execute(sa.text("SELECT sop_instance_uid FROM lungsql.scans"))}
+    assert set(acknowledged) <= stored  # every "success" the sender got is committed
+    # The sender resends everything; the restarted listener stores the rest once.
+    listener = started()
+    statuses = send(port, files)
+    listener.send_signal(signal.SIGTERM)
+    assert listener.wait(timeout=60) == 0
+    assert len(statuses) == len(files) and set(statuses.values()) == {0}
+    assert scalar(engine, "SELECT count(*) FROM lungsql.scans") == len(files)
+    assert scalar(engine, "SELECT count(DISTINCT sop_instance_uid) FROM lungsql.scans") == len(files)
+    with engine.connect() as conn:
+        runs = conn.execute(sa.text("SELECT stored, skipped, finished_at FROM lungsql.ingest_runs "
+                                    "ORDER BY run_id")).all()
+    assert runs[-1].finished_at is not None and runs[-1].stored + runs[-1].skipped == len(files)
+    log = (tmp_path / "listener.log").read_text()
+    assert "association accepted: MODALITY from 127.0.0.1" in log and "stopped:" in log
+
+
+def test_the_listener_accepts_only_the_senders_it_is_told_of(engine, cohort):
+    from lungsql.client.pacs.listener import Listener
+
+    with pytest.raises(ConfigurationError, match="would accept no sender"):
+        Listener(engine, 0, allowed=[])
+    files = sorted(cohort.rglob("*.dcm"))[:2]
+    with Listener(engine, 0, host="127.0.0.1", allowed=["MODALITY"]) as listener:
+        assert send(listener.port, files, calling="STRANGER") == {}
+        assert set(send(listener.port, files).values()) == {0}
+    assert scalar(engine, "SELECT count(*) FROM lungsql.scans") == 2
+
+
+def test_a_bad_instance_pushed_is_refused_with_its_reason_and_recorded(engine, cohort, tmp_path):
+    from lungsql.client.pacs.listener import CANNOT_UNDERSTAND, Listener
+
+    good = sorted(cohort.rglob("*.dcm"))[0]
+    bad = pydicom.dcmread(good)
+    bad.SOPInstanceUID = pydicom.uid.generate_uid()
+    bad.BitsAllocated = 200  # a header lungsql refuses
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    with Listener(engine, 0, host="127.0.0.1", allowed=["MODALITY"]) as listener:
+        statuses = send(listener.port, [tmp_path / "bad.dcm", good])
+    assert statuses[str(bad.SOPInstanceUID)] == CANNOT_UNDERSTAND
+    assert statuses[str(pydicom.dcmread(good).SOPInstanceUID)] == 0
+    with engine.connect() as conn:
+        errors = conn.execute(sa.text("SELECT source_path, reason FROM lungsql.ingest_errors")).all()
+    assert len(errors) == 1 and errors[0].source_path == f"dimse:MODALITY/{bad.SOPInstanceUID}"
+
+
+# -- DIMSE pulls (C-FIND, C-GET, C-MOVE) -----------------------------------------------------------------
+def test_a_dimse_pull_by_c_get_stores_what_a_folder_ingest_stores_and_reruns_fetch_nothing(
+        engine, folder_engine, pacs, cohort):
+    from lungsql.client.pacs import dimse
+
+    pacs.add_modality("lungsql", "LUNGSQL", "127.0.0.1", 104)  # C-GET answers on the same association
+    peer = dimse.Peer.parse(f"127.0.0.1:{pacs.dicom_port}", pacs.aet)
+    summary = dimse.pull(engine, peer, dicomweb.Query(since=dt.date(1900, 1, 1)))
+    files = len(list(cohort.rglob("*.dcm")))
+    assert (summary.stored, summary.errors) == (files, 0)
+    assert dimse_rows(engine) == dimse_rows(folder_engine) and same_pixels(engine, folder_engine)
+    again = dimse.pull(engine, peer, dicomweb.Query(since=dt.date(1900, 1, 1)))
+    assert (again.files_seen, again.stored) == (0, 0)  # everything stored: nothing retrieved
+
+
+def test_a_dimse_pull_by_c_move_goes_through_lungsqls_listener(engine, folder_engine, pacs, cohort):
+    from lungsql.client.pacs import dimse
+
+    port = free_port()
+    pacs.add_modality("lungsql", "LUNGSQL", "127.0.0.1", port)
+    peer = dimse.Peer.parse(f"127.0.0.1:{pacs.dicom_port}", pacs.aet)
+    first = patient_ids(cohort)[0]
+    summary = dimse.pull(engine, peer, dicomweb.Query(patient=first), move_port=port)
+    assert summary.stored > 0 and summary.errors == 0
+    assert scalar(engine, "SELECT count(DISTINCT patient_id) FROM lungsql.scans") == 1
+    assert dimse_rows(engine) <= dimse_rows(folder_engine)
+
+
+def test_a_pacs_that_refuses_says_what_to_fix(engine, orthanc):
+    from lungsql.client.pacs import dimse
+
+    with pytest.raises(LungSQLError, match="refused or did not answer"):
+        dimse.pull(engine, dimse.Peer.parse(f"127.0.0.1:{orthanc.dicom_port}", "NOT-ORTHANC"),
+                   dicomweb.Query(patient="x"))
+    with pytest.raises(ConfigurationError, match="not HOST:PORT"):
+        dimse.Peer.parse("pacs.example.org", "ORTHANC")

@@ -219,6 +219,94 @@ def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deident
     click.echo(summary.describe())
 
 
+# -- the hospital's PACS -----------------------------------------------------------------
+@main.group()
+def pacs() -> None:
+    """Scans from a PACS (DICOMweb or DIMSE) and results back to it."""
+
+
+@pacs.command("pull")
+@click.option("--url", help="DICOMweb root of the PACS (default LUNGSQL_PACS_URL; credentials: LUNGSQL_PACS_USER "
+                            "and LUNGSQL_PACS_PASSWORD).")
+@click.option("--dimse", "dimse_address", metavar="HOST:PORT", help="Pull over DIMSE (C-FIND, C-GET) instead.")
+@click.option("--called-aet", default="ORTHANC", show_default=True, help="With --dimse: the PACS's AE title.")
+@click.option("--move-port", type=click.IntRange(1, 65535),
+              help="With --dimse: C-MOVE to a listener this command runs on this port (the PACS must know "
+                   "LUNGSQL_AET at this host and port) instead of C-GET.")
+@click.option("--study", help="StudyInstanceUID of one study.")
+@click.option("--patient", help="Every study of this PatientID.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), help="Every study from this date on (YYYY-MM-DD).")
+@click.option("--modality", default="CT", show_default=True, help="Series of this modality only.")
+@click.option("--deidentify", is_flag=True, help="Remove identifying tags (PS3.15 basic profile) before storing.")
+@click.option("--allow-burned-in", is_flag=True, help="With --deidentify, keep slices with BurnedInAnnotation YES.")
+@click.pass_context
+@reports_errors
+def pacs_pull(ctx, url, dimse_address, called_aet, move_port, study, patient, since, modality, deidentify,
+              allow_burned_in) -> None:
+    """Store a PACS's CT studies in lungsql.scans, as `ingest` does (resumable)."""
+    from tqdm import tqdm
+
+    from lungsql.client.pacs import dicomweb
+
+    query = dicomweb.Query(study=study, patient=patient, since=since.date() if since else None, modality=modality)
+    query.study_filters()  # refuses an empty query before anything connects
+    engine = _engine(ctx)
+    options = dict(deidentify=deidentify, allow_burned_in=allow_burned_in,
+                   on_error=lambda name, reason: tqdm.write(f"rejected {name}: {reason}", file=sys.stderr))
+    with _bar("pulling", unit=" instances") as bar:
+        options.update(on_series=lambda series: _grow(bar, series.instances), on_instance=lambda size: bar.update(1))
+        if dimse_address:
+            from lungsql.client.pacs import dimse
+
+            peer = dimse.Peer.parse(dimse_address, called_aet)
+            summary = dimse.pull(engine, peer, query, move_port=move_port, **options)
+        else:
+            summary = dicomweb.pull(engine, dicomweb.client(url), query, **options)
+    click.echo(summary.describe().replace(" files", " instances", 1))
+
+
+def _grow(bar, instances: int | None) -> None:
+    """Add a series' instances to the bar's total, as the PACS counts them."""
+    if instances:
+        bar.total = (bar.total or 0) + instances
+        bar.refresh()
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=11112, show_default=True, help="TCP port.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--aet", help="AE title to answer to (default LUNGSQL_AET).")
+@click.option("--allow", "allowed", multiple=True, metavar="AET",
+              help="A calling AE title that may send (repeatable; default LUNGSQL_LISTEN_ALLOWED_AETS).")
+@click.option("--deidentify", is_flag=True, help="Remove identifying tags before storing.")
+@click.option("--allow-burned-in", is_flag=True, help="With --deidentify, keep slices with BurnedInAnnotation YES.")
+@click.pass_context
+@reports_errors
+def listen(ctx, port, host, aet, allowed, deidentify, allow_burned_in) -> None:
+    """Receive CT instances pushed over DICOM (C-STORE) into lungsql.scans, until SIGTERM or Ctrl-C."""
+    import logging
+    import signal
+    import threading
+
+    from lungsql.client.pacs.listener import Listener
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    listener = Listener(_engine(ctx), port, aet=aet, host=host, allowed=allowed or None, deidentify=deidentify,
+                        allow_burned_in=allow_burned_in).start()
+    click.echo(f"listening as {listener.aet} on {host}:{listener.port}", err=True)
+    try:
+        stop.wait()
+    finally:
+        listener.stop()
+    click.echo(listener.summary.describe().replace(" files", " instances", 1) if listener.summary else "stopped",
+               err=True)
+
+
 # -- the pipeline: each command calls the stored procedure a DBA would call ----------------
 @main.group()
 def model() -> None:

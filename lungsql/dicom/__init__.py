@@ -1,7 +1,7 @@
 """DICOM, together: reading a file into a CT slice record and decoding its pixels under limits
 (`reader`, re-exported here), the byte-level reader of uncompressed slices (`fast`), the sizes that
-compressed frames claim (`codestream`), de-identification (`deidentify`) and the synthetic cohort
-(`synth`).
+compressed frames claim (`codestream`), de-identification (`deidentify`), the synthetic cohort (`synth`) and the
+results sent back to a PACS (`report`, with highdicom: the pacs extra).
 """
 
 from lungsql.dicom.reader import (CODECS_HINT, Decoded, Geometry, Limits, PatientInfo, ScanRecord, check_pixels,
