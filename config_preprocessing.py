@@ -77,6 +77,23 @@ def _flag(text: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
+def _regex(text: str) -> str:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return text
+
+
+def _degrees(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 90:
+        raise ValueError("expected degrees from 0 to 90")
+    return value
+
+
 def _ae_title(text: str) -> str:
     title = text.strip()
     if not 0 < len(title) <= 16 or not title.isascii() or not title.isprintable() or "\\" in title:
@@ -163,6 +180,27 @@ SETTINGS: dict[str, Setting] = {
             "Site secret for pseudonymous PatientIDs and UIDs under --deidentify; "
             "unset means a key generated once into $LUNGSQL_HOME/deidentify.key.",
             secret=True,
+        ),
+        Setting(
+            "LUNGSQL_SERIES_PREFER",
+            "",
+            "Regular expression (case-insensitive) that puts series whose SeriesDescription or "
+            "ConvolutionKernel matches it first when a patient's series is chosen, e.g. LUNG|B70f; "
+            "empty means no preference (lungsql.dicom.series gives the rule).",
+            _regex,
+        ),
+        Setting(
+            "LUNGSQL_SERIES_MAX_TILT",
+            2.0,
+            "Degrees the slice normal of a featurized series may tilt from the patient's z axis; "
+            "series tilted more (gantry tilt, coronal and sagittal reformats) are not featurized as a volume.",
+            _degrees,
+        ),
+        Setting(
+            "LUNGSQL_SERIES_MIN_SLICES",
+            3,
+            "The fewest slices a series needs to be featurized as a patient's volume.",
+            _positive_int,
         ),
         Setting(
             "LUNGSQL_PACS_URL",

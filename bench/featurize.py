@@ -19,7 +19,7 @@ from lungsql.client import cnns
 from lungsql.ml import devices, featurize
 from lungsql.ml.cpu_clock import CpuClock
 from lungsql.server import pipeline
-from lungsql.dicom.series import read_slices
+from lungsql.dicom.series import SUMMARY_COLUMNS, read_slices
 from lungsql.ml.preprocess import Preprocessing, prepare_volume
 
 TARGET_SLICES_PER_S = 500.0
@@ -112,9 +112,12 @@ def _prepare(db: BenchDatabase, featurizer: featurize.Featurizer, patients: list
     slices = 0
     with db.connect() as conn:
         for pid in patients:
-            rows = conn.execute("SELECT dicom, z_position, series_instance_uid FROM lungsql.scans "
-                                "WHERE patient_id = %s", (pid,), binary=True).fetchall()  # bytea as bytes
-            stored, rescale = read_slices(pipeline.largest_series(rows))
+            cursor = conn.execute(f"SELECT dicom, {', '.join(SUMMARY_COLUMNS)} FROM lungsql.scans "
+                                  "WHERE patient_id = %s", (pid,), binary=True)  # bytea as bytes
+            names = [column.name for column in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+            _, scans = pipeline.choose_among_scans(rows)  # the series generate_features chooses
+            stored, rescale = read_slices(scans)
             prepared.append(prepare_volume(stored, featurizer.preprocessing, rescale))
             slices += len(stored)
     return prepared, slices

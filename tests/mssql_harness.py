@@ -210,6 +210,12 @@ def column_types(path: Path = SCHEMA_SQL) -> dict[tuple[str, str], str]:
             match = re.match(r"\s*\[?(\w+)\]?\s+(\w+(?:\s*\([\w\s,]+\))?)", line)
             if match and match.group(1).upper() not in ("CONSTRAINT",) and match.group(2).upper() != "AS":
                 types[(table.group(1), match.group(1))] = match.group(2).lower().replace(" ", "")
+    # Columns later versions add (IF COL_LENGTH(...) IS NULL ALTER TABLE ... ADD a type ..., b type ...;).
+    for table in re.finditer(r"ALTER\s+TABLE\s+lungsql\.(\w+)\s+ADD\s+(.*?);", text, re.IGNORECASE | re.DOTALL):
+        for column in _split_top_level(table.group(2)):
+            match = re.match(r"\s*\[?(\w+)\]?\s+(\w+(?:\s*\([\w\s,]+\))?)", column)
+            if match and match.group(1).upper() != "CONSTRAINT":
+                types[(table.group(1), match.group(1))] = match.group(2).lower().replace(" ", "")
     return types
 
 

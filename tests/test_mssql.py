@@ -98,8 +98,10 @@ def test_featurize_script_gives_the_features_postgresql_stored(pg_db, pg):
         stored = {r.patient_id: r for r in conn.execute(sa.text("SELECT * FROM lungsql.features"))}
     assert len(stored) == PATIENTS
     for patient_id, row in stored.items():
-        out = harness.run_on(pg, "dbo.GenerateFeatures", {**cnn, "patient_id": patient_id}).outputs
+        out = harness.run_on(pg, "dbo.GenerateFeatures", {**cnn, "patient_id": patient_id, "chosen_series": None,
+                                                          "chosen_by": None}).outputs
         assert out["error"] is None
+        assert (out["series_uid"], out["series_reason"]) == (row.series_instance_uid, row.series_reason)
         assert out["provider"] == "CPUExecutionProvider"
         assert (out["n_slices"], out["n_groups"], out["dim"]) == (row.n_slices, row.n_groups, row.dim)
         ours = GroupFeatures.from_bytes(out["data"], (out["n_groups"], out["dim"]), out["sha256"],
@@ -114,7 +116,8 @@ def test_featurize_script_refuses_a_tampered_cnn(pg_db, pg):
     model = bytearray(cnn["cnn_model"])
     model[1000] ^= 0xFF
     out = harness.run_on(pg, "dbo.GenerateFeatures",
-                         {**cnn, "cnn_model": bytes(model), "patient_id": _patients(pg_db)[0]}).outputs
+                         {**cnn, "cnn_model": bytes(model), "patient_id": _patients(pg_db)[0], "chosen_series": None,
+                          "chosen_by": None}).outputs
     assert "do not match their SHA-256" in out["error"] and out["error"].startswith("lungsql: ")
     assert "Hint: import the CNN again" in out["error"]
     assert out["data"] is None

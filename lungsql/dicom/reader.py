@@ -131,6 +131,12 @@ class ScanRecord:
     transfer_syntax_uid: str
     data: bytes
     sha256: bytes
+    image_type: str | None = None  # ImageType (an Enhanced CT's frames' FrameType too), joined by '\\'
+    series_description: str | None = None
+    convolution_kernel: str | None = None
+    tilt_degrees: float | None = None  # of the slice normal from the patient's z axis; None: no orientation
+    frames: int = 1
+    frame_z: tuple[float, ...] | None = None  # a multi-frame file's position of each frame, in frame order
 
 
 def parse(data: bytes, limits: Limits | None = None) -> Dataset:
@@ -219,31 +225,154 @@ def read_scan(data: bytes, transform: Callable[[Dataset], bytes] | None = None,
             raise InvalidScan(f"missing {keyword}")
     if "Rows" not in ds or "Columns" not in ds:
         raise InvalidScan("missing Rows or Columns")
-    z_position = _z_position(ds)
-    geometry(ds, limits)  # the size, from the header, before anything is decoded
+    g = geometry(ds, limits)  # the size, from the header, before anything is decoded
+    layout = frame_layout(ds, g.frames)
     # The bytes to store, decoded once as featurization will decode them: this is also the check that
     # the pixel data is complete and decodable (check_pixels), so a compressed slice is decoded once.
     decoded = decode_stored(data, limits)
-    spacing = _floats(ds.get("PixelSpacing"), 2)
+    spacing = layout.spacing
     return ScanRecord(
         sop_instance_uid=str(ds.SOPInstanceUID),
         patient=patient_info(ds),
         study_instance_uid=str(ds.StudyInstanceUID),
         series_instance_uid=str(ds.SeriesInstanceUID),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
-        z_position=z_position,
+        z_position=min(layout.z),
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         pixel_spacing_row=spacing[0] if spacing else None,
         pixel_spacing_col=spacing[1] if spacing else None,
-        slice_thickness=_float_or_none(ds.get("SliceThickness")),
+        slice_thickness=layout.thickness,
         rescale_slope=decoded.slope,
         rescale_intercept=decoded.intercept,
         modality=modality,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID) if _has_syntax(ds) else "1.2.840.10008.1.2",
         data=data,
         sha256=hashlib.sha256(data).digest(),
+        image_type=layout.image_type,
+        series_description=_text_or_none(ds.get("SeriesDescription")),
+        convolution_kernel=layout.kernel,
+        tilt_degrees=layout.tilt,
+        frames=g.frames,
+        frame_z=tuple(layout.z) if g.frames > 1 else None,
     )
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where a file's frames lie: one z per frame (along the slice normal), the tilt of that normal
+    from the patient's z axis, and the pixel measures, kernel and image type that apply to all."""
+
+    z: list[float]
+    tilt: float | None
+    spacing: list[float] | None
+    thickness: float | None
+    kernel: str | None
+    image_type: str | None
+
+
+def frame_layout(ds: Dataset, frames: int = 1) -> FrameLayout:
+    """The frames' positions and geometry of a classic slice (one frame) or of an Enhanced CT
+    multi-frame file, whose values are in the per-frame and shared functional groups.
+
+    InvalidScan when a frame has no position, or the frames do not share one orientation (they
+    could not be stacked as one volume)."""
+    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+        position = _floats(ds.get("ImagePositionPatient"), 3)
+        if position is None:
+            raise InvalidScan("missing ImagePositionPatient: the slices cannot be put in order")
+        return FrameLayout([_along_normal(position, orientation)], _tilt(orientation),
+                           _floats(ds.get("PixelSpacing"), 2), _float_or_none(ds.get("SliceThickness")),
+                           _text_or_none(ds.get("ConvolutionKernel")), _joined(ds.get("ImageType")))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames:
+        raise InvalidScan(f"NumberOfFrames is {frames} but the per-frame functional groups describe "
+                          f"{len(per_frame)} frames: the frames cannot be placed")
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    z, orientations = [], set()
+    for number, item in enumerate(per_frame, start=1):
+        position = _floats(_macro(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        if position is None:
+            raise InvalidScan(f"frame {number} has no ImagePositionPatient (PlanePositionSequence): "
+                              "the frames cannot be put in order")
+        orientation = _floats(_macro(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        orientations.add(None if orientation is None else tuple(round(v, 4) for v in orientation))
+        z.append(_along_normal(position, orientation))
+    if len(orientations) > 1:
+        raise InvalidScan("the frames lie in different orientations: they are not one volume",
+                          hint="lungsql featurizes series whose slices are parallel")
+    orientation = next(iter(orientations))
+    first = per_frame[0]
+    frame_type = _joined(_macro(first, shared, "CTImageFrameTypeSequence", "FrameType"))
+    image_type = "\\".join(t for t in (_joined(ds.get("ImageType")), frame_type) if t) or None
+    kernel = _text_or_none(_macro(first, shared, "CTReconstructionSequence", "ConvolutionKernel")
+                           or ds.get("ConvolutionKernel"))
+    return FrameLayout(z, _tilt(list(orientation) if orientation else None),
+                       _floats(_macro(first, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                       _float_or_none(_macro(first, shared, "PixelMeasuresSequence", "SliceThickness")),
+                       kernel, image_type)
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """(slope, intercept) of the header, or of an Enhanced CT's Pixel Value Transformation macro, which
+    must then be the same for every frame (one volume, one map to Hounsfield units)."""
+    slope, intercept = _float_or_none(ds.get("RescaleSlope")), _float_or_none(ds.get("RescaleIntercept"))
+    if slope is None and intercept is None and "PerFrameFunctionalGroupsSequence" in ds:
+        shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+        found = {(_float_or_none(_macro(item, shared, "PixelValueTransformationSequence", "RescaleSlope")),
+                  _float_or_none(_macro(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")))
+                 for item in ds.PerFrameFunctionalGroupsSequence}
+        if len(found) > 1:
+            raise InvalidScan("the frames map to Hounsfield units with different rescales",
+                              hint="lungsql featurizes frames that share one RescaleSlope and RescaleIntercept")
+        slope, intercept = found.pop() if found else (None, None)
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+
+
+def _macro(item: Dataset | None, shared: Dataset | None, sequence: str, keyword: str):
+    """A value of a functional group macro: the frame's own, else the shared one, else None."""
+    for groups in (item, shared):
+        if groups is not None and sequence in groups and len(groups[sequence].value):
+            value = groups[sequence].value[0].get(keyword)
+            if value not in (None, ""):
+                return value
+    return None
+
+
+def _along_normal(position: list[float], orientation: list[float] | None) -> float:
+    """A slice's position along its normal (right for tilted gantries too), else its z."""
+    if orientation is None:
+        return position[2]
+    normal = np.cross(orientation[:3], orientation[3:])
+    if not np.any(normal):
+        return position[2]
+    return float(np.dot(normal, position))
+
+
+def _tilt(orientation: list[float] | None) -> float | None:
+    """Degrees between the slice normal and the patient's z axis: 0 for axial, 90 for coronal or sagittal."""
+    if orientation is None:
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    length = float(np.linalg.norm(normal))
+    if not length or not math.isfinite(length):
+        return None
+    return float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / length))))
+
+
+def _joined(value) -> str | None:
+    if value in (None, ""):
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    return "\\".join(str(v).strip() for v in values)[:256] or None
+
+
+def _text_or_none(value) -> str | None:
+    if value in (None, ""):
+        return None
+    text = _joined(value) if not isinstance(value, str) else value.strip()
+    return text[:256].replace("\x00", "") or None
 
 
 def check_pixels(ds: Dataset) -> None:
@@ -305,9 +434,7 @@ def decode_stored(data: bytes, limits: Limits | None = None) -> Decoded:
             stored = stored_pixels(ds)
         except Exception as exc:  # pydicom raises many kinds when a codec is missing or fails
             raise InvalidScan(f"cannot decode the pixels: {_first_line(exc)}", hint=CODECS_HINT) from None
-        slope = _float_or_none(ds.get("RescaleSlope"))
-        intercept = _float_or_none(ds.get("RescaleIntercept"))
-        slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+        slope, intercept = _rescale(ds)
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
         raise InvalidScan(f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} do not give "
                           "Hounsfield units (a finite intercept and a finite slope other than 0)")
@@ -424,20 +551,6 @@ def parse_age(text: str) -> float | None:
         return None
     per_year = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}.get(text[-1])
     return None if per_year is None else round(int(text[:-1]) / per_year, 2)
-
-
-def _z_position(ds: Dataset) -> float:
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    if position is None:
-        raise InvalidScan("missing ImagePositionPatient: the slices cannot be put in order")
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    if orientation is None:
-        return position[2]
-    # Distance along the slice normal: right for tilted gantries too.
-    normal = np.cross(orientation[:3], orientation[3:])
-    if not np.any(normal):
-        return position[2]
-    return float(np.dot(normal, position))
 
 
 def _count(ds: Dataset, keyword: str, default: int | None) -> int:

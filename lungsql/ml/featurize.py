@@ -191,7 +191,9 @@ class Featurizer:
                           batch_size: int | None = None, overlap: bool = True,
                           errors: Callable[[BaseException], bool] | None = None
                           ) -> Iterator[tuple[Hashable, GroupFeatures | Exception]]:
-        """(key, GroupFeatures) for each (key, [(DICOM bytes, z position), ...]), in order.
+        """(key, GroupFeatures) for each (key, [(DICOM bytes, z position[, frame z]), ...]), in order.
+
+        A series given as an exception (it could not be read) is that series' error.
 
         With `errors`, an exception raised by one series for which
         `errors(exc)` is true is yielded in place of its features (see
@@ -207,6 +209,8 @@ class Featurizer:
         if not overlap:
             for key, scans in volumes:
                 try:
+                    if isinstance(scans, BaseException):  # the series could not even be read
+                        raise scans
                     groups, n = self._prepare_scans(list(scans))
                     yield key, GroupFeatures(self.run(groups, batch_size), n_slices=n)
                 except Exception as exc:
@@ -219,7 +223,12 @@ class Featurizer:
         in_flight: deque[tuple[Hashable, Future]] = deque()
         try:
             for key, scans in volumes:
-                in_flight.append((key, prepare.submit(self._prepare_and_submit, list(scans), batch_size)))
+                if isinstance(scans, BaseException):  # the series could not even be read: its error, in turn
+                    failed: Future = Future()
+                    failed.set_exception(scans)
+                    in_flight.append((key, failed))
+                else:
+                    in_flight.append((key, prepare.submit(self._prepare_and_submit, list(scans), batch_size)))
                 while in_flight and (len(in_flight) > depth or _finished(in_flight[0][1])):
                     yield self._collect(*in_flight.popleft(), errors)
             while in_flight:

@@ -41,6 +41,8 @@ class Featurized(NamedTuple):
     data: bytes | None = None
     sha256: str | None = None
     skipped: str | None = None  # why this patient cannot be featurized: recorded, and the run goes on
+    series_instance_uid: str | None = None  # the series featurized (lungsql.dicom.series.choose_series)
+    series_reason: str | None = None
 
 
 class Trained(NamedTuple):
@@ -131,22 +133,28 @@ def _featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
 
 @_reports_errors(lambda error: Featurized(error))
 def featurize_patient(scans, cnn_name: str, cnn_model: bytes, cnn_sha256: str, input_name: str,
-                      output_name: str, preprocessing: str) -> Featurized:
-    """CNN features of one patient's largest series, from its scans (dicom, z_position, series_instance_uid)."""
+                      output_name: str, preprocessing: str, chosen_series: str | None = None,
+                      chosen_by: str | None = None) -> Featurized:
+    """CNN features of one patient's chosen series (lungsql.dicom.series), from its scans rows
+    (dicom and the columns the choice reads; frame_z as JSON) and a DBA's choice, if any."""
     cnn = {"name": cnn_name, "model": bytes(cnn_model), "sha256": str(cnn_sha256).strip(),
            "input_name": input_name, "output_name": output_name, "preprocessing": preprocessing}
     featurizer = _featurizer(cnn)
-    scans = [(r["dicom"], float(r["z_position"]), r["series_instance_uid"]) for r in _records(scans)]
-    volume = pipeline.largest_series(scans)  # the CT volume, as generate_features picks it
-    if not volume:
-        raise LungSQLError("the patient has no stored slices", hint="upload the scans with `lungsql ingest`")
+    rows = _records(scans)
+    for row in rows:
+        if isinstance(row.get("frame_z"), str):  # SQL Server keeps the frames' positions as a JSON array
+            row["frame_z"] = json.loads(row["frame_z"])
+    try:
+        choice, volume = pipeline.choose_among_scans(rows, _plain(chosen_series) or None, _plain(chosen_by) or None)
+    except LungSQLError as exc:
+        return Featurized(None, featurizer.provider, skipped=pipeline.failure_reason(exc))
     (_, features), = featurizer.featurize_volumes([(None, volume)], overlap=False,
                                                   errors=featurize.PATIENT_ERRORS)
     if isinstance(features, Exception):
         return Featurized(None, featurizer.provider, skipped=pipeline.failure_reason(features))
     n_groups, dim = features.shape
     return Featurized(None, featurizer.provider, features.n_slices, n_groups, dim, features.to_bytes(),
-                      features.sha256)
+                      features.sha256, None, choice.series_instance_uid, choice.reason)
 
 
 # -- training ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
 from lungsql.ml.features import GroupFeatures, patient_vector_names
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
 from lungsql.ml.preprocess import Preprocessing
+from lungsql.dicom.series import Choice, SeriesInfo, choose_series, summarize_series
 
 #: The patient vector: the CNN recipe of lungsql.ml.features, then age and sex.
 FEATURE_SET = CNN_FEATURE_SET + "+age-sex"
@@ -31,11 +32,12 @@ class PipelineData(Protocol):
     def cnn_model(self, name: str | None) -> dict[str, Any]: ...
     def patients_to_featurize(self, cnn_id: int, only_missing: bool, retry_failed: bool) -> list[str]: ...
     def failed_patients(self, cnn_id: int) -> list[str]: ...
-    def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]: ...
+    def patient_series(self, patient_id: str) -> tuple[list[SeriesInfo], str | None, str | None]: ...
+    def series_scans(self, patient_id: str, series_instance_uid: str) -> list[tuple]: ...
     def mark_killed_runs(self) -> list[int]: ...
     def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int: ...
-    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures,
-                       run_id: int) -> None: ...
+    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures, run_id: int,
+                       choice: Choice) -> None: ...
     def record_feature_failure(self, patient_id: str, cnn_id: int, run_id: int, reason: str) -> None: ...
     def update_feature_run(self, run_id: int, patients: int, slices: int, seconds: float,
                            cpu_seconds: dict[str, float], finished: bool, failed: int = 0) -> None: ...
@@ -142,22 +144,30 @@ def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Fe
     started = time.perf_counter()
     clock = featurizer.cpu
 
-    def read(patient_id: str) -> list[tuple[bytes, float]]:
+    choices: dict[str, Choice] = {}
+
+    def read(patient_id: str) -> list[tuple] | LungSQLError:
+        """The chosen series' files, and only those; or why the patient has none to featurize."""
         with clock.step("reading"):
-            return largest_series(data.patient_scans(patient_id))
+            try:
+                choice = choices[patient_id] = choose_series(*data.patient_series(patient_id))
+            except LungSQLError as exc:
+                return exc
+            return data.series_scans(patient_id, choice.series_instance_uid)
 
     volumes = ((pid, read(pid)) for pid in patients)
     for patient_id, features in featurizer.featurize_volumes(volumes, errors=featurize.PATIENT_ERRORS):
         run.seconds = time.perf_counter() - started
         with clock.step("writing"):
             if isinstance(features, BaseException):
+                choices.pop(patient_id, None)
                 reason = failure_reason(features)
                 run.failed.append((patient_id, reason))
                 data.record_feature_failure(patient_id, cnn["cnn_id"], run.run_id, reason)
             else:
                 run.patients += 1
                 run.slices += features.n_slices
-                data.write_features(patient_id, cnn["cnn_id"], features, run.run_id)
+                data.write_features(patient_id, cnn["cnn_id"], features, run.run_id, choices.pop(patient_id))
             data.update_feature_run(run.run_id, run.patients, run.slices, run.seconds, clock.seconds(),
                                     finished=False, failed=len(run.failed))
             data.commit()  # this patient is done, whatever happens to the next
@@ -183,15 +193,15 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:400]}" if text else type(exc).__name__
 
 
-def largest_series(scans: list[tuple[bytes, float, str]]) -> list[tuple[bytes, float]]:
-    """The slices of the patient's largest series (the CT volume), as (bytes, z)."""
-    if not scans:
-        return []
-    counts: dict[str, int] = {}
-    for _, _, series in scans:
-        counts[series] = counts.get(series, 0) + 1
-    biggest = max(counts, key=lambda s: (counts[s], s))
-    return [(dicom, z) for dicom, z, series in scans if series == biggest]
+def choose_among_scans(rows: Sequence[dict[str, Any]], override: str | None = None,
+                       override_by: str | None = None) -> tuple[Choice, list[tuple]]:
+    """The chosen series and its (bytes, z, frame_z) of a patient's scan rows, each with the
+    columns of lungsql.scans the choice reads (where the database cannot summarize the series
+    first, as SQL Server's procedure and the benchmarks)."""
+    choice = choose_series(summarize_series(rows), override, override_by)
+    scans = [(r["dicom"], float(r["z_position"]), r.get("frame_z")) for r in rows
+             if r["series_instance_uid"] == choice.series_instance_uid]
+    return choice, scans
 
 
 # -- patient vectors -------------------------------------------------------------

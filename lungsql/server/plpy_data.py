@@ -11,6 +11,7 @@ import json
 from typing import Any, Sequence
 
 from lungsql.errors import ConfigurationError, LungSQLError
+from lungsql.dicom.series import SUMMARY_COLUMNS, SeriesInfo, summarize_series
 from lungsql.ml.features import GroupFeatures
 
 _PLANS: dict[str, Any] = {}
@@ -98,20 +99,31 @@ class PlpyData:
         rows = self._run("SELECT dicom FROM lungsql.scans WHERE scan_id = $1", ["bigint"], [scan_id])
         return bytes(rows[0]["dicom"]) if rows else None
 
-    def patient_scans(self, patient_id: str) -> list[tuple[bytes, float, str]]:
-        # A few slices per fetch: PL/Python holds the GIL while the server reads, and
+    def patient_series(self, patient_id: str) -> tuple[list[SeriesInfo], str | None, str | None]:
+        """The patient's series as the rule sees them (no pixel data read), and a DBA's choice."""
+        rows = self._run(f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM lungsql.scans WHERE patient_id = $1",
+                         ["text"], [patient_id])
+        chosen = self._run("SELECT series_instance_uid, chosen_by FROM lungsql.series_choices WHERE patient_id = $1",
+                           ["text"], [patient_id])
+        override = (chosen[0]["series_instance_uid"], chosen[0]["chosen_by"]) if chosen else (None, None)
+        return summarize_series(rows), *override
+
+    def series_scans(self, patient_id: str, series_instance_uid: str) -> list[tuple]:
+        """(DICOM bytes, z, frame_z) of one series of the patient: the files featurization reads."""
+        # A few files per fetch: PL/Python holds the GIL while the server reads, and
         # the CNN threads need it for a moment between batches (lungsql.ml.featurize).
-        sql = "SELECT dicom, z_position, series_instance_uid FROM lungsql.scans WHERE patient_id = $1"
+        sql = ("SELECT dicom, z_position, frame_z FROM lungsql.scans "
+               "WHERE patient_id = $1 AND series_instance_uid = $2")
         plan = _PLANS.get(sql)
         if plan is None:
-            plan = _PLANS[sql] = self.plpy.prepare(sql, ["text"])
-        cursor = self.plpy.cursor(plan, [patient_id])
+            plan = _PLANS[sql] = self.plpy.prepare(sql, ["text", "text"])
+        cursor = self.plpy.cursor(plan, [patient_id, series_instance_uid])
         scans = []
         while True:
             rows = cursor.fetch(SCANS_PER_FETCH)
             if not rows:
                 break
-            scans.extend((r["dicom"], r["z_position"], r["series_instance_uid"]) for r in rows)
+            scans.extend((r["dicom"], r["z_position"], r["frame_z"]) for r in rows)
         cursor.close()
         return scans
 
@@ -124,17 +136,22 @@ class PlpyData:
             ["integer", "text", "integer", "integer"], [cnn_id, provider, shard, shards],
         )[0]["run_id"]
 
-    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures, run_id: int) -> None:
+    def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures, run_id: int,
+                       choice) -> None:
+        """The patient's features, with the series they come from (a lungsql.dicom.series.Choice)."""
         n_groups, dim = features.shape
         data = features.to_bytes()
         self._run(
-            """INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            """INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id,
+                                             series_instance_uid, series_reason)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                ON CONFLICT (patient_id, cnn_id) DO UPDATE SET n_slices = EXCLUDED.n_slices,
                    n_groups = EXCLUDED.n_groups, dim = EXCLUDED.dim, data = EXCLUDED.data,
-                   sha256 = EXCLUDED.sha256, run_id = EXCLUDED.run_id, created_at = now()""",
-            ["text", "integer", "integer", "integer", "integer", "bytea", "text", "bigint"],
-            [patient_id, cnn_id, features.n_slices, n_groups, dim, data, features.sha256, run_id],
+                   sha256 = EXCLUDED.sha256, run_id = EXCLUDED.run_id, created_at = now(),
+                   series_instance_uid = EXCLUDED.series_instance_uid, series_reason = EXCLUDED.series_reason""",
+            ["text", "integer", "integer", "integer", "integer", "bytea", "text", "bigint", "text", "text"],
+            [patient_id, cnn_id, features.n_slices, n_groups, dim, data, features.sha256, run_id,
+             choice.series_instance_uid, choice.reason],
         )
         self._run("DELETE FROM lungsql.feature_failures WHERE patient_id = $1 AND cnn_id = $2",
                   ["text", "integer"], [patient_id, cnn_id])

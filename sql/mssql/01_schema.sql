@@ -197,6 +197,35 @@ IF OBJECT_ID(N'lungsql.feature_failures', N'U') IS NULL
     );
 GO
 
+-- -- version 8: the series a patient is featurized from, chosen on purpose; Enhanced CT --
+-- What the choice of series reads from each file (a localizer, the tilt from
+-- axial, kernel, description) and a multi-frame file's frame positions (a JSON
+-- array: SQL Server has no arrays).
+IF COL_LENGTH(N'lungsql.scans', N'frames') IS NULL
+    ALTER TABLE lungsql.scans ADD
+        image_type         nvarchar(256) NULL,
+        series_description nvarchar(256) NULL,
+        convolution_kernel nvarchar(256) NULL,
+        tilt_degrees       float NULL,
+        frames             int NOT NULL CONSTRAINT df_scans_frames DEFAULT 1
+            CONSTRAINT ck_scans_frames CHECK (frames > 0),
+        frame_z            nvarchar(max) NULL CONSTRAINT ck_scans_frame_z CHECK (frame_z IS NULL OR ISJSON(frame_z) = 1);
+GO
+-- The series the features were computed from, and why it was chosen.
+IF COL_LENGTH(N'lungsql.features', N'series_instance_uid') IS NULL
+    ALTER TABLE lungsql.features ADD series_instance_uid varchar(64) NULL, series_reason nvarchar(400) NULL;
+GO
+-- A DBA's choice of series for a patient, which overrides the rule.
+IF OBJECT_ID(N'lungsql.series_choices', N'U') IS NULL
+    CREATE TABLE lungsql.series_choices (
+        patient_id          nvarchar(64) NOT NULL CONSTRAINT pk_series_choices PRIMARY KEY
+            CONSTRAINT fk_series_choices_patient REFERENCES lungsql.patients (patient_id) ON DELETE CASCADE,
+        series_instance_uid varchar(64) NOT NULL,
+        chosen_by           nvarchar(128) NOT NULL CONSTRAINT df_series_choices_by DEFAULT SUSER_SNAME(),
+        chosen_at           datetime2(3) NOT NULL CONSTRAINT df_series_choices_at DEFAULT SYSUTCDATETIME()
+    );
+GO
+
 -- Trained classifiers, in LightGBM's own text format.
 IF OBJECT_ID(N'lungsql.models', N'U') IS NULL
     CREATE TABLE lungsql.models (

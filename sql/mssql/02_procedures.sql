@@ -142,30 +142,37 @@ WHERE EXISTS (SELECT 1 FROM lungsql.scans AS s WHERE s.patient_id = p.patient_id
     DECLARE @patient_id nvarchar(64), @done int = 0, @failed int = 0, @slices int = 0, @rate int,
             @seconds float = 0, @started datetime2(7) = SYSUTCDATETIME(), @error nvarchar(max),
             @provider nvarchar(100), @n_slices int, @n_groups int, @dim int, @data varbinary(max),
-            @sha256 char(64), @skipped nvarchar(2000);
+            @sha256 char(64), @skipped nvarchar(2000), @chosen_series varchar(64), @chosen_by nvarchar(128),
+            @series_uid varchar(64), @series_reason nvarchar(400);
     DECLARE patients CURSOR LOCAL FAST_FORWARD FOR SELECT patient_id FROM #todo ORDER BY patient_id;
     OPEN patients;
     FETCH NEXT FROM patients INTO @patient_id;
     WHILE @@FETCH_STATUS = 0
     BEGIN
         SELECT @error = NULL, @n_slices = NULL, @n_groups = NULL, @dim = NULL, @data = NULL, @sha256 = NULL,
-               @skipped = NULL;
+               @skipped = NULL, @series_uid = NULL, @series_reason = NULL, @chosen_series = NULL, @chosen_by = NULL;
+        -- A DBA's choice of series for this patient, which overrides the rule.
+        SELECT @chosen_series = series_instance_uid, @chosen_by = chosen_by
+        FROM lungsql.series_choices WHERE patient_id = @patient_id;
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
 from lungsql.server import mssql
-(error, provider, n_slices, n_groups, dim, data, sha256, skipped) = mssql.featurize_patient(
-    InputDataSet, cnn_name, cnn_model, cnn_sha256, input_name, output_name, preprocessing)
+(error, provider, n_slices, n_groups, dim, data, sha256, skipped, series_uid, series_reason) = \
+    mssql.featurize_patient(InputDataSet, cnn_name, cnn_model, cnn_sha256, input_name, output_name,
+                            preprocessing, chosen_series, chosen_by)
 ',
             @input_data_1 = N'
-SELECT s.dicom, s.z_position, s.series_instance_uid
+SELECT s.dicom, s.z_position, s.series_instance_uid, s.modality, s.frame_z, s.frames, s.slice_thickness,
+       s.tilt_degrees, s.image_type, s.series_description, s.convolution_kernel
 FROM lungsql.scans AS s
 WHERE s.patient_id = @patient_id',
             @params = N'@patient_id nvarchar(64), @cnn_name nvarchar(100), @cnn_model varbinary(max),
                 @cnn_sha256 char(64), @input_name nvarchar(256), @output_name nvarchar(256),
                 @preprocessing nvarchar(max), @error nvarchar(max) OUTPUT, @provider nvarchar(100) OUTPUT,
                 @n_slices int OUTPUT, @n_groups int OUTPUT, @dim int OUTPUT, @data varbinary(max) OUTPUT,
-                @sha256 char(64) OUTPUT, @skipped nvarchar(2000) OUTPUT',
+                @sha256 char(64) OUTPUT, @skipped nvarchar(2000) OUTPUT, @chosen_series varchar(64),
+                @chosen_by nvarchar(128), @series_uid varchar(64) OUTPUT, @series_reason nvarchar(400) OUTPUT',
             @patient_id = @patient_id,
             @cnn_name = @cnn_name,
             @cnn_model = @cnn_model,
@@ -180,7 +187,11 @@ WHERE s.patient_id = @patient_id',
             @dim = @dim OUTPUT,
             @data = @data OUTPUT,
             @sha256 = @sha256 OUTPUT,
-            @skipped = @skipped OUTPUT;
+            @skipped = @skipped OUTPUT,
+            @chosen_series = @chosen_series,
+            @chosen_by = @chosen_by,
+            @series_uid = @series_uid OUTPUT,
+            @series_reason = @series_reason OUTPUT;
         IF @error IS NOT NULL
         BEGIN
             SET @message = LEFT(CONCAT(@error, NCHAR(10), N'(patient ''', @patient_id, N''')'), 2048);
@@ -210,11 +221,14 @@ WHERE s.patient_id = @patient_id',
         BEGIN TRANSACTION;
             UPDATE lungsql.features WITH (UPDLOCK, SERIALIZABLE)
             SET n_slices = @n_slices, n_groups = @n_groups, dim = @dim, data = @data, sha256 = @sha256,
-                run_id = @run_id, created_at = SYSUTCDATETIME()
+                run_id = @run_id, created_at = SYSUTCDATETIME(), series_instance_uid = @series_uid,
+                series_reason = @series_reason
             WHERE patient_id = @patient_id AND cnn_id = @cnn_id;
             IF @@ROWCOUNT = 0
-                INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id)
-                VALUES (@patient_id, @cnn_id, @n_slices, @n_groups, @dim, @data, @sha256, @run_id);
+                INSERT INTO lungsql.features (patient_id, cnn_id, n_slices, n_groups, dim, data, sha256, run_id,
+                                              series_instance_uid, series_reason)
+                VALUES (@patient_id, @cnn_id, @n_slices, @n_groups, @dim, @data, @sha256, @run_id, @series_uid,
+                        @series_reason);
             DELETE FROM lungsql.feature_failures WHERE patient_id = @patient_id AND cnn_id = @cnn_id;
             UPDATE lungsql.feature_runs
             SET provider = @provider, patients = @done, slices = @slices, seconds = @seconds

@@ -26,6 +26,18 @@ class Written:
     rejected: list = field(default_factory=list)
 
 
+def scan_values(scan: Any) -> dict[str, Any]:
+    """The lungsql.scans columns of a ScanRecord, by column name (the same in every dialect)."""
+    values = {name: getattr(scan, name) for name in (
+        "sop_instance_uid", "study_instance_uid", "series_instance_uid", "instance_number", "z_position", "rows",
+        "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness", "rescale_slope",
+        "rescale_intercept", "modality", "transfer_syntax_uid", "sha256", "image_type", "series_description",
+        "convolution_kernel", "tilt_degrees", "frames")}
+    values.update(patient_id=scan.patient.patient_id, dicom=scan.data,
+                  frame_z=None if scan.frame_z is None else list(scan.frame_z))
+    return values
+
+
 #: A run's counters, or a function of what a batch did not store that returns them.
 Counts = dict[str, int] | Callable[[Written], dict[str, int]]
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import config_preprocessing as config
-from lungsql.client.dialects import Counts, Written
+from lungsql.client.dialects import Counts, Written, scan_values
 from lungsql.dicom import PatientInfo, ScanRecord
 from lungsql.client import database_errors
 from lungsql.client.database_errors import server_message
@@ -64,6 +64,7 @@ SCAN_COLUMNS = (
     "sop_instance_uid", "patient_id", "study_instance_uid", "series_instance_uid", "instance_number",
     "z_position", "rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness",
     "rescale_slope", "rescale_intercept", "modality", "transfer_syntax_uid", "dicom", "sha256",
+    "image_type", "series_description", "convolution_kernel", "tilt_degrees", "frames", "frame_z",
 )
 # An instance another upload stored meanwhile is skipped, as PostgreSQL's ON CONFLICT DO NOTHING does.
 INSERT_SCAN = sa.text(
@@ -91,25 +92,10 @@ FINISH_RUN = sa.text(
 
 
 def _scan_params(scan: ScanRecord) -> dict[str, Any]:
-    return {
-        "sop_instance_uid": scan.sop_instance_uid,
-        "patient_id": scan.patient.patient_id,
-        "study_instance_uid": scan.study_instance_uid,
-        "series_instance_uid": scan.series_instance_uid,
-        "instance_number": scan.instance_number,
-        "z_position": scan.z_position,
-        "rows": scan.rows,
-        "columns": scan.columns,
-        "pixel_spacing_row": scan.pixel_spacing_row,
-        "pixel_spacing_col": scan.pixel_spacing_col,
-        "slice_thickness": scan.slice_thickness,
-        "rescale_slope": scan.rescale_slope,
-        "rescale_intercept": scan.rescale_intercept,
-        "modality": scan.modality,
-        "transfer_syntax_uid": scan.transfer_syntax_uid,
-        "dicom": scan.data,
-        "sha256": scan.sha256,
-    }
+    values = scan_values(scan)
+    # SQL Server has no arrays: the frames' positions are a JSON array (01_schema.sql checks ISJSON).
+    values["frame_z"] = None if scan.frame_z is None else json.dumps(list(scan.frame_z))
+    return {name: values[name] for name in SCAN_COLUMNS}
 
 
 class ScanStore:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import psycopg
 import sqlalchemy as sa
 
-from lungsql.client.dialects import Counts, Written
+from lungsql.client.dialects import Counts, Written, scan_values
 from lungsql.dicom import PatientInfo, ScanRecord
 
 SCAN_COLUMNS = (
@@ -33,31 +33,20 @@ SCAN_COLUMNS = (
     ("transfer_syntax_uid", "text"),
     ("dicom", "bytea"),
     ("sha256", "bytea"),
+    ("image_type", "text"),
+    ("series_description", "text"),
+    ("convolution_kernel", "text"),
+    ("tilt_degrees", "float8"),
+    ("frames", "int4"),
+    ("frame_z", "float8[]"),
 )
 _COLUMN_LIST = ", ".join(name for name, _ in SCAN_COLUMNS)
 _COLUMN_TYPES = [kind for _, kind in SCAN_COLUMNS]
 
 
 def _scan_row(scan: ScanRecord) -> tuple:
-    return (
-        scan.sop_instance_uid,
-        scan.patient.patient_id,
-        scan.study_instance_uid,
-        scan.series_instance_uid,
-        scan.instance_number,
-        scan.z_position,
-        scan.rows,
-        scan.columns,
-        scan.pixel_spacing_row,
-        scan.pixel_spacing_col,
-        scan.slice_thickness,
-        scan.rescale_slope,
-        scan.rescale_intercept,
-        scan.modality,
-        scan.transfer_syntax_uid,
-        scan.data,
-        scan.sha256,
-    )
+    values = scan_values(scan)
+    return tuple(values[name] for name, _ in SCAN_COLUMNS)
 
 
 class ScanStore:

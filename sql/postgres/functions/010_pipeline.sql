@@ -143,3 +143,46 @@ if "lungsql.server.procedures" not in sys.modules:
 from lungsql.server import procedures
 return procedures.predict_many(plpy, patient_ids, model_name)
 $$;
+
+-- Choose the series a patient is featurized from, over the rule of
+-- lungsql.dicom.series (localizers, reformats and tilted series left out, then
+-- the thinnest slices with enough coverage); NULL goes back to the rule. The
+-- patient's features came from another series, so they are deleted, and the
+-- next CALL lungsql.generate_features() featurizes the patient again.
+--
+--   SELECT * FROM lungsql.series WHERE patient_id = 'p0001';
+--   CALL lungsql.choose_series('p0001', '1.2.840.113619.2.55.3.2');
+--   CALL lungsql.choose_series('p0001', NULL);   -- back to the rule
+CREATE OR REPLACE PROCEDURE lungsql.choose_series(patient_id text, series_instance_uid text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    removed integer;
+BEGIN
+    IF NOT EXISTS (SELECT FROM lungsql.patients AS p WHERE p.patient_id = choose_series.patient_id) THEN
+        RAISE EXCEPTION 'lungsql: no patient %', quote_literal(choose_series.patient_id)
+            USING HINT = 'SELECT patient_id FROM lungsql.patients';
+    END IF;
+    IF series_instance_uid IS NULL THEN
+        DELETE FROM lungsql.series_choices AS c WHERE c.patient_id = choose_series.patient_id;
+    ELSIF NOT EXISTS (SELECT FROM lungsql.scans AS s WHERE s.patient_id = choose_series.patient_id
+                      AND s.series_instance_uid = choose_series.series_instance_uid) THEN
+        RAISE EXCEPTION 'lungsql: patient % has no series %', quote_literal(choose_series.patient_id),
+            quote_literal(choose_series.series_instance_uid)
+            USING HINT = 'SELECT series_instance_uid, slices, coverage_mm FROM lungsql.series WHERE patient_id = '
+                         || quote_literal(choose_series.patient_id);
+    ELSE
+        INSERT INTO lungsql.series_choices AS c (patient_id, series_instance_uid)
+        VALUES (choose_series.patient_id, choose_series.series_instance_uid)
+        ON CONFLICT ON CONSTRAINT series_choices_pkey DO UPDATE
+            SET series_instance_uid = EXCLUDED.series_instance_uid, chosen_by = current_user, chosen_at = now();
+    END IF;
+    DELETE FROM lungsql.features AS f
+    WHERE f.patient_id = choose_series.patient_id
+      AND f.series_instance_uid IS DISTINCT FROM choose_series.series_instance_uid;
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    DELETE FROM lungsql.feature_failures AS ff WHERE ff.patient_id = choose_series.patient_id;
+    RAISE NOTICE 'patient %: %; % feature row(s) from another series deleted, CALL lungsql.generate_features() next',
+        choose_series.patient_id,
+        coalesce('series ' || choose_series.series_instance_uid || ' chosen', 'back to the rule'), removed;
+END
+$$;

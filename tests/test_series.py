@@ -1,0 +1,227 @@
+"""Real studies hold more than one series: the series featurized is chosen on purpose (localizers,
+reformats and tilted series left out, then the thinnest slices with enough coverage), recorded with
+the features and open to a DBA's choice; Enhanced CT (one multi-frame file with per-frame functional
+groups) is stored with each frame's position and featurized like the classic slices it holds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import sqlalchemy as sa
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from databases import call, create_database, drop_database
+from lungsql.client import cnns, ingest, migrations
+from lungsql.dicom import read_scan, synth
+from lungsql.dicom.series import SUMMARY_COLUMNS, SeriesInfo, choose_series, summarize_series
+from lungsql.errors import LungSQLError
+from lungsql.ml import cnn_export
+from lungsql.ml.features import GroupFeatures
+
+SLICES = 16
+
+
+@pytest.fixture(scope="module")
+def exported_cnn():
+    return cnn_export.export_builtin("efficientnet-lite0", cache_dir=cnn_export.default_cache_dir())
+
+
+def _derived(slices: list[pydicom.Dataset], **changes) -> list[pydicom.Dataset]:
+    """Copies of slices as a new series: new UIDs, the given attributes changed."""
+    series = generate_uid()
+    out = []
+    for ds in slices:
+        new = copy.deepcopy(ds)
+        new.SeriesInstanceUID = series
+        new.SOPInstanceUID = new.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for keyword, value in changes.items():
+            setattr(new, keyword, value)
+        out.append(new)
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """One patient's study as a scanner and a PACS leave it: an Enhanced CT series of 16 thin
+    slices, the same range as classic files at 2x and 4x the thickness, a localizer, a coronal
+    and a tilted reconstruction; beside it the classic thin slices alone, and a second patient
+    with nothing but a localizer and a coronal series."""
+    root = tmp_path_factory.mktemp("series")
+    synth.write_cohort(root / "source", patients=1, slices=(SLICES, SLICES), seed=21)
+    classic = sorted((pydicom.dcmread(p) for p in (root / "source").rglob("*.dcm")),
+                     key=lambda ds: float(ds.ImagePositionPatient[2]))
+    thickness = float(classic[0].SliceThickness)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(classic, series_instance_uid=generate_uid(), series_number=5,
+                                                        sop_instance_uid=generate_uid(), instance_number=1)
+    tilt = np.radians(15)
+    series = {
+        "enhanced": [enhanced],
+        "thick": _derived(classic[::2], SliceThickness=2 * thickness, SeriesDescription="Thorax 2x"),
+        "thicker": _derived(classic[::4], SliceThickness=4 * thickness, SeriesDescription="Thorax LUNG 4x"),
+        "localizer": _derived(classic[:1], ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]),
+        "coronal": _derived(classic[:8], ImageOrientationPatient=[1, 0, 0, 0, 0, -1]),
+        "tilted": _derived(classic[::2], ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(tilt)),
+                                                                  -float(np.sin(tilt))]),
+    }
+    other = {"localizer": _derived(classic[:1], ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                                   PatientID="no-volume"),
+             "coronal": _derived(classic[:8], ImageOrientationPatient=[1, 0, 0, 0, 0, -1], PatientID="no-volume")}
+    for name, datasets in [*series.items(), *((f"other-{n}", d) for n, d in other.items())]:
+        (root / "study" / name).mkdir(parents=True)
+        for i, ds in enumerate(datasets):
+            ds.save_as(root / "study" / name / f"{i:03d}.dcm", enforce_file_format=True)
+    return {"root": root / "study", "classic": root / "source", "patient": str(classic[0].PatientID),
+            "uids": {name: str(d[0].SeriesInstanceUID) for name, d in series.items()},
+            "z": [float(ds.ImagePositionPatient[2]) for ds in classic]}
+
+
+@pytest.fixture
+def featurized(engine, study, exported_cnn):
+    ingest.ingest(engine, study["root"])
+    cnns.import_builtin(engine)
+    notices: list[str] = []
+    call(engine, "CALL lungsql.generate_features()", notices=notices)
+    return engine, notices
+
+
+def rows(engine, sql: str, **params):
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).all()
+
+
+# -- Enhanced CT ---------------------------------------------------------------------------------------------
+def test_an_enhanced_ct_file_is_stored_with_each_frames_position(engine, study):
+    summary = ingest.ingest(engine, study["root"])
+    assert summary.errors == 0
+    (row,) = rows(engine, "SELECT frames, frame_z, z_position, image_type FROM lungsql.scans "
+                          "WHERE series_instance_uid = :s", s=study["uids"]["enhanced"])
+    assert row.frames == SLICES and len(row.frame_z) == SLICES
+    assert sorted(abs(z) for z in row.frame_z) == sorted(abs(z) for z in study["z"])  # along the normal
+    assert row.z_position == min(row.frame_z)
+
+
+def test_the_enhanced_ct_test_file_of_pydicom_data_is_read_with_its_frames():
+    record = read_scan(Path(get_testdata_file("eCT_Supplemental.dcm")).read_bytes())
+    assert (record.frames, record.frame_z) == (2, (159.0, 149.0))
+    assert (record.rescale_slope, record.rescale_intercept) == (1.0, -1024.0)  # from the functional groups
+    assert (record.slice_thickness, record.pixel_spacing_row, record.tilt_degrees) == (10.0, 0.388672, 0.0)
+
+
+# -- the rule, in the database -----------------------------------------------------------------------------
+def test_the_series_the_rule_names_is_featurized_and_recorded(featurized, study):
+    engine, notices = featurized
+    (features,) = rows(engine, "SELECT series_instance_uid, series_reason, n_slices FROM lungsql.features "
+                               "WHERE patient_id = :p", p=study["patient"])
+    assert features.series_instance_uid == study["uids"]["enhanced"]
+    assert features.n_slices == SLICES
+    assert "thinnest axial series" in features.series_reason
+    assert "left out: 1 coronal or sagittal, 1 localizer, 1 tilted" in features.series_reason
+    (failure,) = rows(engine, "SELECT patient_id, reason FROM lungsql.feature_failures")
+    assert failure.patient_id == "no-volume"
+    assert failure.reason.startswith("none of the patient's series is an axial CT volume")
+    assert any("skipped patient no-volume" in n for n in notices)
+
+
+def test_enhanced_ct_frames_give_the_features_of_the_classic_slices(featurized, study, cluster):
+    engine, _ = featurized
+    name = create_database(cluster, "classic")
+    classic = sa.create_engine(cluster.url(dbname=name))
+    try:
+        migrations.init(classic)
+        ingest.ingest(classic, study["classic"])
+        cnns.import_builtin(classic)
+        call(classic, "CALL lungsql.generate_features()")
+        (mine,) = rows(engine, "SELECT data, n_groups, dim, sha256, n_slices FROM lungsql.features "
+                               "WHERE patient_id = :p", p=study["patient"])
+        (theirs,) = rows(classic, "SELECT data, n_groups, dim, sha256, n_slices FROM lungsql.features")
+    finally:
+        classic.dispose()
+        drop_database(cluster, name)
+    a = GroupFeatures.from_bytes(mine.data, (mine.n_groups, mine.dim), mine.sha256, n_slices=mine.n_slices)
+    b = GroupFeatures.from_bytes(theirs.data, (theirs.n_groups, theirs.dim), theirs.sha256, n_slices=theirs.n_slices)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a.array, b.array, rtol=1e-4, atol=1e-5)
+
+
+def test_the_series_view_shows_what_the_rule_reads(engine, study):
+    ingest.ingest(engine, study["root"])
+    scan_rows = [dict(r._mapping) for r in rows(engine, f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM lungsql.scans "
+                                                        "WHERE patient_id = :p", p=study["patient"])]
+    expected = {s.series_instance_uid: s for s in summarize_series(scan_rows)}
+    view = rows(engine, "SELECT * FROM lungsql.series WHERE patient_id = :p", p=study["patient"])
+    assert {v.series_instance_uid for v in view} == set(expected) and len(view) == 6
+    for v in view:
+        e = expected[v.series_instance_uid]
+        assert (v.slices, v.localizer, v.modality) == (e.slices, e.localizer, e.modality)
+        assert v.coverage_mm == pytest.approx(e.coverage_mm)
+        assert v.slice_thickness == pytest.approx(e.slice_thickness)
+        assert (v.tilt_degrees or 0) == pytest.approx(e.tilt_degrees or 0, abs=1e-6)
+    tilts = {name: expected[uid].tilt_degrees for name, uid in study["uids"].items()}
+    assert tilts["coronal"] == pytest.approx(90) and tilts["tilted"] == pytest.approx(15)
+    assert tilts["thick"] == pytest.approx(0) and tilts["enhanced"] == pytest.approx(0)
+
+
+def test_a_dbas_choice_overrides_the_rule_and_featurizes_that_series_again(featurized, study):
+    engine, _ = featurized
+    thick = study["uids"]["thick"]
+    notices: list[str] = []
+    call(engine, "CALL lungsql.choose_series(%s, %s)", (study["patient"], thick), notices=notices)
+    assert "1 feature row(s) from another series deleted" in notices[-1]
+    call(engine, "CALL lungsql.generate_features()")
+    (features,) = rows(engine, "SELECT series_instance_uid, series_reason, n_slices FROM lungsql.features "
+                               "WHERE patient_id = :p", p=study["patient"])
+    assert (features.series_instance_uid, features.n_slices) == (thick, SLICES // 2)
+    assert features.series_reason.startswith("chosen by ")
+    call(engine, "CALL lungsql.choose_series(%s, NULL)", (study["patient"],))
+    call(engine, "CALL lungsql.generate_features()")
+    assert rows(engine, "SELECT series_instance_uid FROM lungsql.features WHERE patient_id = :p",
+                p=study["patient"])[0][0] == study["uids"]["enhanced"]
+    with pytest.raises(Exception, match="has no series"):
+        call(engine, "CALL lungsql.choose_series(%s, %s)", (study["patient"], "1.2.3.4"))
+
+
+# -- the rule, on its own ------------------------------------------------------------------------------------
+def _series(uid: str, **values) -> SeriesInfo:
+    return SeriesInfo(uid, **{"slices": 100, "coverage_mm": 300.0, "slice_thickness": 1.0, **values})
+
+
+def test_the_thinnest_series_with_enough_coverage_is_chosen():
+    thin_short = _series("a", slice_thickness=0.5, coverage_mm=200.0)  # thinnest, but 67 % of the coverage
+    thin = _series("b", slice_thickness=1.0, coverage_mm=290.0)
+    thick = _series("c", slice_thickness=5.0, coverage_mm=300.0)
+    assert choose_series([thin_short, thin, thick], prefer="").series_instance_uid == "b"
+    same = [_series("z"), _series("y")]  # a tie: the lowest UID, whatever the order
+    assert choose_series(same, prefer="").series_instance_uid == choose_series(same[::-1], prefer="").series_instance_uid == "y"
+
+
+def test_a_preferred_kernel_or_description_comes_first():
+    soft = _series("a", slice_thickness=1.0, convolution_kernel="B30f")
+    lung = _series("b", slice_thickness=2.0, convolution_kernel="B70f", series_description="Lung 2mm")
+    assert choose_series([soft, lung], prefer="").series_instance_uid == "a"
+    choice = choose_series([soft, lung], prefer="lung|B70")
+    assert choice.series_instance_uid == "b" and "preferred by LUNGSQL_SERIES_PREFER" in choice.reason
+    assert choose_series([soft], prefer="lung").series_instance_uid == "a"  # no match: the rule as usual
+
+
+def test_series_that_are_not_a_volume_are_never_chosen():
+    found = [_series("loc", localizer=True), _series("cor", tilt_degrees=90.0), _series("tilt", tilt_degrees=12.0),
+             _series("mr", modality="MR"), _series("few", slices=2)]
+    with pytest.raises(LungSQLError, match="none of the patient's series is an axial CT volume; left out: "
+                                           "1 coronal or sagittal, 1 fewer than 3 slices, 1 localizer, "
+                                           "1 not CT \\(MR\\), 1 tilted"):
+        choose_series(found, prefer="", max_tilt=2.0, min_slices=3)
+    assert choose_series([*found, _series("ok", tilt_degrees=1.0)], prefer="", max_tilt=2.0,
+                         min_slices=3).series_instance_uid == "ok"
+
+
+def test_a_dbas_choice_must_be_a_stored_series():
+    assert choose_series([_series("a"), _series("b")], override="b", override_by="dba").reason.startswith(
+        "chosen by dba")
+    with pytest.raises(LungSQLError, match="is not stored"):
+        choose_series([_series("a")], override="gone")
