@@ -336,3 +336,18 @@ def test_a_pacs_that_refuses_says_what_to_fix(engine, orthanc):
                    dicomweb.Query(patient="x"))
     with pytest.raises(ConfigurationError, match="not HOST:PORT"):
         dimse.Peer.parse("pacs.example.org", "ORTHANC")
+
+
+def test_the_pull_command_loads_labels_and_reports_like_ingest(db_env, engine, pacs, cohort):
+    from click.testing import CliRunner
+
+    from lungsql.client.cli import main
+
+    result = CliRunner().invoke(main, ["pacs", "pull", "--url", pacs.dicomweb_url, "--since", "1900-01-01",
+                                       "--labels", str(cohort / "stage1_labels.csv")])
+    files = len(list(cohort.rglob("*.dcm")))
+    assert result.exit_code == 0, result.output
+    assert f"{files} instances in" in result.output and f"{files} stored" in result.output
+    assert scalar(engine, "SELECT count(*) FROM lungsql.patients WHERE label IS NOT NULL") == PATIENTS
+    empty = CliRunner().invoke(main, ["pacs", "pull", "--url", pacs.dicomweb_url])
+    assert empty.exit_code != 0 and "needs --study, --patient or --since" in empty.output

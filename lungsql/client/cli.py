@@ -237,12 +237,14 @@ def pacs() -> None:
 @click.option("--patient", help="Every study of this PatientID.")
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]), help="Every study from this date on (YYYY-MM-DD).")
 @click.option("--modality", default="CT", show_default=True, help="Series of this modality only.")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns id,cancer to load with the scans (as `ingest --labels`).")
 @click.option("--deidentify", is_flag=True, help="Remove identifying tags (PS3.15 basic profile) before storing.")
 @click.option("--allow-burned-in", is_flag=True, help="With --deidentify, keep slices with BurnedInAnnotation YES.")
 @click.pass_context
 @reports_errors
-def pacs_pull(ctx, url, dimse_address, called_aet, move_port, study, patient, since, modality, deidentify,
-              allow_burned_in) -> None:
+def pacs_pull(ctx, url, dimse_address, called_aet, move_port, study, patient, since, modality, labels_csv,
+              deidentify, allow_burned_in) -> None:
     """Store a PACS's CT studies in lungsql.scans, as `ingest` does (resumable)."""
     from tqdm import tqdm
 
@@ -251,7 +253,11 @@ def pacs_pull(ctx, url, dimse_address, called_aet, move_port, study, patient, si
     query = dicomweb.Query(study=study, patient=patient, since=since.date() if since else None, modality=modality)
     query.study_filters()  # refuses an empty query before anything connects
     engine = _engine(ctx)
+    from lungsql.client.ingest import read_labels
+
     options = dict(deidentify=deidentify, allow_burned_in=allow_burned_in,
+                   labels=read_labels(labels_csv) if labels_csv else None,
+                   labels_source=(labels_csv.name if deidentify else str(labels_csv)) if labels_csv else "",
                    on_error=lambda name, reason: tqdm.write(f"rejected {name}: {reason}", file=sys.stderr))
     with _bar("pulling", unit=" instances") as bar:
         options.update(on_series=lambda series: _grow(bar, series.instances), on_instance=lambda size: bar.update(1))

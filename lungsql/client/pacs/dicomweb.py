@@ -121,14 +121,18 @@ def find_series(web, query: Query) -> list[Series]:
 
 
 def pull(engine: sa.Engine, web, query: Query, *, deidentify: bool = False, allow_burned_in: bool = False,
+         labels: dict[str, int] | None = None, labels_source: str = "",
          on_series: Callable[[Series], None] | None = None, on_instance: Callable[[int], None] | None = None,
          on_error: Callable[[str, str], None] | None = None, series: list[Series] | None = None) -> IngestSummary:
-    """Store the query's series; `on_instance(bytes)` for each instance, `on_error(name, reason)` for each refused."""
+    """Store the query's series; `on_instance(bytes)` for each instance, `on_error(name, reason)` for each refused.
+
+    `labels` (PatientID -> 0/1, as `ingest --labels` reads them) are loaded with the run."""
     series = find_series(web, query) if series is None else series
     deidentifier = site_deidentifier(allow_burned_in) if deidentify else None
     name = _namer(deidentifier)
     source = "dicomweb:" + public_url(web.base_url)
-    upload = Upload(engine, source, deidentifier=deidentifier, on_error=on_error)
+    upload = Upload(engine, source, deidentifier=deidentifier, labels=labels, labels_source=labels_source,
+                    on_error=on_error)
     with upload:
         for one in series:
             if on_series:

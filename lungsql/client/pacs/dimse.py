@@ -142,13 +142,13 @@ def find_series(assoc: Association, query: Query) -> list[Series]:
 
 
 def pull(engine: sa.Engine, peer: Peer, query: Query, *, move_port: int | None = None, deidentify: bool = False,
-         allow_burned_in: bool = False, on_series: Callable[[Series], None] | None = None,
-         on_instance: Callable[[int], None] | None = None,
+         allow_burned_in: bool = False, labels: dict[str, int] | None = None, labels_source: str = "",
+         on_series: Callable[[Series], None] | None = None, on_instance: Callable[[int], None] | None = None,
          on_error: Callable[[str, str], None] | None = None) -> IngestSummary:
     """Store the query's series by C-GET, or by C-MOVE to a listener on `move_port` when it is given."""
     deidentifier = site_deidentifier(allow_burned_in) if deidentify else None
     upload = Upload(engine, f"dimse:{peer.aet}@{peer.host}:{peer.port}", deidentifier=deidentifier,
-                    on_error=on_error)
+                    labels=labels, labels_source=labels_source, on_error=on_error)
     name = deidentifier.pseudonym if deidentifier else None
 
     def counted(received) -> None:
