@@ -22,7 +22,7 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         markdown: Path | None = None, say: Callable[[str], None] = print) -> dict:
     """Run every benchmark; write the JSON to `out` (quick: a temporary file when None) and, unless
     `quick`, the table into `markdown` (default BENCHMARKS.md). Returns the results."""
-    from lungsql.bench import featurize, gpu, machine, report, scoring, training, upload, web
+    from lungsql.bench import featurize, gpu, machine, pacs, report, scoring, training, upload, web
     from lungsql.bench.database import throwaway
 
     sizes = QUICK if quick else FULL
@@ -36,6 +36,8 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
                                f"(other processes ran beside the benchmark), so figures may be low")
         say("upload: lungsql ingest against pydicom alone")
         results["upload"], cohort = upload.run(db.engine, Path(work), sizes)
+        say("PACS: the same files pulled from Orthanc (DICOMweb, C-GET) and pushed to the listener")
+        results["pacs"] = pacs.run(db, cohort, results["upload"])
         say("featurization: CALL lungsql.generate_features against the bare ONNX Runtime session")
         results["featurization"] = featurize.run(db, sizes, provider=provider)
         say("training: pipeline.fit on synthetic features")

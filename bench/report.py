@@ -20,6 +20,17 @@ def _row(section: str, figure: str, value: str, target: str = "", met: str = "")
     return f"| {section} | {figure} | {value} | {target} | {met} |"
 
 
+def _pacs_rows(pacs: dict | None) -> list[str]:
+    if not pacs:
+        return []
+    ways = (("dicomweb", "`lungsql pacs pull --url` (QIDO-RS + WADO-RS) from Orthanc"),
+            ("dimse_c_get", "`lungsql pacs pull --dimse` (C-FIND + C-GET) from Orthanc"),
+            ("listener_push", "Orthanc pushing to `lungsql listen` (C-STORE, a commit per instance)"))
+    return [_row("PACS", f"{label}, {pacs['instances']} instances",
+                 f"{pacs[way]['files_per_s']:.0f} instances/s, {pacs[way]['mb_per_s']:.1f} MB/s "
+                 f"(x{pacs[way]['ratio_to_folder']:.2f} of the folder upload)") for way, label in ways]
+
+
 def render_table(r: dict) -> str:
     up, fe, tr, sc, web = r["upload"], r["featurization"], r["training"], r["scoring"], r["web"]
     e2e, bare, ft = fe["end_to_end"], fe["bare_onnxruntime"], fe["targets"]
@@ -30,6 +41,7 @@ def render_table(r: dict) -> str:
              f"{up['files_per_s']:.0f} files/s, {up['mb_per_s']:.1f} MB/s"),
         _row("Upload", "pydicom alone (dcmread + PixelData), same files", f"{up['pydicom_files_per_s']:.0f} files/s"),
         _row("Upload", "ingest / pydicom", f"{up['ratio_to_pydicom']:.2f}"),
+        *_pacs_rows(r.get("pacs")),
         _row("Featurization", f"`CALL lungsql.generate_features` ({e2e['slices']} slices, {e2e['provider']})",
              f"{e2e['slices_per_s']:.0f} slices/s", f">= {ft['end_to_end_slices_per_s']['at_least']:.0f}",
              _met(ft["end_to_end_slices_per_s"])),
