@@ -5,26 +5,23 @@ groups) is stored with each frame's position and featurized like the classic sli
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
-import pydicom
 import pytest
 import sqlalchemy as sa
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from databases import call, create_database, drop_database
 from lungsql.client import cnns, ingest, migrations
-from lungsql.dicom import read_scan, synth
+from lungsql.dicom import read_scan
 from lungsql.dicom.series import SUMMARY_COLUMNS, SeriesInfo, choose_series, summarize_series
 from lungsql.errors import LungSQLError
 from lungsql.ml import cnn_export
 from lungsql.ml.features import GroupFeatures
 
-SLICES = 16
+from lungsql.client.pacs import dicomweb
+from studies import SLICES, write_mixed_study
 
 
 @pytest.fixture(scope="module")
@@ -32,53 +29,9 @@ def exported_cnn():
     return cnn_export.export_builtin("efficientnet-lite0", cache_dir=cnn_export.default_cache_dir())
 
 
-def _derived(slices: list[pydicom.Dataset], **changes) -> list[pydicom.Dataset]:
-    """Copies of slices as a new series: new UIDs, the given attributes changed."""
-    series = generate_uid()
-    out = []
-    for ds in slices:
-        new = copy.deepcopy(ds)
-        new.SeriesInstanceUID = series
-        new.SOPInstanceUID = new.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        for keyword, value in changes.items():
-            setattr(new, keyword, value)
-        out.append(new)
-    return out
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
-    """One patient's study as a scanner and a PACS leave it: an Enhanced CT series of 16 thin
-    slices, the same range as classic files at 2x and 4x the thickness, a localizer, a coronal
-    and a tilted reconstruction; beside it the classic thin slices alone, and a second patient
-    with nothing but a localizer and a coronal series."""
-    root = tmp_path_factory.mktemp("series")
-    synth.write_cohort(root / "source", patients=1, slices=(SLICES, SLICES), seed=21)
-    classic = sorted((pydicom.dcmread(p) for p in (root / "source").rglob("*.dcm")),
-                     key=lambda ds: float(ds.ImagePositionPatient[2]))
-    thickness = float(classic[0].SliceThickness)
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(classic, series_instance_uid=generate_uid(), series_number=5,
-                                                        sop_instance_uid=generate_uid(), instance_number=1)
-    tilt = np.radians(15)
-    series = {
-        "enhanced": [enhanced],
-        "thick": _derived(classic[::2], SliceThickness=2 * thickness, SeriesDescription="Thorax 2x"),
-        "thicker": _derived(classic[::4], SliceThickness=4 * thickness, SeriesDescription="Thorax LUNG 4x"),
-        "localizer": _derived(classic[:1], ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]),
-        "coronal": _derived(classic[:8], ImageOrientationPatient=[1, 0, 0, 0, 0, -1]),
-        "tilted": _derived(classic[::2], ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(tilt)),
-                                                                  -float(np.sin(tilt))]),
-    }
-    other = {"localizer": _derived(classic[:1], ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-                                   PatientID="no-volume"),
-             "coronal": _derived(classic[:8], ImageOrientationPatient=[1, 0, 0, 0, 0, -1], PatientID="no-volume")}
-    for name, datasets in [*series.items(), *((f"other-{n}", d) for n, d in other.items())]:
-        (root / "study" / name).mkdir(parents=True)
-        for i, ds in enumerate(datasets):
-            ds.save_as(root / "study" / name / f"{i:03d}.dcm", enforce_file_format=True)
-    return {"root": root / "study", "classic": root / "source", "patient": str(classic[0].PatientID),
-            "uids": {name: str(d[0].SeriesInstanceUID) for name, d in series.items()},
-            "z": [float(ds.ImagePositionPatient[2]) for ds in classic]}
+    return write_mixed_study(tmp_path_factory.mktemp("series"))
 
 
 @pytest.fixture
@@ -126,6 +79,19 @@ def test_the_series_the_rule_names_is_featurized_and_recorded(featurized, study)
     assert failure.patient_id == "no-volume"
     assert failure.reason.startswith("none of the patient's series is an axial CT volume")
     assert any("skipped patient no-volume" in n for n in notices)
+
+
+def test_a_mixed_study_pulled_from_the_pacs_featurizes_the_series_the_rule_names(engine, study, orthanc_clean,
+                                                                                 exported_cnn):
+    for path in sorted(study["root"].rglob("*.dcm")):
+        orthanc_clean.upload(path.read_bytes())
+    web = dicomweb.client(orthanc_clean.dicomweb_url)
+    summary = dicomweb.pull(engine, web, dicomweb.Query(patient=study["patient"]))
+    assert summary.errors == 0 and summary.stored == len(list(study["root"].glob("[!o]*/*.dcm")))
+    cnns.import_builtin(engine)
+    call(engine, "CALL lungsql.generate_features()")
+    (features,) = rows(engine, "SELECT series_instance_uid, n_slices FROM lungsql.features")
+    assert (features.series_instance_uid, features.n_slices) == (study["uids"]["enhanced"], SLICES)
 
 
 def test_enhanced_ct_frames_give_the_features_of_the_classic_slices(featurized, study, cluster):
