@@ -351,3 +351,22 @@ def test_the_pull_command_loads_labels_and_reports_like_ingest(db_env, engine, p
     assert scalar(engine, "SELECT count(*) FROM lungsql.patients WHERE label IS NOT NULL") == PATIENTS
     empty = CliRunner().invoke(main, ["pacs", "pull", "--url", pacs.dicomweb_url])
     assert empty.exit_code != 0 and "needs --study, --patient or --since" in empty.output
+
+
+def test_the_demo_runs_from_a_pacs_and_leaves_its_reports_there(db_env, engine, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lungsql.client.cli import main
+    from lungsql.client.pacs.orthanc import LocalOrthanc
+
+    monkeypatch.setenv("LUNGSQL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LUNGSQL_DATA_PATH", str(tmp_path / "data"))
+    result = CliRunner().invoke(main, ["demo", "--pacs", "--no-serve", "--patients", "8", "--slices", "3:4"])
+    assert result.exit_code == 0, result.output[-3000:]
+    for step in ("starting a PACS", "lungsql pacs pull --url", "lungsql pacs push-results",
+                 "8 reports stored in the PACS, 0 patients not pushed"):
+        assert step in result.output, step
+    assert scalar(engine, "SELECT count(DISTINCT patient_id) FROM lungsql.predictions") == 8
+    with LocalOrthanc(tmp_path / "home" / "orthanc") as orthanc:  # the demo's PACS, started again
+        reports = orthanc.request("POST", "/tools/find", json={"Level": "Instance", "Query": {"Modality": "SR"}})
+    assert len(reports) == 8

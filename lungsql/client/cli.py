@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import functools
 import sys
 from pathlib import Path
@@ -278,6 +280,35 @@ def _grow(bar, instances: int | None) -> None:
         bar.refresh()
 
 
+@pacs.command("push-results")
+@click.argument("patient_ids", nargs=-1)
+@click.option("--model", "model_name", help="Registry name (default: the most recently deployed model).")
+@click.option("--url", help="DICOMweb root to STOW-RS the reports to (default LUNGSQL_PACS_URL).")
+@click.option("--dimse", "dimse_address", metavar="HOST:PORT", help="C-STORE the reports to this PACS instead.")
+@click.option("--called-aet", default="ORTHANC", show_default=True, help="With --dimse: the PACS's AE title.")
+@click.option("--allow-deidentified", is_flag=True,
+              help="Also patients whose scans were stored de-identified (for a research PACS holding those).")
+@click.pass_context
+@reports_errors
+def pacs_push_results(ctx, patient_ids, model_name, url, dimse_address, called_aet, allow_deidentified) -> None:
+    """Score PATIENT_IDS (none: every featurized patient) and store each result in the PACS as a DICOM SR."""
+    _push_results(ctx, list(patient_ids) or None, model_name, url, dimse_address, called_aet, allow_deidentified)
+
+
+def _push_results(ctx, patient_ids, model_name, url, dimse_address, called_aet, allow_deidentified=False) -> None:
+    from lungsql.client.pacs import dimse, results
+
+    peer = dimse.Peer.parse(dimse_address, called_aet) if dimse_address else None
+    pushed = results.push_results(
+        _engine(ctx), patient_ids, model_name=model_name, url=url, dimse=peer, allow_deidentified=allow_deidentified,
+        on_patient=lambda pid, why: click.echo(f"not pushed {pid}: {why}", err=True))
+    _table(["patient_id", "probability", "model_id", "SR SOPInstanceUID"],
+           [(p.patient_id, f"{p.probability:.1%}", p.model_id, p.sr_sop_instance_uid) for p in pushed])
+    click.echo(f"{len(pushed)} reports stored in the PACS, {len(pushed.failed)} patients not pushed")
+    if pushed.failed:
+        ctx.exit(1)
+
+
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=11112, show_default=True, help="TCP port.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
@@ -387,12 +418,17 @@ def train(ctx, model_name: str, params: str, cnn_name: str | None) -> None:
 @main.command()
 @click.argument("patient_ids", nargs=-1, required=True)
 @click.option("--model", "model_name", help="Registry name (default: the most recently deployed model).")
+@click.option("--push-results", is_flag=True,
+              help="Also store each result in the PACS as a DICOM SR (LUNGSQL_PACS_URL; see `pacs push-results`).")
 @click.pass_context
 @reports_errors
-def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None) -> None:
+def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None, push_results: bool = False) -> None:
     """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID."""
     from lungsql.client import calls
 
+    if push_results:  # scored by the same procedure, as the reports go out
+        _push_results(ctx, list(patient_ids), model_name, None, None, None)
+        return
     rows = calls.predict(_engine(ctx), list(patient_ids), model_name)
     _table(["patient_id", "probability"], [(pid, f"{prob:.1%}") for pid, prob in rows])
 
@@ -545,9 +581,12 @@ def settings() -> None:
 @click.option("--slices", default="40:60", show_default=True, metavar="A:B", help="Slices per patient.")
 @click.option("--seed", default=2017, show_default=True, type=int, help="Seed of the synthetic cohort.")
 @click.option("--no-serve", is_flag=True, help="Stop before serving the web app.")
+@click.option("--pacs", "from_pacs", is_flag=True,
+              help="Run the demo from a PACS: an Orthanc started on loopback holds the cohort, lungsql pulls it "
+                   "over DICOMweb and stores each result back in it as a DICOM SR.")
 @click.pass_context
 @reports_errors
-def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool) -> None:
+def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool, from_pacs: bool = False) -> None:
     """Run the whole pipeline on a synthetic cohort, then serve the web app (until Ctrl+C)."""
     import json
 
@@ -575,8 +614,19 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(recipe) + "\n")
 
-    _step("uploading the cohort into lungsql.scans")
-    ctx.invoke(ingest, directory=cohort, labels_csv=None, deidentify=False, batch_size=None)
+    with contextlib.ExitStack() as stack:
+        orthanc = stack.enter_context(_demo_pacs(cohort)) if from_pacs else None
+        if orthanc is None:
+            _step("uploading the cohort into lungsql.scans")
+            ctx.invoke(ingest, directory=cohort, labels_csv=None, deidentify=False, batch_size=None)
+        else:
+            _step(f"lungsql pacs pull --url {orthanc.dicomweb_url}: the cohort from the PACS into lungsql.scans")
+            ctx.invoke(pacs_pull, url=orthanc.dicomweb_url, since=dt.datetime(1900, 1, 1),
+                       labels_csv=cohort / "stage1_labels.csv")
+        _demo_pipeline(ctx, orthanc, no_serve)
+
+
+def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool) -> None:
     _step("storing the ImageNet CNN (EfficientNet-Lite0, ONNX) in lungsql.cnn_models")
     ctx.invoke(model_import, path=None, builtin="efficientnet-lite0", name=None, output=None, replace=False)
     _step("CALL lungsql.generate_features(): CNN features of every patient, inside the server")
@@ -585,6 +635,10 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
     ctx.invoke(train, model_name="lightgbm", params="{}", cnn_name=None)
     _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")
     _demo_predictions(ctx)
+    if orthanc is not None:
+        _step("lungsql pacs push-results: each patient's result into the PACS as a DICOM Structured Report")
+        _push_results(ctx, None, None, orthanc.dicomweb_url, None, None)
+        click.echo(f"Orthanc's own viewer shows the studies and their reports: {orthanc.url}/app/explorer.html")
     _step("web app users")
     logins = _demo_users(ctx)
     click.echo("From psql (lungsql db psql):\n"
@@ -596,6 +650,24 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
     for name, role, password in logins:
         click.echo(f"  {name} / {password}   ({role})")
     ctx.invoke(serve, host="127.0.0.1", port=5000, workers=None, threads=4, web_db=None, trusted_proxy=None)
+
+
+@contextlib.contextmanager
+def _demo_pacs(cohort: Path):
+    """An Orthanc on loopback under $LUNGSQL_HOME/orthanc holding the cohort, stopped at the end."""
+    from lungsql.client import ingest as upload
+    from lungsql.client.pacs.orthanc import LocalOrthanc
+
+    _step("starting a PACS: Orthanc on 127.0.0.1, its files under $LUNGSQL_HOME/orthanc")
+    with LocalOrthanc(Path(config.get("LUNGSQL_HOME")) / "orthanc") as orthanc:
+        files = upload.find_files(cohort)
+        if orthanc.instance_count() < len(files):
+            _step(f"storing the cohort in the PACS ({len(files)} files, as a modality would)")
+            with _bar("into Orthanc", total=len(files), unit=" files") as bar:
+                for path in files:
+                    orthanc.upload(path.read_bytes())
+                    bar.update(1)
+        yield orthanc
 
 
 def _demo_users(ctx: click.Context) -> list[tuple[str, str, str]]:

@@ -79,6 +79,10 @@ def client(url: str | None = None, attempts: int = 5):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"not a DICOMweb URL: {public_url(url)}",
                                  hint="give the service's root, such as http://HOST:8042/dicom-web")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"the PACS URL has a query or fragment: {public_url(url)}?...",
+                                 hint="give the DICOMweb root alone; put credentials in LUNGSQL_PACS_USER "
+                                      "and LUNGSQL_PACS_PASSWORD")
     if parts.username or parts.password:
         raise ConfigurationError("the PACS URL holds a user name or password",
                                  hint="put them in LUNGSQL_PACS_USER and LUNGSQL_PACS_PASSWORD instead, "
