@@ -213,11 +213,12 @@ def test_a_hostile_folder_beside_a_good_cohort(engine, cohort, cluster, tmp_path
 
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO lungsql.patients (patient_id, name) VALUES ('old-0001', 'Old Upload')"))
-        conn.execute(sa.text(
-            "INSERT INTO lungsql.scans (sop_instance_uid, patient_id, study_instance_uid, series_instance_uid, "
-            "z_position, rows, columns, modality, transfer_syntax_uid, dicom, sha256) VALUES "
-            "('1.2.3.4.5', 'old-0001', '1.2.3', '1.2.3.1', 0, 512, 512, 'CT', '1.2.840.10008.1.2.1', :d, "
-            "sha256(:d))"), {"d": undecodable})
+        for z in range(3):  # a series of three slices (the fewest featurized) that an old upload stored
+            conn.execute(sa.text(
+                "INSERT INTO lungsql.scans (sop_instance_uid, patient_id, study_instance_uid, series_instance_uid, "
+                "z_position, rows, columns, modality, transfer_syntax_uid, dicom, sha256) VALUES "
+                "(:uid, 'old-0001', '1.2.3', '1.2.3.1', :z, 512, 512, 'CT', '1.2.840.10008.1.2.1', :d, "
+                "sha256(:d))"), {"d": undecodable, "uid": f"1.2.3.4.{z}", "z": z})
     cnns.import_builtin(engine)
     notices: list[str] = []
     call(engine, "CALL lungsql.generate_features()", notices=notices)
