@@ -19,7 +19,7 @@ from lungsql.client.pacs import dicomweb
 from lungsql.client.pacs.dimse import Peer
 from lungsql.client.pacs.results import KEY_IMAGE_UNAVAILABLE, PacsUnreachable, Pushed, push_results
 from lungsql.dicom import report, synth
-from lungsql.errors import LungSQLError
+from lungsql.errors import ConfigurationError, LungSQLError
 from lungsql.ml import cnn_export
 
 pytest.importorskip("torch", reason="the built-in CNN is exported with the export extra (make bootstrap)")
@@ -245,17 +245,21 @@ def test_patients_that_cannot_be_pushed_are_reported_and_the_others_go_on(engine
         push_results(engine, [everyone[3]], dimse=Peer("127.0.0.1", free_port(), "ORTHANC"))
     assert rows(engine, "SELECT count(*) FROM lungsql.predictions") == scored
     # A DICOMweb PACS that cannot take the first report: an error naming it, without the
-    # credentials (from the settings) or the URL's query. First a URL with no DICOMweb service...
+    # credentials (from the settings). A URL with a query is refused before anything connects...
     monkeypatch.setenv("LUNGSQL_PACS_USER", "radiology")
     monkeypatch.setenv("LUNGSQL_PACS_PASSWORD", "s3cret-pw")
+    with pytest.raises(ConfigurationError, match="has a query or fragment") as refused:
+        push_results(engine, [everyone[3]], url=f"{orthanc_clean.url}/dicom-web?token=abc")
+    assert "token" not in str(refused.value)
+    # ... then a URL with no DICOMweb service...
     with pytest.raises(PacsUnreachable, match="has no STOW-RS service there") as unreachable:
-        push_results(engine, [everyone[3]], url=f"{orthanc_clean.url}/no-dicom-web?token=abc")
+        push_results(engine, [everyone[3]], url=f"{orthanc_clean.url}/no-dicom-web")
     assert str(unreachable.value).startswith(f"the PACS at {orthanc_clean.url}/no-dicom-web has no STOW-RS")
     # ... then nothing listening (one attempt here, where a run tries five times over 30 s).
     monkeypatch.setattr(dicomweb, "client", functools.partial(dicomweb.client, attempts=1))
     port = free_port()
     with pytest.raises(PacsUnreachable) as unreachable:
-        push_results(engine, [everyone[3]], url=f"http://127.0.0.1:{port}/dicom-web?token=abc")
+        push_results(engine, [everyone[3]], url=f"http://127.0.0.1:{port}/dicom-web")
     assert str(unreachable.value).startswith(f"cannot reach the PACS at http://127.0.0.1:{port}/dicom-web ")
     text = str(unreachable.value)
     assert "s3cret-pw" not in text and "radiology" not in text and "token" not in text
