@@ -874,6 +874,23 @@ def test_in_a_browser_search_view_slices_and_play(browser, live_server, web_db, 
     count = int(slider.get_attribute("max")) + 1
     start = int(slider.get_attribute("value"))
     assert label.text == f"Slice {start + 1} of {count}"
+    # It opens at the group of slices that raised the probability most, marked, and lists the top groups.
+    engine = web_db.engine()
+    with engine.connect() as conn:
+        top = conn.execute(sa.text("SELECT * FROM lungsql.web_top_slices(:p, 3)"), {"p": web_db.ana_id}).all()
+    engine.dispose()
+    first = [t.slice_index for t in top if t.rank == 1]
+    assert first and start == first[len(first) // 2]
+    badge = browser.find_element(By.CSS_SELECTOR, ".marked-badge")
+    assert badge.is_displayed() and "weighed most towards a higher probability" in badge.text
+    jumps = browser.find_elements(By.CSS_SELECTOR, ".top-slices [data-slice]")
+    assert len(jumps) == len({t.rank for t in top})
+    browser.save_screenshot(str(output_dir / "webapp-patient-top-slices.png"))
+    if len(jumps) > 1:
+        jumps[1].click()
+        second = [t.slice_index for t in top if t.rank == 2]
+        wait.until(lambda d: int(slider.get_attribute("value")) == second[len(second) // 2])
+        assert badge.is_displayed()
 
     play = browser.find_element(By.CSS_SELECTOR, "button.play")
     play.click()

@@ -41,8 +41,15 @@ def patient(patient_id: str):
         result, failure = score(patient_id, via="web"), None
     except ScoringUnavailable as exc:
         result, failure = None, exc
-    return render_template("patient.html", patient=found, score=result, failure=failure,
-                           start=found["slices"] // 2)
+    top = records.top_slices(patient_id) if result is not None else []
+    groups: dict[int, list[int]] = {}
+    for t in top:
+        groups.setdefault(t["rank"], []).append(t["slice_index"])
+    ranked = [{"rank": rank, "slices": slices, "contribution": next(t["contribution"] for t in top if t["rank"] == rank)}
+              for rank, slices in sorted(groups.items())]
+    start = ranked[0]["slices"][len(ranked[0]["slices"]) // 2] if ranked else found["slices"] // 2
+    return render_template("patient.html", patient=found, score=result, failure=failure, top=ranked,
+                           marked=sorted({t["slice_index"] for t in top}), start=start)
 
 
 @bp.get("/patients/<patient_id>/slices/<int:index>.png")

@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from flask import current_app
 
 from lungsql.errors import InvalidScan
 from lungsql.webapp.db import database_message, get_db, is_lungsql_error
@@ -28,6 +29,7 @@ _SEARCH = sa.text("SELECT * FROM lungsql.web_search_patients(:q, CAST(:limit AS 
 _PATIENT = sa.text("SELECT * FROM lungsql.web_patient(:patient_id)")
 _EXISTS = sa.text("SELECT 1 FROM lungsql.web_patient(:patient_id)")
 # The viewer's order: series by series, each in z order.
+_TOP = sa.text("SELECT slice_index, rank, contribution FROM lungsql.web_top_slices(:patient_id, 3)")
 _SLICE = sa.text("SELECT scan_id, sha256 FROM lungsql.web_slice_ref(:patient_id, CAST(:index AS integer))")
 _PIXELS = sa.text("SELECT rows, columns, pixels FROM lungsql.slice_image(CAST(:scan_id AS bigint), "
                   "CAST(:low AS real), CAST(:high AS real))")
@@ -85,6 +87,26 @@ def slice_ref(patient_id: str, index: int) -> dict | None:
         return None
     row = get_db().execute(_SLICE, {"patient_id": patient_id, "index": index}).mappings().first()
     return None if row is None else dict(row)
+
+
+def top_slices(patient_id: str) -> list[dict]:
+    """The slices (viewer indices) of the three groups that weighed most towards a higher probability,
+    with their group's rank and contribution; empty when the patient cannot be scored (the page says
+    why beside the probability)."""
+    if not valid_patient_id(patient_id):
+        return []
+    try:
+        rows = get_db().execute(_TOP, {"patient_id": patient_id}).mappings().all()
+    except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        raise  # the database is gone: 503
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        if not is_lungsql_error(exc):
+            current_app.logger.exception("explaining patient %r failed", patient_id)
+        get_db().rollback()
+        return []
+    return [dict(r) for r in rows]
 
 
 def slice_pixels(scan_id: int, window: tuple[float, float]) -> tuple[int, int, bytes] | None:

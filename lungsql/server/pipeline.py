@@ -15,6 +15,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from lungsql import registry
+from lungsql.ml import explain as explanation
 from lungsql.ml import featurize, scoring, training
 from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
 from lungsql.ml.features import GroupFeatures, patient_vector_names
@@ -53,6 +54,8 @@ class PipelineData(Protocol):
     def model_text(self, model_id: int) -> str: ...
     def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]: ...
     def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None: ...
+    def cnn_preprocessing(self, cnn_id: int) -> dict[str, Any]: ...
+    def series_slices(self, patient_id: str, series_instance_uid: str) -> list[tuple[int, float, Any]]: ...
 
 
 # -- featurization -------------------------------------------------------------
@@ -339,6 +342,64 @@ def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None
     results = [(p, float(min(1.0, max(0.0, prob)))) for p, prob in zip(patient_ids, probabilities)]
     data.record_predictions(deployed["model_id"], results)
     return Scores(deployed, results)
+
+
+@dataclass
+class GroupContribution:
+    """One group of slices' share of a patient's score: which slices (in the featurized series' z
+    order, and their scan_ids), and its contribution in log-odds."""
+
+    group: int
+    slices: range
+    z: tuple[float, float]
+    scan_ids: list[int]
+    contribution: float
+
+
+@dataclass
+class Explained:
+    model: dict[str, Any]
+    probability: float
+    series_instance_uid: str
+    groups: list[GroupContribution]  # the most contributing first
+    patient: dict[str, float]  # log_slices, age_years, sex_male
+    bias: float
+
+
+def explain(data: PipelineData, patient_id: str, model_name: str | None = None) -> Explained:
+    """Which groups of slices the deployed model's probability for the patient comes from
+    (lungsql.ml.explain); the probability is the one `score` gives, not recorded again."""
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        raise LungSQLError("no model is deployed" + (f" as {model_name!r}" if model_name else ""),
+                           hint="train one: SELECT * FROM lungsql.train_model()")
+    model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
+                                 lambda: data.model_text(deployed["model_id"]))
+    rows = data.patient_features([patient_id], deployed["cnn_id"])
+    if not rows:
+        raise LungSQLError(f"no features for patient {patient_id!r} from the CNN of model {deployed['model_id']}",
+                           hint="check the patient id, or featurize: CALL lungsql.generate_features()")
+    row = rows[0]
+    features = GroupFeatures.from_bytes(row["data"], (row["n_groups"], row["dim"]), row["sha256"],
+                                        n_slices=row["n_slices"])
+    vector = patient_vector(row)
+    taken = explanation.explain(model.booster, features.array, vector, model.feature_names)
+    series = row.get("series_instance_uid") or choose_series(*data.patient_series(patient_id)).series_instance_uid
+    places = sorted(((float(z), scan_id) for scan_id, z_position, frame_z in data.series_slices(patient_id, series)
+                     for z in (frame_z or [z_position])), key=lambda place: place[0])
+    if len(places) != features.n_slices:
+        raise LungSQLError(f"patient {patient_id!r}'s series now holds {len(places)} slices, its features "
+                           f"{features.n_slices}", hint="featurize the patient again: "
+                                                        "CALL lungsql.generate_features(only_missing => false)")
+    per_image = Preprocessing.from_json(_json(data.cnn_preprocessing(deployed["cnn_id"]))).slices_per_image
+    groups = []
+    for g, held in enumerate(explanation.group_slices(features.shape[0], features.n_slices, per_image)):
+        zs = [places[i][0] for i in held]
+        groups.append(GroupContribution(g, held, (min(zs), max(zs)), list(dict.fromkeys(places[i][1] for i in held)),
+                                        float(taken.groups[g])))
+    groups.sort(key=lambda c: -c.contribution)
+    probability = float(model.predict(vector)[0])
+    return Explained(deployed, probability, series, groups, taken.patient, taken.bias)
 
 
 def _json(value: Any) -> Any:

@@ -113,7 +113,7 @@ class PlpyData:
         # A few files per fetch: PL/Python holds the GIL while the server reads, and
         # the CNN threads need it for a moment between batches (lungsql.ml.featurize).
         sql = ("SELECT dicom, z_position, frame_z FROM lungsql.scans "
-               "WHERE patient_id = $1 AND series_instance_uid = $2")
+               "WHERE patient_id = $1 AND series_instance_uid = $2 ORDER BY scan_id")
         plan = _PLANS.get(sql)
         if plan is None:
             plan = _PLANS[sql] = self.plpy.prepare(sql, ["text", "text"])
@@ -126,6 +126,19 @@ class PlpyData:
             scans.extend((r["dicom"], r["z_position"], r["frame_z"]) for r in rows)
         cursor.close()
         return scans
+
+    def series_slices(self, patient_id: str, series_instance_uid: str) -> list[tuple[int, float, Any]]:
+        """(scan_id, z, frame_z) of a series' files, in the order `series_scans` reads them."""
+        rows = self._run("SELECT scan_id, z_position, frame_z FROM lungsql.scans "
+                         "WHERE patient_id = $1 AND series_instance_uid = $2 ORDER BY scan_id",
+                         ["text", "text"], [patient_id, series_instance_uid])
+        return [(r["scan_id"], r["z_position"], r["frame_z"]) for r in rows]
+
+    def cnn_preprocessing(self, cnn_id: int) -> dict[str, Any]:
+        rows = self._run("SELECT preprocessing FROM lungsql.cnn_models WHERE cnn_id = $1", ["integer"], [cnn_id])
+        if not rows:
+            raise ConfigurationError(f"no CNN with cnn_id {cnn_id}")
+        return rows[0]["preprocessing"]
 
     def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int:
         return self._run(
@@ -226,7 +239,8 @@ class PlpyData:
     # -- scoring ------------------------------------------------------------------
     def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]:
         rows = self._run(
-            """SELECT f.patient_id, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256
+            """SELECT f.patient_id, p.age_years, p.sex, f.data, f.n_groups, f.dim, f.n_slices, f.sha256,
+                      f.series_instance_uid
                FROM lungsql.features f JOIN lungsql.patients p USING (patient_id)
                WHERE f.cnn_id = $2 AND f.patient_id = ANY($1)""",
             ["text[]", "integer"], [list(patient_ids), cnn_id],

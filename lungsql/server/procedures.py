@@ -105,6 +105,22 @@ def predict_detail(plpy, patient_id, model_name) -> list[tuple]:
 
 
 @procedure
+def explain_prediction(plpy, patient_id, model_name) -> list[tuple]:
+    """Rows of lungsql.explain_prediction: each group of slices, then what belongs to the patient."""
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    if patient_id is None:
+        return []
+    e = pipeline.explain(PlpyData(plpy), patient_id, model_name)
+    rows = [("group", rank, g.group, g.slices.start, g.slices.stop - 1, g.z[0], g.z[1], g.scan_ids, g.contribution,
+             e.probability, e.model["model_id"], e.series_instance_uid) for rank, g in enumerate(e.groups, start=1)]
+    rows += [(part, None, None, None, None, None, None, None, value, e.probability, e.model["model_id"],
+              e.series_instance_uid) for part, value in [*e.patient.items(), ("bias", e.bias)]]
+    return rows
+
+
+@procedure
 def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
     from lungsql.server import pipeline
     from lungsql.server.plpy_data import PlpyData

@@ -16,6 +16,13 @@
     if (!count || !base || !image || !slider || !play) {
       return;
     }
+    var badge = root.querySelector(".marked-badge");
+    var marked = {};
+    (root.getAttribute("data-marked") || "").split(",").forEach(function (value) {
+      if (value !== "") {
+        marked[parseInt(value, 10)] = true;
+      }
+    });
     var current = parseInt(slider.value, 10) || 0;
     var timer = null;
     var waiting = false;  // the next frame waits for the current image to load
@@ -44,6 +51,10 @@
       slider.setAttribute("aria-valuetext", text);
       if (label) {
         label.textContent = text;
+      }
+      if (badge) {
+        badge.hidden = !marked[current];
+        root.classList.toggle("on-marked", !!marked[current]);
       }
       preload(current + 1);
       preload(current - 1);
@@ -82,6 +93,13 @@
       timer = window.setTimeout(step, 1000 / FRAMES_PER_SECOND);
     }
 
+    var jumps = root.querySelectorAll("[data-slice]");
+    for (var j = 0; j < jumps.length; j += 1) {
+      jumps[j].addEventListener("click", function (event) {
+        stop();
+        show(parseInt(event.currentTarget.getAttribute("data-slice"), 10) || 0);
+      });
+    }
     image.addEventListener("load", function () { waiting = false; });
     image.addEventListener("error", function () { waiting = false; });
     slider.addEventListener("input", function () {
@@ -110,6 +128,10 @@
       }
     });
     waiting = !image.complete;
+    if (badge) {
+      badge.hidden = !marked[current];
+      root.classList.toggle("on-marked", !!marked[current]);
+    }
     root.classList.add("ready");
     preload(current + 1);
   }

@@ -186,3 +186,29 @@ BEGIN
         coalesce('series ' || choose_series.series_instance_uid || ' chosen', 'back to the rule'), removed;
 END
 $$;
+
+-- Why the deployed model gives a patient its probability: each group of three
+-- slices of the featurized series with its contribution (exact TreeSHAP of the
+-- LightGBM model, carried back to the groups the features came from; see
+-- lungsql.ml.explain), the most contributing first, then the parts that belong
+-- to the patient and no group (log_slices, age_years, sex_male) and the model's
+-- bias. Contributions are in log-odds and add up to the logit of the
+-- probability; a positive one moves the probability up.
+--
+--   SELECT rank, first_slice, last_slice, round(contribution::numeric, 3)
+--   FROM lungsql.explain_prediction('0a0c32c9e08cc2ea76a71649de56be6d') WHERE part = 'group' LIMIT 5;
+CREATE OR REPLACE FUNCTION lungsql.explain_prediction(
+    patient_id text,                   -- lungsql.patients.patient_id
+    model_name text DEFAULT NULL       -- NULL: the most recently deployed model
+)
+RETURNS TABLE (part text, rank integer, group_index integer, first_slice integer, last_slice integer,
+               z_from double precision, z_to double precision, scan_ids bigint[], contribution double precision,
+               probability double precision, model_id integer, series_instance_uid text)
+LANGUAGE plpython3u
+AS $$
+import sys
+if "lungsql.server.procedures" not in sys.modules:
+    plpy.execute("SELECT lungsql._load_python()")
+from lungsql.server import procedures
+return procedures.explain_prediction(plpy, patient_id, model_name)
+$$;

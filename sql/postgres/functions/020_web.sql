@@ -179,3 +179,37 @@ BEGIN
     RETURN new_id;
 END
 $$;
+
+-- The slices that weighed most towards a higher probability, for the viewer:
+-- each slice's index in the viewer's order (as web_slice_ref numbers them) and
+-- its group's rank and contribution (log-odds, lungsql.explain_prediction;
+-- negative when even the top groups lowered the probability), for the `lim`
+-- most contributing groups.
+--
+--   SELECT * FROM lungsql.web_top_slices('0a0c32c9e08cc2ea76a71649de56be6d', 3);
+CREATE OR REPLACE FUNCTION lungsql.web_top_slices(
+    id  text,                -- lungsql.patients.patient_id
+    lim integer DEFAULT 3    -- groups of slices, 1 .. 20
+)
+RETURNS TABLE (slice_index integer, rank integer, contribution double precision)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+WITH numbered AS (
+    SELECT sc.scan_id,
+           (row_number() OVER (ORDER BY sc.series_instance_uid, sc.z_position, sc.sop_instance_uid) - 1)::integer AS idx
+    FROM lungsql.scans sc
+    WHERE sc.patient_id = web_top_slices.id
+),
+top AS (
+    SELECT e.rank, e.contribution, e.scan_ids
+    FROM lungsql.explain_prediction(web_top_slices.id) e
+    WHERE e.part = 'group'
+    ORDER BY e.rank
+    LIMIT least(greatest(web_top_slices.lim, 1), 20)
+)
+SELECT n.idx, t.rank, t.contribution
+FROM top t
+CROSS JOIN LATERAL unnest(t.scan_ids) AS s(scan_id)
+JOIN numbered n ON n.scan_id = s.scan_id
+ORDER BY t.rank, n.idx
+$$;
