@@ -494,8 +494,12 @@ def test_patient_page_shows_details_viewer_probability_and_model(clinician, web_
     assert f"{model.metrics['auc']:.3f}" in body and "Validation AUC" in body
     assert model.trained_at.strftime("%Y-%m-%d") in body
     assert "Research tool, not a diagnosis" in body
-    # The viewer: a slider over every slice and the middle one first.
-    assert f'<img class="slice-image" src="/patients/{ana}/slices/{slices // 2}.png"' in body
+    # The viewer: a slider over every slice, opening at the middle of the group of slices that weighed most.
+    with su.connect() as conn:
+        top = [r.slice_index for r in conn.execute(sa.text("SELECT * FROM lungsql.web_top_slices(:p, 3)"),
+                                                   {"p": ana}) if r.rank == 1]
+    assert f'<img class="slice-image" src="/patients/{ana}/slices/{top[len(top) // 2]}.png"' in body
+    assert "Slices that weighed most towards a higher probability" in body and "not a diagnosis" in body
     assert f'type="range" min="0" max="{slices - 1}"' in body
     assert '<script src="/static/viewer.js">' in body
     assert "Known outcome" not in body

@@ -34,8 +34,13 @@ SELECT s.*,
                             CAST(:address AS text),
                             jsonb_build_object('via', CAST(:via AS text), 'model_id', s.model_id,
                                                'model_name', s.name, 'model_version', s.version,
-                                               'probability', s.probability)) AS audit_id
+                                               'probability', s.probability)) AS audit_id,
+       e.params ->> 'method' AS ensemble_method,
+       (SELECT string_agg(m.name || ' v' || m.version, ', ' ORDER BY member.position)
+        FROM jsonb_array_elements_text(e.params -> 'members') WITH ORDINALITY AS member(model_id, position)
+        JOIN lungsql.models m ON m.model_id = member.model_id::integer) AS ensemble_members
 FROM lungsql.predict_lung_cancer_detail(CAST(:patient_id AS text)) s
+LEFT JOIN lungsql.models e ON e.model_id = s.model_id AND e.algorithm = 'ensemble'
 """)
 
 
@@ -49,6 +54,8 @@ class DeployedModel:
     deployment_name: str
     strategy: str
     deployed_at: dt.datetime
+    ensemble_method: str | None = None  # an ensemble's method, and its members ("a v1, b v2")
+    ensemble_members: str | None = None
 
     def as_json(self) -> dict:
         out = asdict(self)
@@ -99,7 +106,8 @@ def band_of(percent: float) -> tuple[str, str, str]:
 def _model(row) -> DeployedModel:
     return DeployedModel(model_id=row["model_id"], name=row["name"], version=row["version"],
                          trained_at=row["trained_at"], auc=row["auc"], deployment_name=row["deployment_name"],
-                         strategy=row["strategy"], deployed_at=row["deployed_at"])
+                         strategy=row["strategy"], deployed_at=row["deployed_at"],
+                         ensemble_method=row.get("ensemble_method"), ensemble_members=row.get("ensemble_members"))
 
 
 def score(patient_id: str, via: str) -> Score:

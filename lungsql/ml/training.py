@@ -322,7 +322,7 @@ class TrainResult:
     ``model_text`` is LightGBM's text format holding ``best_iteration`` trees;
     ``sha256`` is the hex digest of ``model_text.encode("utf-8")``.
     ``metrics`` is `lungsql.ml.metrics.summary` on the validation part plus
-    ``train_patients``, ``train_positives``, ``valid_patients``,
+    ``train_patients``, ``train_positives``, ``valid_patients``, ``validation_ids`` (the patients),
     ``best_iteration`` and ``seconds``.  All of ``params`` and ``metrics`` is
     JSON-serialisable.
     """
@@ -469,6 +469,7 @@ def train(X: np.ndarray, y: np.ndarray, patient_ids: Sequence[str], feature_name
         train_patients=int(train_idx.size),
         train_positives=train_pos,
         valid_patients=int(valid_idx.size),
+        validation_ids=sorted(ids[i] for i in valid_idx),  # an ensemble is measured on its members' common ones
         best_iteration=best_iteration,
         seconds=round(seconds, 3),
     )

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from lungsql import registry
+from lungsql.ml import ensemble
 from lungsql.ml import explain as explanation
 from lungsql.ml import featurize, scoring, training
 from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
@@ -55,6 +56,8 @@ class PipelineData(Protocol):
     def patient_features(self, patient_ids: Sequence[str], cnn_id: int) -> list[dict[str, Any]]: ...
     def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None: ...
     def cnn_preprocessing(self, cnn_id: int) -> dict[str, Any]: ...
+    def model_rows(self, model_ids: Sequence[int]) -> list[dict[str, Any]]: ...
+    def labels(self, patient_ids: Sequence[str]) -> dict[str, int]: ...
     def series_slices(self, patient_id: str, series_instance_uid: str) -> list[tuple[int, float, Any]]: ...
 
 
@@ -294,6 +297,82 @@ def deploy(data: PipelineData, model_name: str, strategy: str = "best_score") ->
     return chosen
 
 
+def deploy_ensemble(data: PipelineData, name: str, model_ids: Sequence[int], method: str = "mean",
+                    weights: Sequence[float] | None = None) -> tuple[int, dict[str, Any]]:
+    """Store an ensemble of trained models (lungsql.ml.ensemble) as a model of `name`, measured on the
+    members' common validation patients, and deploy it; returns (its model id, its metrics)."""
+    if not name or not name.strip():
+        raise ConfigurationError("name must not be empty", hint="e.g. name => 'ensemble'")
+    ids = [int(i) for i in (model_ids or []) if i is not None]
+    rows = {r["model_id"]: r for r in data.model_rows(ids)}
+    unknown = [i for i in ids if i not in rows]
+    if unknown:
+        raise ConfigurationError(f"no model with model_id {unknown[0]}", hint="SELECT model_id, name FROM lungsql.models")
+    members = [rows[i] for i in ids]
+    nested = [m["model_id"] for m in members if m["algorithm"] == ensemble.ALGORITHM]
+    if nested:
+        raise ConfigurationError(f"model {nested[0]} is itself an ensemble", hint="name its members instead")
+    spec = ensemble.build(method, members, weights)
+    common = None
+    for m in members:
+        held_out = _json(m["metrics"]).get("validation_ids")
+        if held_out is None:
+            raise ConfigurationError(f"model {m['model_id']} does not record its validation patients",
+                                     hint="train it again: SELECT * FROM lungsql.train_model(...)")
+        common = set(held_out) if common is None else common & set(held_out)
+    patients = sorted(common or [])
+    member_p = _member_probabilities(data, members, patients)
+    patients = [p for p in patients if p in member_p]  # featurized by every member's CNN
+    labels = data.labels(patients)
+    patients = [p for p in patients if p in labels]
+    if not patients:
+        raise ConfigurationError("the members share no validation patient with features of every member's CNN",
+                                 hint="ensemble models trained on the same labelled patients")
+    p_members = np.array([member_p[p] for p in patients])
+    y = np.array([labels[p] for p in patients])
+    combined = spec.combine(p_members)
+    metrics = training_metrics_summary(y, combined)
+    metrics.update(valid_patients=len(patients), validation_ids=patients, method=spec.method,
+                   members=[{"model_id": m.model_id, "weight": m.weight,
+                             **{k: v for k, v in training_metrics_summary(y, p_members[:, i]).items()
+                                if k in ("auc", "log_loss", "brier")}}
+                            for i, m in enumerate(spec.members)])
+    data.lock_model_name(name)
+    versions = [m["version"] for m in data.models(name)]
+    model_id = data.insert_model({
+        "name": name, "version": max(versions, default=0) + 1, "cnn_id": members[0]["cnn_id"],
+        "algorithm": ensemble.ALGORITHM, "feature_set": ensemble.ALGORITHM, "feature_names": [],
+        "params": {"method": spec.method, "members": [m.model_id for m in spec.members],
+                   "weights": [m.weight for m in spec.members]},
+        "model_text": spec.to_text(), "sha256": spec.sha256, "metrics": metrics,
+    })
+    data.insert_deployment(name, model_id, f"ensemble:{spec.method}")
+    data.notice(f"ensemble {name!r} (model {model_id}) of models {', '.join(str(i) for i in ids)} by "
+                f"{spec.method}: validation AUC {metrics['auc']:.3f}, log loss {metrics['log_loss']:.4f} on "
+                f"{len(patients)} common validation patients; deployed")
+    return model_id, metrics
+
+
+def training_metrics_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    from lungsql.ml import metrics as measures
+
+    return measures.summary(y, p)
+
+
+def _member_probabilities(data: PipelineData, members: Sequence[dict[str, Any]], patients: Sequence[str]
+                          ) -> dict[str, list[float]]:
+    """Each patient's probability from every member (its own CNN's features); patients a member has
+    no features for are left out."""
+    columns: list[dict[str, float]] = []
+    for m in members:
+        model = scoring.cached_model(m["model_id"], m["sha256"], lambda m=m: data.model_text(m["model_id"]))
+        rows = data.patient_features(list(patients), m["cnn_id"])
+        vectors = [patient_vector(r) for r in rows]
+        probs = model.predict(np.stack(vectors)) if vectors else []
+        columns.append({r["patient_id"]: float(p) for r, p in zip(rows, probs)})
+    return {p: [c[p] for c in columns] for p in patients if all(p in c for c in columns)}
+
+
 # -- scoring ----------------------------------------------------------------------
 @dataclass
 class Scores:
@@ -315,6 +394,11 @@ def warm_up(data: PipelineData, model_name: str | None = None) -> int | None:
     deployed = data.deployed(model_name)
     if deployed is None:
         return None
+    if deployed.get("algorithm") == ensemble.ALGORITHM:
+        spec = ensemble.load(data.model_text(deployed["model_id"]), deployed["sha256"])
+        for member in spec.members:
+            scoring.cached_model(member.model_id, member.sha256, lambda m=member: data.model_text(m.model_id))
+        return int(deployed["model_id"])
     scoring.cached_model(deployed["model_id"], deployed["sha256"], lambda: data.model_text(deployed["model_id"]))
     return int(deployed["model_id"])
 
@@ -327,6 +411,8 @@ def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None
             "no model is deployed" + (f" as {model_name!r}" if model_name else ""),
             hint="train one: SELECT * FROM lungsql.train_model()",
         )
+    if deployed.get("algorithm") == ensemble.ALGORITHM:
+        return _score_ensemble(data, deployed, patient_ids)
     model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
                                  lambda: data.model_text(deployed["model_id"]))
     rows = {r["patient_id"]: r for r in data.patient_features(patient_ids, deployed["cnn_id"])}
@@ -340,6 +426,29 @@ def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None
     vectors = np.stack([patient_vector(rows[p]) for p in patient_ids]) if patient_ids else None
     probabilities = model.predict(vectors) if vectors is not None else []
     results = [(p, float(min(1.0, max(0.0, prob)))) for p, prob in zip(patient_ids, probabilities)]
+    data.record_predictions(deployed["model_id"], results)
+    return Scores(deployed, results)
+
+
+def _score_ensemble(data: PipelineData, deployed: dict[str, Any], patient_ids: Sequence[str]) -> Scores:
+    """`score` for an ensemble: each member scores with its own CNN's features, then the method
+    combines them; a member whose row changed since the ensemble was made is refused."""
+    spec = ensemble.load(data.model_text(deployed["model_id"]), deployed["sha256"])
+    rows = {r["model_id"]: r for r in data.model_rows([m.model_id for m in spec.members])}
+    for member in spec.members:
+        row = rows.get(member.model_id)
+        if row is None or row["sha256"] != member.sha256:
+            raise IntegrityError(f"member model {member.model_id} of ensemble {deployed['model_id']} is gone or "
+                                 "has changed since the ensemble was made",
+                                 hint="deploy the ensemble again: SELECT lungsql.deploy_ensemble(...)")
+    member_p = _member_probabilities(data, [rows[m.model_id] for m in spec.members], list(patient_ids))
+    missing = [p for p in patient_ids if p not in member_p]
+    if missing:
+        raise LungSQLError(f"no features for patient {missing[0]!r} from the CNNs of every member of ensemble "
+                           f"{deployed['model_id']}", hint="featurize with each member's CNN: "
+                                                           "CALL lungsql.generate_features(cnn_name => ...)")
+    combined = spec.combine(np.array([member_p[p] for p in patient_ids])) if patient_ids else []
+    results = [(p, float(min(1.0, max(0.0, prob)))) for p, prob in zip(patient_ids, combined)]
     data.record_predictions(deployed["model_id"], results)
     return Scores(deployed, results)
 
@@ -373,6 +482,9 @@ def explain(data: PipelineData, patient_id: str, model_name: str | None = None) 
     if deployed is None:
         raise LungSQLError("no model is deployed" + (f" as {model_name!r}" if model_name else ""),
                            hint="train one: SELECT * FROM lungsql.train_model()")
+    if deployed.get("algorithm") == ensemble.ALGORITHM:
+        raise ConfigurationError(f"model {deployed['model_id']} is an ensemble; its members explain themselves",
+                                 hint="explain by a member's name: lungsql.explain_prediction(patient_id, model_name)")
     model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
                                  lambda: data.model_text(deployed["model_id"]))
     rows = data.patient_features([patient_id], deployed["cnn_id"])

@@ -197,13 +197,24 @@ class PlpyData:
 
     def insert_model(self, row: dict[str, Any]) -> int:
         return self._run(
-            """INSERT INTO lungsql.models (name, version, cnn_id, feature_set, feature_names, params,
+            """INSERT INTO lungsql.models (name, version, cnn_id, algorithm, feature_set, feature_names, params,
                                           model_text, sha256, metrics)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING model_id""",
-            ["text", "integer", "integer", "text", "jsonb", "jsonb", "text", "text", "jsonb"],
-            [row["name"], row["version"], row["cnn_id"], row["feature_set"], json.dumps(row["feature_names"]),
-             json.dumps(row["params"]), row["model_text"], row["sha256"], json.dumps(row["metrics"])],
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING model_id""",
+            ["text", "integer", "integer", "text", "text", "jsonb", "jsonb", "text", "text", "jsonb"],
+            [row["name"], row["version"], row["cnn_id"], row.get("algorithm", "lightgbm"), row["feature_set"],
+             json.dumps(row["feature_names"]), json.dumps(row["params"]), row["model_text"], row["sha256"],
+             json.dumps(row["metrics"])],
         )[0]["model_id"]
+
+    def model_rows(self, model_ids: Sequence[int]) -> list[dict[str, Any]]:
+        rows = self._run("SELECT model_id, name, version, algorithm, cnn_id, sha256, metrics::text AS metrics "
+                         "FROM lungsql.models WHERE model_id = ANY($1)", ["integer[]"], [list(model_ids)])
+        return [dict(r) for r in rows]
+
+    def labels(self, patient_ids: Sequence[str]) -> dict[str, int]:
+        rows = self._run("SELECT patient_id, label FROM lungsql.patients WHERE patient_id = ANY($1) "
+                         "AND label IS NOT NULL", ["text[]"], [list(patient_ids)])
+        return {r["patient_id"]: int(r["label"]) for r in rows}
 
     def models(self, name: str) -> list[dict[str, Any]]:
         rows = self._run(
@@ -213,7 +224,8 @@ class PlpyData:
 
     def deployed(self, name: str | None) -> dict[str, Any] | None:
         rows = self._run(
-            """SELECT m.model_id, m.sha256, m.cnn_id, m.metrics::text AS metrics, m.name, m.version, m.trained_at,
+            """SELECT m.model_id, m.sha256, m.cnn_id, m.algorithm, m.metrics::text AS metrics, m.name, m.version,
+                      m.trained_at,
                       d.deployment_id, d.name AS deployment_name, d.strategy, d.deployed_at
                FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
                WHERE $1::text IS NULL OR d.name = $1

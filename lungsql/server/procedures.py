@@ -121,6 +121,16 @@ def explain_prediction(plpy, patient_id, model_name) -> list[tuple]:
 
 
 @procedure
+def deploy_ensemble(plpy, name, model_ids, method, weights) -> int:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    model_id, _ = pipeline.deploy_ensemble(PlpyData(plpy), name, list(model_ids or []), method,
+                                           None if weights is None else list(weights))
+    return model_id
+
+
+@procedure
 def predict_many(plpy, patient_ids, model_name) -> list[tuple[str, float]]:
     from lungsql.server import pipeline
     from lungsql.server.plpy_data import PlpyData

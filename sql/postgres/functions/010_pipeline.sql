@@ -212,3 +212,27 @@ if "lungsql.server.procedures" not in sys.modules:
 from lungsql.server import procedures
 return procedures.explain_prediction(plpy, patient_id, model_name)
 $$;
+
+-- Deploy several trained models as one (lungsql.ml.ensemble): mean, weighted
+-- (weights given, or each member's validation AUC above 0.5), hard_vote (the
+-- share of members at or above 0.5) or max. The ensemble is stored as a model
+-- of `name`, measured on its members' common validation patients (the members'
+-- own figures on those patients go with it), deployed at once, and scored like
+-- any model: lungsql.predict_lung_cancer(patient_id, name). Returns its model_id.
+--
+--   SELECT lungsql.deploy_ensemble('ensemble', ARRAY[1, 2, 3], method => 'hard_vote');
+CREATE OR REPLACE FUNCTION lungsql.deploy_ensemble(
+    name      text,                             -- the registry name it is deployed as
+    model_ids integer[],                        -- two or more lungsql.models.model_id
+    method    text DEFAULT 'mean',              -- mean | weighted | hard_vote | max
+    weights   double precision[] DEFAULT NULL   -- with 'weighted': one per member
+)
+RETURNS integer
+LANGUAGE plpython3u
+AS $$
+import sys
+if "lungsql.server.procedures" not in sys.modules:
+    plpy.execute("SELECT lungsql._load_python()")
+from lungsql.server import procedures
+return procedures.deploy_ensemble(plpy, name, model_ids, method, weights)
+$$;
