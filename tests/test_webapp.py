@@ -657,8 +657,14 @@ def test_models_page_shows_metrics_roc_curves_and_the_deployed_model(boss, web_d
     response = boss.get("/admin/")
     assert response.status_code == 200
     body = text(response)
-    assert body.count('<svg class="roc"') == len(web_db.models)
+    with su.connect() as conn:
+        splits = conn.execute(sa.text("SELECT split, count(*) FROM lungsql.model_comparison GROUP BY split "
+                                      "HAVING count(*) > 1")).all()
+    # One curve per model, and one plot per split shared by two or more models (their curves overlaid).
+    assert body.count('<svg class="roc"') == len(web_db.models) + len(splits)
     assert re.search(r'<polyline class="roc-curve" points="(\d+\.\d,\d+\.\d ?){2,}"', body)
+    assert splits and f"Compared on the same" in body and body.count('class="roc-curve roc-series-') == sum(
+        n for _, n in splits)
     assert "ROC curve of lightgbm version 1" in body
     with su.connect() as conn:
         auc = conn.execute(sa.text("SELECT (metrics->>'auc')::float FROM lungsql.models WHERE model_id = :m"),

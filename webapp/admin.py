@@ -14,7 +14,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from lungsql import registry  # the registry's rules; a light module, no ML code
 from lungsql.webapp import audit
 from lungsql.webapp.auth import admin_required
-from lungsql.webapp.charts import roc_chart
+from lungsql.webapp.charts import roc_chart, roc_overlay
 from lungsql.webapp.db import database_message, get_db, is_lungsql_error
 from lungsql.webapp.records import clean_query
 
@@ -46,7 +46,27 @@ def models():
         model["deployed"] = current.get(row["name"], {}).get("model_id") == row["model_id"]
         names.setdefault(row["name"], []).append(model)
     return render_template("admin/models.html", names=names, current=current, default=default,
-                           history=history, strategies=STRATEGIES)
+                           history=history, strategies=STRATEGIES, comparisons=_comparisons(conn))
+
+
+def _comparisons(conn) -> list[dict]:
+    """Models measured on the same validation patients (lungsql.model_comparison's split), the best
+    first, with their ROC curves on one plot; only splits shared by two or more models."""
+    rows = conn.execute(sa.text(
+        "SELECT c.*, m.metrics FROM lungsql.model_comparison c JOIN lungsql.models m USING (model_id) "
+        "WHERE c.split IS NOT NULL ORDER BY c.split, c.auc DESC NULLS LAST, c.model_id LIMIT :limit"),
+        {"limit": MODELS_SHOWN}).mappings().all()
+    splits: dict[str, list[dict]] = {}
+    for row in rows:
+        splits.setdefault(row["split"], []).append(dict(row))
+    shown = []
+    for split, models in splits.items():
+        if len(models) < 2:
+            continue
+        labels = [f"{m['name']} v{m['version']} ({m['cnn_name'] or 'ensemble'})" for m in models]
+        shown.append({"split": split, "models": models, "patients": models[0]["valid_patients"],
+                      "chart": roc_overlay(list(zip(labels, (m["metrics"] for m in models)))), "labels": labels})
+    return shown
 
 
 @bp.post("/deploy")

@@ -52,3 +52,32 @@ def _finite(value) -> bool:
 
 def _unit(value) -> bool:
     return _finite(value) and 0.0 <= value <= 1.0
+
+
+@dataclass(frozen=True)
+class RocOverlay:
+    """Several models' ROC curves on one plot (the admin page's comparison)."""
+
+    curves: list[tuple[str, RocChart]]  # (label, chart) in the order of the legend
+    ticks: list[tuple[float, str]]
+    width: int = LEFT + SIZE + RIGHT
+    height: int = TOP + SIZE + BOTTOM
+    left: int = LEFT
+    top: int = TOP
+    size: int = SIZE
+
+    @property
+    def right(self) -> int:
+        return LEFT + SIZE
+
+    @property
+    def bottom(self) -> int:
+        return TOP + SIZE
+
+
+def roc_overlay(models: list[tuple[str, dict | None]]) -> RocOverlay | None:
+    """The curves of (label, metrics) pairs that have one; None when fewer than two have."""
+    curves = [(label, chart) for label, metrics in models if (chart := roc_chart(metrics)) is not None]
+    if len(curves) < 2:
+        return None
+    return RocOverlay(curves=curves, ticks=[(i / 4 * SIZE, f"{i / 4:g}") for i in range(5)])

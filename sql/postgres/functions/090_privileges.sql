@@ -32,6 +32,7 @@ REVOKE ALL ON ALL PROCEDURES IN SCHEMA lungsql FROM lungsql_web;
 
 GRANT USAGE ON SCHEMA lungsql TO lungsql_web;
 GRANT SELECT ON lungsql.models, lungsql.deployments TO lungsql_web;
+GRANT SELECT ON lungsql.model_comparison TO lungsql_web;
 GRANT SELECT (user_id, username, role, disabled) ON lungsql.users TO lungsql_web;
 
 -- Scoring and deployment run with the rights of their owner, on a fixed search path
