@@ -385,6 +385,25 @@ def model_import(ctx, path: Path | None, builtin: str | None, name: str | None, 
              row.sha256[:16])])
 
 
+@model.command("export")
+@click.argument("model_id", type=click.IntRange(1))
+@click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
+@click.pass_context
+@reports_errors
+def model_export(ctx, model_id: int, out: Path) -> None:
+    """Write MODEL_ID as one ONNX file (CNN, per-patient aggregation and trees) that ONNX Runtime runs alone."""
+    from lungsql.client import model_export as exporter
+
+    summary = exporter.export_model(_engine(ctx), model_id, out)
+    _table(["model_id", "name", "version", "cnn", "MB", "sha256"],
+           [(summary["model_id"], summary["name"], summary["version"], summary["cnn"],
+             f"{summary['bytes'] / 1e6:.1f}", summary["sha256"][:16])])
+    described = {side: ", ".join(f"{v['name']} {v['type']}{v['shape']}" for v in summary[side])
+                 for side in ("inputs", "outputs")}
+    click.echo(f"wrote {summary['path']} in {summary['seconds']:.1f} s; inputs {described['inputs']}; "
+               f"output {described['outputs']}")
+
+
 @main.command()
 @click.option("--cnn", "cnn_name", help="CNN name (default: the newest).")
 @click.option("--all", "redo", is_flag=True, help="Featurize every patient again, not only those missing.")
