@@ -134,3 +134,29 @@ def test_explain_prediction_covers_every_slice_once_and_adds_up_to_the_probabili
             assert sum(r.contribution for r in rows) == pytest.approx(logit, abs=1e-6)
             assert all(r.probability == pytest.approx(probability, abs=1e-12) for r in rows)
             assert all(r.series_instance_uid == series for r in rows)
+
+
+def test_a_heat_map_lies_over_the_slice_and_comes_in_under_a_second(trained):
+    import time
+
+    with trained.begin() as conn:
+        patient_id = conn.execute(sa.text("SELECT patient_id FROM lungsql.features ORDER BY 1 LIMIT 1")).scalar()
+        top = conn.execute(sa.text("SELECT scan_ids, contribution FROM lungsql.explain_prediction(:p) "
+                                   "WHERE part = 'group' ORDER BY rank LIMIT 1"), {"p": patient_id}).one()
+        size = conn.execute(sa.text("SELECT rows, columns FROM lungsql.scans WHERE scan_id = :s"),
+                            {"s": top.scan_ids[0]}).one()
+        timings = []
+        for scan_id in top.scan_ids:
+            started = time.perf_counter()
+            h = conn.execute(sa.text("SELECT * FROM lungsql.slice_heatmap(:p, :s)"),
+                             {"p": patient_id, "s": scan_id}).one()
+            timings.append(time.perf_counter() - started)
+            heat = np.frombuffer(h.heat, np.uint8).reshape(h.rows, h.columns)
+            assert (h.rows, h.columns) == (size.rows, size.columns)
+            assert h.contribution == pytest.approx(top.contribution, abs=1e-9)
+            assert heat.max() == 255 or (heat.max() == 0 and top.contribution <= 0)
+        other = conn.execute(sa.text("SELECT scan_id FROM lungsql.scans WHERE patient_id <> :p LIMIT 1"),
+                             {"p": patient_id}).scalar()
+        with pytest.raises(Exception, match="is not a slice of the series"):
+            conn.execute(sa.text("SELECT * FROM lungsql.slice_heatmap(:p, :s)"), {"p": patient_id, "s": other})
+    assert min(timings) < 1.0, timings  # the first call in a session also opens the CNN

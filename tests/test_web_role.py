@@ -72,7 +72,7 @@ def test_the_web_role_executes_only_owner_rights_functions_on_a_fixed_search_pat
         SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'lungsql' AND has_function_privilege('lungsql_web', p.oid, 'EXECUTE')""")
     assert {f.proname for f in functions} == {
-        "web_search_patients", "web_patient", "web_slice_ref", "web_top_slices", "slice_image", "sign_in", "audit_append",
+        "web_search_patients", "web_patient", "web_slice_ref", "web_top_slices", "web_slice_heatmap", "slice_image", "sign_in", "audit_append",
         "predict_lung_cancer", "predict_lung_cancer_batch", "predict_lung_cancer_detail", "warm_up", "deploy"}
     assert all(f.prosecdef and f.proconfig == ["search_path=pg_catalog, pg_temp"] for f in functions), functions
 

@@ -895,7 +895,16 @@ def test_in_a_browser_search_view_slices_and_play(browser, live_server, web_db, 
     assert badge.is_displayed() and "weighed most towards a higher probability" in badge.text
     jumps = browser.find_elements(By.CSS_SELECTOR, ".top-slices [data-slice]")
     assert len(jumps) == len({t.rank for t in top})
+    # The heat map over the slice, on demand, and off again.
+    overlay = browser.find_element(By.CSS_SELECTOR, "img.heatmap-overlay")
+    assert not overlay.is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "input.heatmap-switch").click()
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
+    assert overlay.is_displayed() and overlay.get_attribute("src").endswith(f"/slices/{start}/heatmap.png")
+    assert "not a diagnosis" in browser.find_element(By.CSS_SELECTOR, ".heatmap-toggle").text
     browser.save_screenshot(str(output_dir / "webapp-patient-top-slices.png"))
+    browser.find_element(By.CSS_SELECTOR, "input.heatmap-switch").click()
+    assert not overlay.is_displayed()
     if len(jumps) > 1:
         jumps[1].click()
         second = [t.slice_index for t in top if t.rank == 2]

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, abort, current_app, redirect, render_temp
 
 from lungsql.webapp import audit, records
 from lungsql.webapp.scoring import ScoringUnavailable, score
-from lungsql.webapp.slices import encode_png
+from lungsql.webapp.slices import encode_heatmap_png, encode_png
 
 bp = Blueprint("patients", __name__)
 
@@ -72,6 +72,28 @@ def slice_png(patient_id: str, index: int):
             if pixels is None:  # deleted since the reference was read
                 abort(404, description="There is no such slice.")
             png = encode_png(*pixels)
+            cache.put(etag, png)
+        response = Response(png, mimetype="image/png", headers=headers)
+    response.set_etag(etag)
+    return response
+
+
+@bp.get("/patients/<patient_id>/slices/<int:index>/heatmap.png")
+def heatmap_png(patient_id: str, index: int):
+    """The heat map over slice number `index` (lungsql.slice_heatmap), a transparent PNG; 404 when
+    there is none (a slice outside the featurized series, or no model to explain)."""
+    found = records.slice_heatmap(patient_id, index)
+    if found is None:
+        abort(404, description="There is no heat map for this slice.")
+    etag = f"heat-{found['sha256']}-{found['model_id']}"
+    headers = {"Cache-Control": f"private, max-age={current_app.config['SLICE_MAX_AGE_S']}"}
+    if etag in request.if_none_match:
+        response = Response(status=304, headers=headers)
+    else:
+        cache = current_app.extensions[SLICE_CACHE]
+        png = cache.get(etag)
+        if png is None:
+            png = encode_heatmap_png(found["rows"], found["columns"], bytes(found["heat"]))
             cache.put(etag, png)
         response = Response(png, mimetype="image/png", headers=headers)
     response.set_etag(etag)

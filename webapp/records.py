@@ -29,6 +29,8 @@ _SEARCH = sa.text("SELECT * FROM lungsql.web_search_patients(:q, CAST(:limit AS 
 _PATIENT = sa.text("SELECT * FROM lungsql.web_patient(:patient_id)")
 _EXISTS = sa.text("SELECT 1 FROM lungsql.web_patient(:patient_id)")
 # The viewer's order: series by series, each in z order.
+_HEAT = sa.text("SELECT rows, columns, heat, model_id, sha256 "
+                "FROM lungsql.web_slice_heatmap(:patient_id, CAST(:index AS integer))")
 _TOP = sa.text("SELECT slice_index, rank, contribution FROM lungsql.web_top_slices(:patient_id, 3)")
 _SLICE = sa.text("SELECT scan_id, sha256 FROM lungsql.web_slice_ref(:patient_id, CAST(:index AS integer))")
 _PIXELS = sa.text("SELECT rows, columns, pixels FROM lungsql.slice_image(CAST(:scan_id AS bigint), "
@@ -107,6 +109,26 @@ def top_slices(patient_id: str) -> list[dict]:
         get_db().rollback()
         return []
     return [dict(r) for r in rows]
+
+
+def slice_heatmap(patient_id: str, index: int) -> dict | None:
+    """The heat map (rows, columns, heat bytes, model_id, sha256) of the patient's slice number
+    `index`, or None: beyond the last slice, outside the featurized series, or when the patient
+    cannot be scored or the CNN gives no feature map."""
+    if not valid_patient_id(patient_id) or not 0 <= index <= INDEX_MAX:
+        return None
+    try:
+        row = get_db().execute(_HEAT, {"patient_id": patient_id, "index": index}).mappings().first()
+    except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        raise  # the database is gone: 503
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        if not is_lungsql_error(exc):
+            current_app.logger.exception("the heat map of patient %r slice %d failed", patient_id, index)
+        get_db().rollback()
+        return None
+    return None if row is None else dict(row)
 
 
 def slice_pixels(scan_id: int, window: tuple[float, float]) -> tuple[int, int, bytes] | None:

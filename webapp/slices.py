@@ -34,6 +34,25 @@ def encode_png(rows: int, columns: int, pixels: bytes) -> bytes:
     return png.tobytes()
 
 
+def encode_heatmap_png(rows: int, columns: int, heat: bytes) -> bytes:
+    """A heat map (rows x columns uint8) as a transparent PNG to lay over the slice: one warm colour,
+    more opaque where the map is stronger, clear where it is zero."""
+    import cv2
+
+    if rows <= 0 or columns <= 0 or len(heat) != rows * columns:
+        raise InvalidScan(f"the database returned {len(heat)} bytes for a heat map of {rows} x {columns} pixels")
+    level = np.frombuffer(heat, dtype=np.uint8).reshape(rows, columns)
+    image = np.empty((rows, columns, 4), np.uint8)
+    image[..., 0] = 0                                    # blue
+    image[..., 1] = (level.astype(np.uint16) * 160 // 255).astype(np.uint8)  # green: orange to yellow
+    image[..., 2] = 255                                  # red
+    image[..., 3] = (level.astype(np.uint16) * 170 // 255).astype(np.uint8)  # at most two thirds opaque
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise ConfigurationError("OpenCV could not encode the heat map as PNG")
+    return png.tobytes()
+
+
 class PngCache:
     """A thread-safe LRU of rendered slices, at most `max_bytes` of PNG in all."""
 

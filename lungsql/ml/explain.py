@@ -35,6 +35,7 @@ class Explanation:
     groups: np.ndarray  # float64 (n_groups,): each group of slices' contribution
     patient: dict[str, float]  # contributions of the entries that belong to no group (log_slices, age, sex)
     bias: float  # the model's expected raw score
+    per_feature: np.ndarray | None = None  # (n_groups, D): the groups' contributions feature by feature
 
     @property
     def raw_score(self) -> float:
@@ -67,14 +68,20 @@ def explain(booster, groups: np.ndarray, vector: np.ndarray, feature_names: list
             "contributions cannot be carried back to groups of slices",
             hint="explain a model trained by lungsql.train_model on this CNN's features")
     contrib = contributions(booster, vector)
-    mean_part, delta_part = contrib[:d], contrib[d:2 * d]
+    per_feature = attribution(groups, contrib[:d], contrib[d:2 * d])
+    patient = {name: float(c) for name, c in zip(feature_names[2 * d:], contrib[2 * d:-1])}
+    return Explanation(per_feature.sum(axis=1), patient, float(contrib[-1]), per_feature)
+
+
+def attribution(groups: np.ndarray, mean_part: np.ndarray, delta_part: np.ndarray) -> np.ndarray:
+    """(n_groups, D): each group's share of each CNN feature's contributions (the module's rule)."""
+    n = groups.shape[0]
     distance = np.abs(groups - groups.mean(axis=0))
     total = distance.sum(axis=0)
     share = np.divide(distance, total, out=np.full_like(distance, 1.0 / n), where=total > 0)
-    per_group = share @ mean_part
-    per_group += np.bincount(groups.argmax(axis=0), weights=delta_part, minlength=n)
-    patient = {name: float(c) for name, c in zip(feature_names[2 * d:], contrib[2 * d:-1])}
-    return Explanation(per_group, patient, float(contrib[-1]))
+    per_feature = share * mean_part
+    per_feature[groups.argmax(axis=0), np.arange(groups.shape[1])] += delta_part
+    return per_feature
 
 
 def group_slices(n_groups: int, n_slices: int, slices_per_image: int = 3) -> list[range]:

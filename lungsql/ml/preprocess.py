@@ -327,8 +327,22 @@ def normalize(groups: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 # ----------------------------------------------------------------------------- all steps
 
 
+def volume_crop(slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing = Preprocessing(),
+                rescale: Sequence[tuple[float, float]] | np.ndarray | None = None) -> SquareCrop:
+    """The square around the body that `prepare_volume` cuts out of every slice of the series."""
+    slices = _as_slices(slices)
+    slope, intercept = _rescale(rescale, len(slices))
+    if np.all(slope == slope[0]) and np.all(intercept == intercept[0]):
+        threshold = (p.body_threshold_hu - intercept[0]) / slope[0]
+        return _square_around(_max_projection(slices) > threshold, p.body_margin)
+    # slices rescaled differently: find the body in HU
+    return body_crop([s * np.float32(a) + np.float32(b) for s, a, b in zip(slices, slope, intercept)],
+                     p.body_threshold_hu, p.body_margin)
+
+
 def prepare_volume(slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing = Preprocessing(),
-                   rescale: Sequence[tuple[float, float]] | np.ndarray | None = None) -> np.ndarray:
+                   rescale: Sequence[tuple[float, float]] | np.ndarray | None = None,
+                   crop: SquareCrop | None = None) -> np.ndarray:
     """The CNN input of one series: float32 (ceil(n / k), k, S, S).
 
     `slices` are 2-D arrays of one size, already in z order (see
@@ -339,7 +353,8 @@ def prepare_volume(slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing =
     window (in the slices' own units), crop and resize, then one affine map
     per slice that does the rescale, the window's scaling and the
     normalisation together (resizing averages linearly, so mapping before or
-    after it is the same).
+    after it is the same). `crop`, when given, replaces the square `volume_crop` finds (a part of
+    a series prepared as the whole series was).
     """
     slices = _as_slices(slices)
     n, k, size = len(slices), p.slices_per_image, p.image_size
@@ -347,12 +362,8 @@ def prepare_volume(slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing =
     slope, intercept = _rescale(rescale, n)
     low, high = p.hu_window
     lows, highs = (low - intercept) / slope, (high - intercept) / slope  # the window in stored units
-    if np.all(slope == slope[0]) and np.all(intercept == intercept[0]):
-        threshold = (p.body_threshold_hu - intercept[0]) / slope[0]
-        crop = _square_around(_max_projection(slices) > threshold, p.body_margin)
-    else:  # slices rescaled differently: find the body in HU
-        crop = body_crop([s * np.float32(a) + np.float32(b) for s, a, b in zip(slices, slope, intercept)],
-                         p.body_threshold_hu, p.body_margin)
+    if crop is None:
+        crop = volume_crop(slices, p, rescale)
     src_r, src_c, dst_r, dst_c = crop.inside(rows, cols)
     resize = Resampler(crop.side, size, p.resampling)
 

@@ -17,12 +17,12 @@ import numpy as np
 from lungsql import registry
 from lungsql.ml import ensemble
 from lungsql.ml import explain as explanation
-from lungsql.ml import featurize, scoring, training
+from lungsql.ml import featurize, heatmap, scoring, training
 from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
 from lungsql.ml.features import GroupFeatures, patient_vector_names
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
-from lungsql.ml.preprocess import Preprocessing
-from lungsql.dicom.series import Choice, SeriesInfo, choose_series, summarize_series
+from lungsql.ml.preprocess import Preprocessing, prepare_volume, volume_crop
+from lungsql.dicom.series import Choice, SeriesInfo, choose_series, read_slices, summarize_series
 
 #: The patient vector: the CNN recipe of lungsql.ml.features, then age and sex.
 FEATURE_SET = CNN_FEATURE_SET + "+age-sex"
@@ -57,6 +57,7 @@ class PipelineData(Protocol):
     def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None: ...
     def cnn_preprocessing(self, cnn_id: int) -> dict[str, Any]: ...
     def model_rows(self, model_ids: Sequence[int]) -> list[dict[str, Any]]: ...
+    def cnn_by_id(self, cnn_id: int) -> dict[str, Any]: ...
     def labels(self, patient_ids: Sequence[str]) -> dict[str, int]: ...
     def series_slices(self, patient_id: str, series_instance_uid: str) -> list[tuple[int, float, Any]]: ...
 
@@ -478,23 +479,7 @@ class Explained:
 def explain(data: PipelineData, patient_id: str, model_name: str | None = None) -> Explained:
     """Which groups of slices the deployed model's probability for the patient comes from
     (lungsql.ml.explain); the probability is the one `score` gives, not recorded again."""
-    deployed = data.deployed(model_name)
-    if deployed is None:
-        raise LungSQLError("no model is deployed" + (f" as {model_name!r}" if model_name else ""),
-                           hint="train one: SELECT * FROM lungsql.train_model()")
-    if deployed.get("algorithm") == ensemble.ALGORITHM:
-        raise ConfigurationError(f"model {deployed['model_id']} is an ensemble; its members explain themselves",
-                                 hint="explain by a member's name: lungsql.explain_prediction(patient_id, model_name)")
-    model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
-                                 lambda: data.model_text(deployed["model_id"]))
-    rows = data.patient_features([patient_id], deployed["cnn_id"])
-    if not rows:
-        raise LungSQLError(f"no features for patient {patient_id!r} from the CNN of model {deployed['model_id']}",
-                           hint="check the patient id, or featurize: CALL lungsql.generate_features()")
-    row = rows[0]
-    features = GroupFeatures.from_bytes(row["data"], (row["n_groups"], row["dim"]), row["sha256"],
-                                        n_slices=row["n_slices"])
-    vector = patient_vector(row)
+    deployed, model, row, features, vector = _explained_inputs(data, patient_id, model_name)
     taken = explanation.explain(model.booster, features.array, vector, model.feature_names)
     series = row.get("series_instance_uid") or choose_series(*data.patient_series(patient_id)).series_instance_uid
     places = sorted(((float(z), scan_id) for scan_id, z_position, frame_z in data.series_slices(patient_id, series)
@@ -512,6 +497,73 @@ def explain(data: PipelineData, patient_id: str, model_name: str | None = None) 
     groups.sort(key=lambda c: -c.contribution)
     probability = float(model.predict(vector)[0])
     return Explained(deployed, probability, series, groups, taken.patient, taken.bias)
+
+
+@dataclass
+class Heatmap:
+    rows: int
+    columns: int
+    heat: bytes  # rows x columns uint8, 255 where the features that raised the probability were strongest
+    group: int
+    contribution: float
+    model_id: int
+
+
+def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name: str | None = None) -> Heatmap:
+    """The class-activation map (lungsql.ml.heatmap) of the group of slices that holds stored file
+    `scan_id`, over that file's pixels, for the deployed model's probability of the patient."""
+    deployed, model, row, features, vector = _explained_inputs(data, patient_id, model_name)
+    cnn = data.cnn_by_id(deployed["cnn_id"])
+    output = (_json(cnn["source"]) or {}).get("feature_map", {}).get("output")
+    if not output:
+        raise ConfigurationError(f"CNN {cnn['name']!r} gives no feature map, so lungsql cannot show where in a "
+                                 "slice the probability comes from",
+                                 hint="use a built-in CNN exported by this lungsql: lungsql model import --builtin ...")
+    taken = explanation.explain(model.booster, features.array, vector, model.feature_names)
+    series = row.get("series_instance_uid") or choose_series(*data.patient_series(patient_id)).series_instance_uid
+    scans = data.series_scans(patient_id, series)
+    order = [scan for _, scan in sorted(((float(z), scan_id_) for scan_id_, z_position, frame_z
+                                         in data.series_slices(patient_id, series)
+                                         for z in (frame_z or [z_position])), key=lambda place: place[0])]
+    if scan_id not in order:
+        raise LungSQLError(f"scan {scan_id} is not a slice of the series patient {patient_id!r} was featurized from",
+                           hint="SELECT scan_ids FROM lungsql.explain_prediction(patient_id)")
+    slices, rescale = read_slices(scans)
+    p = Preprocessing.from_json(_json(cnn["preprocessing"]))
+    first = order.index(scan_id)
+    group = first // p.slices_per_image
+    held = explanation.group_slices(features.shape[0], features.n_slices, p.slices_per_image)[group]
+    crop = volume_crop(slices, p, rescale)
+    image = prepare_volume([slices[i] for i in held], p, rescale[list(held)], crop=crop)
+    session = heatmap.feature_map_session(bytes(cnn["model"]), cnn["sha256"])
+    (maps,) = session.run([output], {cnn["input_name"]: image})
+    cam = heatmap.activation_map(maps[0], taken.per_feature[group])
+    rows, cols = slices[first].shape
+    heat = heatmap.on_slice(cam, crop, rows, cols)
+    return Heatmap(rows, cols, (heat * 255 + 0.5).astype(np.uint8).tobytes(), group,
+                   float(taken.groups[group]), int(deployed["model_id"]))
+
+
+def _explained_inputs(data: PipelineData, patient_id: str, model_name: str | None):
+    """The deployed model (not an ensemble), its parsed booster, the patient's features row, its
+    GroupFeatures and its model input vector."""
+    deployed = data.deployed(model_name)
+    if deployed is None:
+        raise LungSQLError("no model is deployed" + (f" as {model_name!r}" if model_name else ""),
+                           hint="train one: SELECT * FROM lungsql.train_model()")
+    if deployed.get("algorithm") == ensemble.ALGORITHM:
+        raise ConfigurationError(f"model {deployed['model_id']} is an ensemble; its members explain themselves",
+                                 hint="explain by a member's name: lungsql.explain_prediction(patient_id, model_name)")
+    model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
+                                 lambda: data.model_text(deployed["model_id"]))
+    rows = data.patient_features([patient_id], deployed["cnn_id"])
+    if not rows:
+        raise LungSQLError(f"no features for patient {patient_id!r} from the CNN of model {deployed['model_id']}",
+                           hint="check the patient id, or featurize: CALL lungsql.generate_features()")
+    row = rows[0]
+    features = GroupFeatures.from_bytes(row["data"], (row["n_groups"], row["dim"]), row["sha256"],
+                                        n_slices=row["n_slices"])
+    return deployed, model, row, features, patient_vector(row)
 
 
 def _json(value: Any) -> Any:

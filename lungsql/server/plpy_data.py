@@ -134,6 +134,12 @@ class PlpyData:
                          ["text", "text"], [patient_id, series_instance_uid])
         return [(r["scan_id"], r["z_position"], r["frame_z"]) for r in rows]
 
+    def cnn_by_id(self, cnn_id: int) -> dict[str, Any]:
+        rows = self._run("SELECT * FROM lungsql.cnn_models WHERE cnn_id = $1", ["integer"], [cnn_id])
+        if not rows:
+            raise ConfigurationError(f"no CNN with cnn_id {cnn_id}")
+        return dict(rows[0])
+
     def cnn_preprocessing(self, cnn_id: int) -> dict[str, Any]:
         rows = self._run("SELECT preprocessing FROM lungsql.cnn_models WHERE cnn_id = $1", ["integer"], [cnn_id])
         if not rows:

@@ -121,6 +121,17 @@ def explain_prediction(plpy, patient_id, model_name) -> list[tuple]:
 
 
 @procedure
+def slice_heatmap(plpy, patient_id, scan_id, model_name) -> list[tuple]:
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
+
+    if patient_id is None or scan_id is None:
+        return []
+    h = pipeline.slice_heatmap(PlpyData(plpy), patient_id, int(scan_id), model_name)
+    return [(h.rows, h.columns, h.heat, h.group, h.contribution, h.model_id)]
+
+
+@procedure
 def deploy_ensemble(plpy, name, model_ids, method, weights) -> int:
     from lungsql.server import pipeline
     from lungsql.server.plpy_data import PlpyData

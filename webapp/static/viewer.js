@@ -17,6 +17,8 @@
       return;
     }
     var badge = root.querySelector(".marked-badge");
+    var overlay = root.querySelector(".heatmap-overlay");
+    var heatSwitch = root.querySelector(".heatmap-switch");
     var marked = {};
     (root.getAttribute("data-marked") || "").split(",").forEach(function (value) {
       if (value !== "") {
@@ -56,8 +58,22 @@
         badge.hidden = !marked[current];
         root.classList.toggle("on-marked", !!marked[current]);
       }
+      showHeat();
       preload(current + 1);
       preload(current - 1);
+    }
+
+    function showHeat() {
+      if (!overlay || !heatSwitch) {
+        return;
+      }
+      if (heatSwitch.checked) {
+        overlay.src = base + current + "/heatmap.png";
+        overlay.hidden = false;
+      } else {
+        overlay.hidden = true;
+        overlay.removeAttribute("src");
+      }
     }
 
     function stop() {
@@ -99,6 +115,12 @@
         stop();
         show(parseInt(event.currentTarget.getAttribute("data-slice"), 10) || 0);
       });
+    }
+    if (heatSwitch) {
+      heatSwitch.addEventListener("change", showHeat);
+    }
+    if (overlay) {
+      overlay.addEventListener("error", function () { overlay.hidden = true; });
     }
     image.addEventListener("load", function () { waiting = false; });
     image.addEventListener("error", function () { waiting = false; });

@@ -236,3 +236,27 @@ if "lungsql.server.procedures" not in sys.modules:
 from lungsql.server import procedures
 return procedures.deploy_ensemble(plpy, name, model_ids, method, weights)
 $$;
+
+-- Where in a slice the probability comes from: the class-activation map of the
+-- group of slices that holds stored file `scan_id` (the CNN's last feature map
+-- weighted by that group's contributions, lungsql.ml.heatmap), over the file's
+-- pixels: rows x columns bytes, 255 where the features that raised the
+-- probability were strongest, 0 where none were. An aid to reading the scan,
+-- not a diagnosis.
+--
+--   SELECT rows, columns, group_index, contribution FROM lungsql.slice_heatmap('0a0c32c9...', 1234);
+CREATE OR REPLACE FUNCTION lungsql.slice_heatmap(
+    patient_id text,                   -- lungsql.patients.patient_id
+    scan_id    bigint,                 -- one of lungsql.explain_prediction(patient_id).scan_ids
+    model_name text DEFAULT NULL       -- NULL: the most recently deployed model
+)
+RETURNS TABLE (rows integer, columns integer, heat bytea, group_index integer, contribution double precision,
+               model_id integer)
+LANGUAGE plpython3u
+AS $$
+import sys
+if "lungsql.server.procedures" not in sys.modules:
+    plpy.execute("SELECT lungsql._load_python()")
+from lungsql.server import procedures
+return procedures.slice_heatmap(plpy, patient_id, scan_id, model_name)
+$$;

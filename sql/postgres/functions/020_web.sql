@@ -213,3 +213,25 @@ CROSS JOIN LATERAL unnest(t.scan_ids) AS s(scan_id)
 JOIN numbered n ON n.scan_id = s.scan_id
 ORDER BY t.rank, n.idx
 $$;
+
+-- The heat map of the patient's slice number `slice_index` (the viewer's
+-- numbering, as web_slice_ref), for the deployed model: lungsql.slice_heatmap,
+-- with the model and the slice's SHA-256 to key a cache. No row beyond the last
+-- slice, or for a slice outside the featurized series.
+--
+--   SELECT rows, columns, model_id FROM lungsql.web_slice_heatmap('0a0c32c9e08cc2ea76a71649de56be6d', 0);
+CREATE OR REPLACE FUNCTION lungsql.web_slice_heatmap(
+    id          text,        -- lungsql.patients.patient_id
+    slice_index integer      -- 0 .. slices - 1
+)
+RETURNS TABLE (rows integer, columns integer, heat bytea, model_id integer, sha256 text)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT h.rows, h.columns, h.heat, h.model_id, r.sha256
+FROM lungsql.web_slice_ref(web_slice_heatmap.id, web_slice_heatmap.slice_index) r
+JOIN lungsql.features f ON f.patient_id = web_slice_heatmap.id
+JOIN lungsql.scans s ON s.scan_id = r.scan_id AND s.series_instance_uid = f.series_instance_uid
+CROSS JOIN LATERAL lungsql.slice_heatmap(web_slice_heatmap.id, r.scan_id) h
+WHERE f.cnn_id = (SELECT m.cnn_id FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
+                  ORDER BY d.deployment_id DESC LIMIT 1)
+$$;

@@ -53,6 +53,7 @@ GRANT EXECUTE ON FUNCTION lungsql.web_search_patients(text, integer) TO lungsql_
 GRANT EXECUTE ON FUNCTION lungsql.web_patient(text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.web_slice_ref(text, integer) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.web_top_slices(text, integer) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.web_slice_heatmap(text, integer) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.slice_image(bigint, real, real) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.sign_in(text, text, text, integer, integer, integer, double precision,
                                           double precision) TO lungsql_web;
