@@ -114,3 +114,15 @@ def test_the_stored_ensemble_is_checked_before_it_is_read():
         ensemble.load(spec.to_text().replace('"mean"', '"max"'), spec.sha256)
     with pytest.raises(ConfigurationError, match="weights are only for"):
         ensemble.build("mean", [{"model_id": 1, "sha256": "a"}, {"model_id": 2, "sha256": "b"}], weights=[1, 2])
+
+
+def test_an_ensemble_is_explained_by_its_member_of_the_largest_weight(members):
+    engine, ids = members
+    call(engine, "SELECT lungsql.deploy_ensemble('ens', %s, 'weighted', ARRAY[1.0, 3.0, 2.0])", (ids,))
+    with engine.begin() as conn:
+        patient = conn.execute(sa.text("SELECT patient_id FROM lungsql.features ORDER BY 1 LIMIT 1")).scalar()
+        rows = conn.execute(sa.text("SELECT model_id, probability FROM lungsql.explain_prediction(:p, 'ens')"),
+                            {"p": patient}).all()
+        member = conn.execute(sa.text("SELECT lungsql.predict_lung_cancer(:p, 'b')"), {"p": patient}).scalar()
+    assert {r.model_id for r in rows} == {ids[1]}
+    assert rows[0].probability == pytest.approx(member, abs=1e-12)

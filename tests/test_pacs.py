@@ -364,7 +364,8 @@ def test_the_demo_runs_from_a_pacs_and_leaves_its_reports_there(db_env, engine, 
     result = CliRunner().invoke(main, ["demo", "--pacs", "--no-serve", "--patients", "8", "--slices", "3:4"])
     assert result.exit_code == 0, result.output[-3000:]
     for step in ("starting a PACS", "lungsql pacs pull --url", "lungsql pacs push-results",
-                 "8 reports stored in the PACS, 0 patients not pushed"):
+                 "8 reports stored in the PACS, 0 patients not pushed",
+                 "lungsql.deploy_ensemble('ensemble', ...)", "lungsql.model_comparison"):
         assert step in result.output, step
     assert scalar(engine, "SELECT count(DISTINCT patient_id) FROM lungsql.predictions") == 8
     with LocalOrthanc(tmp_path / "home" / "orthanc") as orthanc:  # the demo's PACS, started again

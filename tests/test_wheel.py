@@ -98,11 +98,13 @@ def test_the_installed_package_runs_the_demo_with_a_cluster_of_its_own(installed
            "LUNGSQL_HOME": str(state / "home"), "LUNGSQL_DATA_PATH": str(state / "data")}
     lungsql = str(installed / "bin" / "lungsql")
     try:
-        demo = subprocess.run([lungsql, "demo", "--no-serve", "--patients", "8", "--slices", "3:4"],
+        demo = subprocess.run([lungsql, "demo", "--no-serve", "--patients", "8", "--slices", "3:4",
+                               "--cnn", "efficientnet-lite0"],
                               capture_output=True, text=True, env=env, cwd=state, timeout=900)
         assert demo.returncode == 0, demo.stderr[-2000:]
         for step in ("starting the local database", "applied migration 001_foundation.sql",
-                     "CALL lungsql.generate_features()", "SELECT lungsql.predict_lung_cancer(...)", "==> done"):
+                     "CALL lungsql.generate_features(cnn_name => 'efficientnet-lite0')",
+                     "SELECT lungsql.predict_lung_cancer(...)", "==> done"):
             assert step in demo.stdout, step
     finally:
         subprocess.run([lungsql, "db", "stop"], capture_output=True, env=env, timeout=120)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from lungsql.client.db import driver_connection
 from lungsql.client import database_errors
-from lungsql.errors import LungSQLError
+from lungsql.errors import ConfigurationError, LungSQLError
 
 _PROGRESS = re.compile(r"^(\d+)/(\d+) patients")
 
@@ -106,6 +106,28 @@ def deploy(engine: sa.Engine, model_name: str, strategy: str) -> int:
         return _mssql().deploy(engine, model_name, strategy)
     with session(engine) as pg:
         return pg.execute("SELECT lungsql.deploy(%s, %s)", (model_name, strategy)).fetchone()[0]
+
+
+def deploy_ensemble(engine: sa.Engine, name: str, model_ids: list[int], method: str,
+                    weights: list[float] | None) -> tuple[int, dict]:
+    """SELECT lungsql.deploy_ensemble(...); (the ensemble's model id, its metrics)."""
+    if _on_sql_server(engine):
+        raise ConfigurationError("ensembles run on PostgreSQL only so far",
+                                 hint="deploy single models on SQL Server: EXEC dbo.DeployLungCancerModel")
+    with session(engine, lambda text: print(text, file=sys.stderr)) as pg:
+        model_id = pg.execute("SELECT lungsql.deploy_ensemble(%s, %s, %s, %s)",
+                              (name, model_ids, method, weights)).fetchone()[0]
+        metrics = pg.execute("SELECT metrics FROM lungsql.models WHERE model_id = %s", (model_id,)).fetchone()[0]
+    return model_id, metrics if isinstance(metrics, dict) else json.loads(metrics)
+
+
+def model_comparison(engine: sa.Engine) -> list[tuple]:
+    """The rows of lungsql.model_comparison, models sharing a split together, the best AUC first."""
+    with session(engine) as pg:
+        return pg.execute(
+            "SELECT model_id, name, version, coalesce(cnn_name, 'ensemble'), valid_patients, auc, log_loss, brier, "
+            "coalesce(split, '-'), coalesce(array_to_string(deployed_as, ', '), '') FROM lungsql.model_comparison "
+            "ORDER BY split NULLS LAST, auc DESC NULLS LAST, model_id").fetchall()
 
 
 def _on_sql_server(engine: sa.Engine) -> bool:

@@ -435,6 +435,47 @@ def train(ctx, model_name: str, params: str, cnn_name: str | None) -> None:
     _table(["metric", "value"], calls.metric_rows(metrics))
 
 
+@main.command("deploy-ensemble")
+@click.argument("name")
+@click.argument("model_ids", nargs=-1, required=True, type=click.IntRange(1))
+@click.option("--method", type=click.Choice(["mean", "weighted", "hard_vote", "max"]), default="mean",
+              show_default=True, help="How the members' probabilities combine.")
+@click.option("--weights", help="With --method weighted: one weight per member, comma-separated "
+                                "(default: each member's validation AUC above 0.5).")
+@click.pass_context
+@reports_errors
+def deploy_ensemble(ctx, name: str, model_ids: tuple[int, ...], method: str, weights: str | None) -> None:
+    """SELECT lungsql.deploy_ensemble(...): deploy MODEL_IDS as one model NAME, scored like any other."""
+    from lungsql.client import calls
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise click.BadParameter(f"{weights!r}: expected numbers separated by commas", param_hint="--weights") from None
+    model_id, metrics = calls.deploy_ensemble(_engine(ctx), name, list(model_ids), method, parsed)
+    click.echo(f"ensemble {model_id} ({name}, {method} of models {', '.join(map(str, model_ids))}): deployed; "
+               f"measured on the members' {metrics['valid_patients']} common validation patients")
+    _table(["metric", "value"], calls.metric_rows(metrics))
+
+
+@main.command()
+@click.pass_context
+@reports_errors
+def models(ctx) -> None:
+    """SELECT * FROM lungsql.model_comparison: every model's validation figures, models measured on the same
+    validation patients (split) together, the best first."""
+    from lungsql.client import calls
+
+    rows = calls.model_comparison(_engine(ctx))
+    _table(["model_id", "name", "version", "cnn", "valid", "auc", "log_loss", "brier", "split", "deployed as"],
+           [(r[0], r[1], r[2], r[3], r[4], _fixed(r[5], 3), _fixed(r[6], 4), _fixed(r[7], 4), r[8], r[9])
+            for r in rows])
+
+
+def _fixed(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 @main.command()
 @click.argument("patient_ids", nargs=-1, required=True)
 @click.option("--model", "model_name", help="Registry name (default: the most recently deployed model).")
@@ -601,12 +642,16 @@ def settings() -> None:
 @click.option("--slices", default="40:60", show_default=True, metavar="A:B", help="Slices per patient.")
 @click.option("--seed", default=2017, show_default=True, type=int, help="Seed of the synthetic cohort.")
 @click.option("--no-serve", is_flag=True, help="Stop before serving the web app.")
+@click.option("--cnn", "demo_cnns", multiple=True, type=click.Choice(BUILTIN_CNNS),
+              help="A built-in CNN to featurize and train on (repeatable; default: all of them, and an ensemble "
+                   "of their models is deployed).")
 @click.option("--pacs", "from_pacs", is_flag=True,
               help="Run the demo from a PACS: an Orthanc started on loopback holds the cohort, lungsql pulls it "
                    "over DICOMweb and stores each result back in it as a DICOM SR.")
 @click.pass_context
 @reports_errors
-def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool, from_pacs: bool = False) -> None:
+def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool, from_pacs: bool = False,
+         demo_cnns: tuple[str, ...] = ()) -> None:
     """Run the whole pipeline on a synthetic cohort, then serve the web app (until Ctrl+C)."""
     import json
 
@@ -643,16 +688,29 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
             _step(f"lungsql pacs pull --url {orthanc.dicomweb_url}: the cohort from the PACS into lungsql.scans")
             ctx.invoke(pacs_pull, url=orthanc.dicomweb_url, since=dt.datetime(1900, 1, 1),
                        labels_csv=cohort / "stage1_labels.csv")
-        _demo_pipeline(ctx, orthanc, no_serve)
+        _demo_pipeline(ctx, orthanc, no_serve, list(demo_cnns or BUILTIN_CNNS))
 
 
-def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool) -> None:
-    _step("storing the ImageNet CNN (EfficientNet-Lite0, ONNX) in lungsql.cnn_models")
-    ctx.invoke(model_import, path=None, builtin="efficientnet-lite0", name=None, output=None, replace=False)
-    _step("CALL lungsql.generate_features(): CNN features of every patient, inside the server")
-    ctx.invoke(featurize, cnn_name=None, redo=False, shard=0, shards=1, retry_failed=False)
-    _step("SELECT * FROM lungsql.train_model(): LightGBM, inside the server")
-    ctx.invoke(train, model_name="lightgbm", params="{}", cnn_name=None)
+def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool, cnns: list[str]) -> None:
+    import sqlalchemy as sa
+
+    model_ids = []
+    for cnn in cnns:
+        _step(f"storing the ImageNet CNN {cnn} (ONNX) in lungsql.cnn_models")
+        ctx.invoke(model_import, path=None, builtin=cnn, name=None, output=None, replace=False)
+        _step(f"CALL lungsql.generate_features(cnn_name => '{cnn}'): CNN features of every patient, inside the server")
+        ctx.invoke(featurize, cnn_name=cnn, redo=False, shard=0, shards=1, retry_failed=False)
+        name = cnn.replace("efficientnet-", "")
+        _step(f"SELECT * FROM lungsql.train_model('{name}', cnn_name => '{cnn}'): LightGBM, inside the server")
+        ctx.invoke(train, model_name=name, params="{}", cnn_name=cnn)
+        with _engine(ctx).connect() as conn:
+            model_ids.append(conn.execute(sa.text("SELECT max(model_id) FROM lungsql.models WHERE name = :n"),
+                                          {"n": name}).scalar())
+    if len(model_ids) > 1:
+        _step("SELECT lungsql.deploy_ensemble('ensemble', ...): the models of every CNN, deployed as one")
+        ctx.invoke(deploy_ensemble, name="ensemble", model_ids=tuple(model_ids), method="mean", weights=None)
+    _step("SELECT * FROM lungsql.model_comparison: the models side by side")
+    ctx.invoke(models)
     _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")
     _demo_predictions(ctx)
     if orthanc is not None:

@@ -544,16 +544,28 @@ def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name:
                    float(taken.groups[group]), int(deployed["model_id"]))
 
 
+def _explaining_member(data: PipelineData, deployed: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble is explained by its member of the largest weight (the first of equals): the
+    member's own contributions, on its own CNN's features (the rows say which model it is)."""
+    spec = ensemble.load(data.model_text(deployed["model_id"]), deployed["sha256"])
+    member = max(spec.members, key=lambda m: m.weight)  # max keeps the first of equal weights
+    rows = data.model_rows([member.model_id])
+    if not rows or rows[0]["sha256"] != member.sha256:
+        raise IntegrityError(f"member model {member.model_id} of ensemble {deployed['model_id']} is gone or has "
+                             "changed since the ensemble was made",
+                             hint="deploy the ensemble again: SELECT lungsql.deploy_ensemble(...)")
+    return {**rows[0], "ensemble_id": deployed["model_id"]}
+
+
 def _explained_inputs(data: PipelineData, patient_id: str, model_name: str | None):
-    """The deployed model (not an ensemble), its parsed booster, the patient's features row, its
-    GroupFeatures and its model input vector."""
+    """The deployed model (for an ensemble, its explaining member), its parsed booster, the patient's
+    features row, its GroupFeatures and its model input vector."""
     deployed = data.deployed(model_name)
     if deployed is None:
         raise LungSQLError("no model is deployed" + (f" as {model_name!r}" if model_name else ""),
                            hint="train one: SELECT * FROM lungsql.train_model()")
     if deployed.get("algorithm") == ensemble.ALGORITHM:
-        raise ConfigurationError(f"model {deployed['model_id']} is an ensemble; its members explain themselves",
-                                 hint="explain by a member's name: lungsql.explain_prediction(patient_id, model_name)")
+        deployed = _explaining_member(data, deployed)
     model = scoring.cached_model(deployed["model_id"], deployed["sha256"],
                                  lambda: data.model_text(deployed["model_id"]))
     rows = data.patient_features([patient_id], deployed["cnn_id"])

@@ -193,7 +193,9 @@ $$;
 -- lungsql.ml.explain), the most contributing first, then the parts that belong
 -- to the patient and no group (log_slices, age_years, sex_male) and the model's
 -- bias. Contributions are in log-odds and add up to the logit of the
--- probability; a positive one moves the probability up.
+-- probability; a positive one moves the probability up. An ensemble is
+-- explained by its member of the largest weight: model_id and probability are
+-- then that member's.
 --
 --   SELECT rank, first_slice, last_slice, round(contribution::numeric, 3)
 --   FROM lungsql.explain_prediction('0a0c32c9e08cc2ea76a71649de56be6d') WHERE part = 'group' LIMIT 5;
