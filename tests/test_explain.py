@@ -155,8 +155,34 @@ def test_a_heat_map_lies_over_the_slice_and_comes_in_under_a_second(trained):
             assert (h.rows, h.columns) == (size.rows, size.columns)
             assert h.contribution == pytest.approx(top.contribution, abs=1e-9)
             assert heat.max() == 255 or (heat.max() == 0 and top.contribution <= 0)
+            assert h.method == "class activation"
         other = conn.execute(sa.text("SELECT scan_id FROM lungsql.scans WHERE patient_id <> :p LIMIT 1"),
                              {"p": patient_id}).scalar()
         with pytest.raises(Exception, match="is not a slice of the series"):
             conn.execute(sa.text("SELECT * FROM lungsql.slice_heatmap(:p, :s)"), {"p": patient_id, "s": other})
     assert min(timings) < 1.0, timings  # the first call in a session also opens the CNN
+
+
+def test_a_cnn_without_a_feature_map_gets_an_occlusion_map(engine, cohort, tmp_path):
+    import onnx
+
+    exported = cnn_export.export_builtin("efficientnet-lite0", cache_dir=cnn_export.default_cache_dir())
+    model = onnx.load_model_from_string(exported.onnx_bytes)
+    kept = [o for o in model.graph.output if o.name == exported.output_name]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)  # a user's CNN: pooled features only
+    path = tmp_path / "user-cnn.onnx"
+    path.write_bytes(model.SerializeToString())
+    ingest.ingest(engine, cohort)
+    cnns.import_file(engine, path, "user-cnn")
+    call(engine, "CALL lungsql.generate_features(cnn_name => 'user-cnn')")
+    call(engine, "SELECT * FROM lungsql.train_model('user', '{\"min_data_in_leaf\": 1, \"min_data_in_bin\": 1, "
+                 "\"num_iterations\": 20, \"early_stopping_round\": 0, \"feature_fraction\": 0.05}'::jsonb, 'user-cnn')")
+    with engine.begin() as conn:
+        patient_id = conn.execute(sa.text("SELECT patient_id FROM lungsql.features ORDER BY 1 LIMIT 1")).scalar()
+        scan_id = conn.execute(sa.text("SELECT scan_ids[1] FROM lungsql.explain_prediction(:p) WHERE rank = 1"),
+                               {"p": patient_id}).scalar()
+        h = conn.execute(sa.text("SELECT * FROM lungsql.slice_heatmap(:p, :s)"), {"p": patient_id, "s": scan_id}).one()
+    assert h.method == "occlusion"
+    heat = np.frombuffer(h.heat, np.uint8)
+    assert heat.size == h.rows * h.columns and (heat.max() == 255 or h.contribution <= 0)

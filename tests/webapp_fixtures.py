@@ -11,6 +11,7 @@ holds LIKE metacharacters.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,10 @@ class WebDatabase:
         return sa.create_engine(self.url)
 
 
+SPLITTING = {"min_data_in_leaf": 1, "min_data_in_bin": 1, "min_sum_hessian_in_leaf": 0, "num_iterations": 40,
+             "early_stopping_round": 0, "feature_fraction": 0.05, "bagging_fraction": 1.0, "bagging_freq": 0}
+
+
 def build(cluster, cohort_dir: Path) -> WebDatabase:
     name = create_database(cluster, "web")
     url = cluster.url(dbname=name)
@@ -53,8 +58,10 @@ def build(cluster, cohort_dir: Path) -> WebDatabase:
         ingest.ingest(engine, cohort_dir)
         cnns.import_builtin(engine)
         call(engine, "CALL lungsql.generate_features()")
-        models = [call(engine, "SELECT model_id FROM lungsql.train_model(%s)", (MODEL_NAME,))[0][0]
-                  for _ in range(2)]
+        # Parameters that let trees split a handful of patients, so that probabilities, slice
+        # contributions and heat maps differ from patient to patient.
+        models = [call(engine, "SELECT model_id FROM lungsql.train_model(%s, %s::jsonb)",
+                       (MODEL_NAME, json.dumps(SPLITTING)))[0][0] for _ in range(2)]
         for username, password in PASSWORDS.items():
             users.add_user(engine, username, password, "admin" if username == "boss" else "clinician")
         add_patients_by_hand(engine)

@@ -69,3 +69,25 @@ def on_slice(cam: np.ndarray, crop: SquareCrop, rows: int, cols: int) -> np.ndar
     src_r, src_c, dst_r, dst_c = crop.inside(rows, cols)
     out[src_r, src_c] = square[dst_r, dst_c]
     return np.clip(out, 0.0, 1.0)
+
+
+def occlusion_map(session, input_name: str, output_name: str, image: np.ndarray, weights: np.ndarray,
+                  cells: int = 7) -> np.ndarray:
+    """(cells, cells) float32 in [0, 1], for a CNN without a feature map output: the group's image
+    with one cell of a cells x cells grid blanked (set to 0, the normalized mean) at a time, all in
+    one batch of forward passes, and how much each blanking lowers the group's contribution, to first
+    order: the (D,) `weights` times the change of the pooled features."""
+    image = np.asarray(image, np.float32)
+    _, channels, rows, cols = image.shape
+    edges_r = np.linspace(0, rows, cells + 1).round().astype(int)
+    edges_c = np.linspace(0, cols, cells + 1).round().astype(int)
+    batch = np.repeat(image, cells * cells + 1, axis=0)  # the first one left whole
+    for i in range(cells):
+        for j in range(cells):
+            batch[1 + i * cells + j, :, edges_r[i]:edges_r[i + 1], edges_c[j]:edges_c[j + 1]] = 0.0
+    (features,) = session.run([output_name], {input_name: batch})
+    features = np.asarray(features, np.float32).reshape(len(batch), -1)
+    drop = (features[0] - features[1:]) @ np.asarray(weights, np.float32)
+    cam = np.maximum(drop.reshape(cells, cells), 0.0)
+    peak = float(cam.max())
+    return (cam / peak).astype(np.float32) if peak > 0 else np.zeros_like(cam, np.float32)

@@ -507,6 +507,7 @@ class Heatmap:
     group: int
     contribution: float
     model_id: int
+    method: str  # "class activation" (the CNN's feature map) or "occlusion" (a CNN without one)
 
 
 def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name: str | None = None) -> Heatmap:
@@ -514,11 +515,7 @@ def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name:
     `scan_id`, over that file's pixels, for the deployed model's probability of the patient."""
     deployed, model, row, features, vector = _explained_inputs(data, patient_id, model_name)
     cnn = data.cnn_by_id(deployed["cnn_id"])
-    output = (_json(cnn["source"]) or {}).get("feature_map", {}).get("output")
-    if not output:
-        raise ConfigurationError(f"CNN {cnn['name']!r} gives no feature map, so lungsql cannot show where in a "
-                                 "slice the probability comes from",
-                                 hint="use a built-in CNN exported by this lungsql: lungsql model import --builtin ...")
+    output = ((_json(cnn["source"]) or {}).get("feature_map") or {}).get("output")
     taken = explanation.explain(model.booster, features.array, vector, model.feature_names)
     series = row.get("series_instance_uid") or choose_series(*data.patient_series(patient_id)).series_instance_uid
     scans = data.series_scans(patient_id, series)
@@ -536,12 +533,16 @@ def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name:
     crop = volume_crop(slices, p, rescale)
     image = prepare_volume([slices[i] for i in held], p, rescale[list(held)], crop=crop)
     session = heatmap.feature_map_session(bytes(cnn["model"]), cnn["sha256"])
-    (maps,) = session.run([output], {cnn["input_name"]: image})
-    cam = heatmap.activation_map(maps[0], taken.per_feature[group])
+    if output:  # the CNN's last feature map, weighted
+        (maps,) = session.run([output], {cnn["input_name"]: image})
+        cam, method = heatmap.activation_map(maps[0], taken.per_feature[group]), "class activation"
+    else:  # a CNN without one: occlusion sensitivity through forward passes
+        cam = heatmap.occlusion_map(session, cnn["input_name"], cnn["output_name"], image, taken.per_feature[group])
+        method = "occlusion"
     rows, cols = slices[first].shape
     heat = heatmap.on_slice(cam, crop, rows, cols)
     return Heatmap(rows, cols, (heat * 255 + 0.5).astype(np.uint8).tobytes(), group,
-                   float(taken.groups[group]), int(deployed["model_id"]))
+                   float(taken.groups[group]), int(deployed["model_id"]), method)
 
 
 def _explaining_member(data: PipelineData, deployed: dict[str, Any]) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def slice_heatmap(plpy, patient_id, scan_id, model_name) -> list[tuple]:
     if patient_id is None or scan_id is None:
         return []
     h = pipeline.slice_heatmap(PlpyData(plpy), patient_id, int(scan_id), model_name)
-    return [(h.rows, h.columns, h.heat, h.group, h.contribution, h.model_id)]
+    return [(h.rows, h.columns, h.heat, h.group, h.contribution, h.model_id, h.method)]
 
 
 @procedure

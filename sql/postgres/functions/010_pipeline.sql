@@ -241,19 +241,21 @@ $$;
 
 -- Where in a slice the probability comes from: the class-activation map of the
 -- group of slices that holds stored file `scan_id` (the CNN's last feature map
--- weighted by that group's contributions, lungsql.ml.heatmap), over the file's
--- pixels: rows x columns bytes, 255 where the features that raised the
+-- weighted by that group's contributions, lungsql.ml.heatmap; for a CNN without
+-- a feature map output, occlusion sensitivity: a 7 x 7 grid of cells blanked one
+-- at a time in one batch of forward passes), over the file's pixels: rows x columns bytes, 255 where the features that raised the
 -- probability were strongest, 0 where none were. An aid to reading the scan,
 -- not a diagnosis.
 --
 --   SELECT rows, columns, group_index, contribution FROM lungsql.slice_heatmap('0a0c32c9...', 1234);
-CREATE OR REPLACE FUNCTION lungsql.slice_heatmap(
+DROP FUNCTION IF EXISTS lungsql.slice_heatmap(text, bigint, text);  -- its columns grew: no OR REPLACE
+CREATE FUNCTION lungsql.slice_heatmap(
     patient_id text,                   -- lungsql.patients.patient_id
     scan_id    bigint,                 -- one of lungsql.explain_prediction(patient_id).scan_ids
     model_name text DEFAULT NULL       -- NULL: the most recently deployed model
 )
 RETURNS TABLE (rows integer, columns integer, heat bytea, group_index integer, contribution double precision,
-               model_id integer)
+               model_id integer, method text)
 LANGUAGE plpython3u
 AS $$
 import sys
