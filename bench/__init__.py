@@ -22,7 +22,7 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         markdown: Path | None = None, say: Callable[[str], None] = print) -> dict:
     """Run every benchmark; write the JSON to `out` (quick: a temporary file when None) and, unless
     `quick`, the table into `markdown` (default BENCHMARKS.md). Returns the results."""
-    from lungsql.bench import featurize, gpu, machine, pacs, report, scoring, training, upload, web
+    from lungsql.bench import explain, featurize, gpu, machine, pacs, report, scoring, training, upload, web
     from lungsql.bench.database import throwaway
 
     sizes = QUICK if quick else FULL
@@ -44,6 +44,8 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         results["training"] = training.run(db, sizes)
         say("scoring: lungsql.predict_lung_cancer")
         results["scoring"] = scoring.run(db, sizes)
+        say("explanations: lungsql.explain_prediction, lungsql.slice_heatmap and the exported model")
+        results["explain"] = explain.run(db)
         say(f"web app: {sizes.web_clients} clients for {sizes.web_seconds:g} s")
         results["web"] = web.run(db, sizes)
     results["gpu"] = gpu.status()

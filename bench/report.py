@@ -31,6 +31,24 @@ def _pacs_rows(pacs: dict | None) -> list[str]:
                  f"(x{pacs[way]['ratio_to_folder']:.2f} of the folder upload)") for way, label in ways]
 
 
+def _explain_rows(ex: dict | None) -> list[str]:
+    if not ex:
+        return []
+    export = ex["export"]
+    return [
+        _row("Explanations", f"`lungsql.explain_prediction`, warm, {ex['patients']} patients: p50, p99",
+             f"{ex['explain_p50_ms']:.1f} ms, {ex['explain_p99_ms']:.1f} ms"),
+        _row("Explanations", f"`lungsql.slice_heatmap` of the top group's slices ({ex['heatmaps']} maps), warm p50",
+             f"{ex['heatmap_warm_p50_s'] * 1000:.0f} ms", f"<= {ex['target']['at_most']:g} s", _met(ex["target"])),
+        _row("Explanations", "`lungsql.slice_heatmap`, first map of a session (opens the CNN)",
+             f"{ex['heatmap_first_in_session_s'] * 1000:.0f} ms"),
+        _row("Explanations", f"`lungsql model export` ({export['bytes'] / 1e6:.1f} MB) and ONNX Runtime alone "
+                             f"against the database, {export['patients']} patients",
+             f"{export['seconds']:.1f} s; largest difference {export['max_abs_difference']:.1e}; "
+             f"{export['onnxruntime_p50_ms']:.0f} ms a patient"),
+    ]
+
+
 def render_table(r: dict) -> str:
     up, fe, tr, sc, web = r["upload"], r["featurization"], r["training"], r["scoring"], r["web"]
     e2e, bare, ft = fe["end_to_end"], fe["bare_onnxruntime"], fe["targets"]
@@ -69,6 +87,7 @@ def render_table(r: dict) -> str:
         _row("Scoring", "warm p99", f"{sc['warm_p99_ms']:.2f} ms"),
         _row("Scoring", "first call in a new session", f"{sc['first_call_ms']:.0f} ms"),
         _row("Scoring", "`predict_lung_cancer_batch`", f"{sc['batch_patients_per_s']:.0f} patients/s"),
+        *_explain_rows(r.get("explain")),
         _row("Web app", f"prediction API, {web['clients']} clients (wrk), {web['seconds']:.0f} s; {web['server']}",
              f"{web['requests_per_s']:.0f} requests/s, {web['errors']} errors"),
         _row("Web app", "p50", f"{web['p50_ms']:.1f} ms"),

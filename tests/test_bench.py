@@ -37,6 +37,13 @@ def test_quick_bench_writes_every_section(tmp_path):
     sc = results["scoring"]
     assert sc["warm_p50_ms"] > 0 and sc["warm_p99_ms"] >= sc["warm_p50_ms"] and sc["first_call_ms"] > 0
     assert sc["batch_patients_per_s"] > 0
+    pacs = results["pacs"]
+    assert all(pacs[way]["stored"] == up["files"] and pacs[way]["files_per_s"] > 0
+               for way in ("dicomweb", "dimse_c_get", "listener_push"))
+    ex = results["explain"]
+    assert ex["patients"] > 0 and ex["explain_p50_ms"] > 0 and ex["heatmap_warm_p50_s"] > 0
+    assert ex["export"]["max_abs_difference"] < 1e-5 and ex["export"]["bytes"] > 0
+    assert "| PACS |" in result.output and "| Explanations |" in result.output
     web = results["web"]
     assert web["client"] == "wrk" and web["requests"] > 0 and web["requests_per_s"] > 0 and web["errors"] == 0
     assert web["warmup"]["requests"] > 0 and web["warmup"]["errors"] == 0, web["warmup"]["first_errors"]

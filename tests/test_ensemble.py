@@ -126,3 +126,16 @@ def test_an_ensemble_is_explained_by_its_member_of_the_largest_weight(members):
         member = conn.execute(sa.text("SELECT lungsql.predict_lung_cancer(:p, 'b')"), {"p": patient}).scalar()
     assert {r.model_id for r in rows} == {ids[1]}
     assert rows[0].probability == pytest.approx(member, abs=1e-12)
+
+
+def test_the_patient_page_query_names_the_members(members):
+    from lungsql.webapp import scoring as web_scoring  # the statement the patient page scores with
+
+    engine, ids = members
+    call(engine, "SELECT lungsql.deploy_ensemble('ens', %s, 'hard_vote')", (ids,))
+    with engine.begin() as conn:
+        patient = conn.execute(sa.text("SELECT patient_id FROM lungsql.features ORDER BY 1 LIMIT 1")).scalar()
+        row = conn.execute(web_scoring._SCORE, {"patient_id": patient, "via": "test", "username": "tester",
+                                                 "address": "127.0.0.1"}).mappings().one()
+    assert row["name"] == "ens" and row["ensemble_method"] == "hard_vote"
+    assert row["ensemble_members"] == "a v1, b v1, c v1"
