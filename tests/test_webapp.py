@@ -902,7 +902,9 @@ def test_in_a_browser_search_view_slices_and_play(browser, live_server, web_db, 
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
     assert overlay.is_displayed() and overlay.get_attribute("src").endswith(f"/slices/{start}/heatmap.png")
     assert "not a diagnosis" in browser.find_element(By.CSS_SELECTOR, ".heatmap-toggle").text
+    browser.set_window_size(1280, 1500)  # the slice, its heat map and the list of top slices in one picture
     browser.save_screenshot(str(output_dir / "webapp-patient-top-slices.png"))
+    browser.set_window_size(1280, 1000)
     browser.find_element(By.CSS_SELECTOR, "input.heatmap-switch").click()
     assert not overlay.is_displayed()
     if len(jumps) > 1:
