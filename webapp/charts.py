@@ -11,10 +11,9 @@ RIGHT, BOTTOM = 12, 40
 
 
 @dataclass(frozen=True)
-class RocChart:
-    points: str                 # the curve, "x,y x,y ..." in SVG units
-    ticks: list[tuple[float, str]]  # (position along an axis in SVG units, label)
-    auc: float | None
+class _Plot:
+    """The square plot area and its margins, in SVG units."""
+
     width: int = LEFT + SIZE + RIGHT
     height: int = TOP + SIZE + BOTTOM
     left: int = LEFT
@@ -28,6 +27,13 @@ class RocChart:
     @property
     def bottom(self) -> int:
         return TOP + SIZE
+
+
+@dataclass(frozen=True, kw_only=True)
+class RocChart(_Plot):
+    points: str                 # the curve, "x,y x,y ..." in SVG units
+    ticks: list[tuple[float, str]]  # (position along an axis in SVG units, label)
+    auc: float | None
 
 
 def roc_chart(metrics: dict | None) -> RocChart | None:
@@ -54,25 +60,12 @@ def _unit(value) -> bool:
     return _finite(value) and 0.0 <= value <= 1.0
 
 
-@dataclass(frozen=True)
-class RocOverlay:
+@dataclass(frozen=True, kw_only=True)
+class RocOverlay(_Plot):
     """Several models' ROC curves on one plot (the admin page's comparison)."""
 
     curves: list[tuple[str, RocChart]]  # (label, chart) in the order of the legend
     ticks: list[tuple[float, str]]
-    width: int = LEFT + SIZE + RIGHT
-    height: int = TOP + SIZE + BOTTOM
-    left: int = LEFT
-    top: int = TOP
-    size: int = SIZE
-
-    @property
-    def right(self) -> int:
-        return LEFT + SIZE
-
-    @property
-    def bottom(self) -> int:
-        return TOP + SIZE
 
 
 def roc_overlay(models: list[tuple[str, dict | None]]) -> RocOverlay | None:

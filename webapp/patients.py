@@ -60,7 +60,19 @@ def slice_png(patient_id: str, index: int):
     if ref is None:
         abort(404, description="There is no such slice.")
     low, high = current_app.config["HU_WINDOW"]
-    etag = f"{ref['sha256']}-{low:g}:{high:g}"  # a new window is a new image
+
+    def render() -> bytes:
+        pixels = records.slice_pixels(ref["scan_id"], (low, high))
+        if pixels is None:  # deleted since the reference was read
+            abort(404, description="There is no such slice.")
+        return encode_png(*pixels)
+
+    return _cached_png(f"{ref['sha256']}-{low:g}:{high:g}", render)  # a new window is a new image
+
+
+def _cached_png(etag: str, render) -> Response:
+    """A PNG keyed by `etag`: 304 when the browser has it, else from the in-process cache, else
+    `render()` (then cached)."""
     headers = {"Cache-Control": f"private, max-age={current_app.config['SLICE_MAX_AGE_S']}"}
     if etag in request.if_none_match:
         response = Response(status=304, headers=headers)
@@ -68,10 +80,7 @@ def slice_png(patient_id: str, index: int):
         cache = current_app.extensions[SLICE_CACHE]
         png = cache.get(etag)
         if png is None:
-            pixels = records.slice_pixels(ref["scan_id"], (low, high))
-            if pixels is None:  # deleted since the reference was read
-                abort(404, description="There is no such slice.")
-            png = encode_png(*pixels)
+            png = render()
             cache.put(etag, png)
         response = Response(png, mimetype="image/png", headers=headers)
     response.set_etag(etag)
@@ -85,16 +94,5 @@ def heatmap_png(patient_id: str, index: int):
     found = records.slice_heatmap(patient_id, index)
     if found is None:
         abort(404, description="There is no heat map for this slice.")
-    etag = f"heat-{found['sha256']}-{found['model_id']}"
-    headers = {"Cache-Control": f"private, max-age={current_app.config['SLICE_MAX_AGE_S']}"}
-    if etag in request.if_none_match:
-        response = Response(status=304, headers=headers)
-    else:
-        cache = current_app.extensions[SLICE_CACHE]
-        png = cache.get(etag)
-        if png is None:
-            png = encode_heatmap_png(found["rows"], found["columns"], bytes(found["heat"]))
-            cache.put(etag, png)
-        response = Response(png, mimetype="image/png", headers=headers)
-    response.set_etag(etag)
-    return response
+    return _cached_png(f"heat-{found['sha256']}-{found['model_id']}",
+                       lambda: encode_heatmap_png(found["rows"], found["columns"], bytes(found["heat"])))

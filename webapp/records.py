@@ -97,18 +97,8 @@ def top_slices(patient_id: str) -> list[dict]:
     why beside the probability)."""
     if not valid_patient_id(patient_id):
         return []
-    try:
-        rows = get_db().execute(_TOP, {"patient_id": patient_id}).mappings().all()
-    except (sa.exc.OperationalError, sa.exc.InterfaceError):
-        raise  # the database is gone: 503
-    except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise
-        if not is_lungsql_error(exc):
-            current_app.logger.exception("explaining patient %r failed", patient_id)
-        get_db().rollback()
-        return []
-    return [dict(r) for r in rows]
+    rows = _unless_lungsql_error(_TOP, {"patient_id": patient_id}, f"explaining patient {patient_id!r}")
+    return [dict(r) for r in rows or []]
 
 
 def slice_heatmap(patient_id: str, index: int) -> dict | None:
@@ -117,18 +107,26 @@ def slice_heatmap(patient_id: str, index: int) -> dict | None:
     cannot be scored or the CNN gives no feature map."""
     if not valid_patient_id(patient_id) or not 0 <= index <= INDEX_MAX:
         return None
+    rows = _unless_lungsql_error(_HEAT, {"patient_id": patient_id, "index": index},
+                                 f"the heat map of patient {patient_id!r} slice {index}")
+    return dict(rows[0]) if rows else None
+
+
+def _unless_lungsql_error(statement, params: dict, what: str) -> list | None:
+    """The statement's rows; None when the database refuses it (lungsql's own errors, such as a patient
+    that cannot be scored, quietly; anything else logged), the session rolled back. A lost database
+    still raises (503)."""
     try:
-        row = get_db().execute(_HEAT, {"patient_id": patient_id, "index": index}).mappings().first()
+        return get_db().execute(statement, params).mappings().all()
     except (sa.exc.OperationalError, sa.exc.InterfaceError):
-        raise  # the database is gone: 503
+        raise
     except sa.exc.DBAPIError as exc:
         if exc.connection_invalidated:
             raise
         if not is_lungsql_error(exc):
-            current_app.logger.exception("the heat map of patient %r slice %d failed", patient_id, index)
+            current_app.logger.exception("%s failed", what)
         get_db().rollback()
         return None
-    return None if row is None else dict(row)
 
 
 def slice_pixels(scan_id: int, window: tuple[float, float]) -> tuple[int, int, bytes] | None:

@@ -21,7 +21,7 @@ from lungsql.errors import ConfigurationError, IntegrityError
 from lungsql.ml.cpu_clock import CpuClock
 from lungsql.ml.devices import CPU, choose_providers, default_threads
 from lungsql.ml.features import GroupFeatures
-from lungsql.ml.preprocess import Preprocessing, prepare_volume
+from lungsql.ml.preprocess import Preprocessing, fits_input, prepare_volume
 
 #: Series decoded, preprocessed or run through the CNN while the next one is read (`featurize_volumes`).
 PIPELINE_DEPTH = 2
@@ -107,8 +107,7 @@ class Featurizer:
         if node.type != "tensor(float)":
             raise ConfigurationError(f"CNN input {node.name!r} is {node.type}; lungsql feeds float32 images",
                                      "export the model with a float32 NCHW input")
-        want = [None, p.slices_per_image, p.image_size, p.image_size]
-        if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, want)):
+        if not fits_input(shape, p):
             raise ConfigurationError(
                 f"CNN input {node.name!r} has shape {shape}; the preprocessing gives "
                 f"(N, {p.slices_per_image}, {p.image_size}, {p.image_size})",

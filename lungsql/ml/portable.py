@@ -58,7 +58,7 @@ from lungsql import __version__
 from lungsql.errors import ConfigurationError, LungSQLError
 from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
 from lungsql.ml.features import patient_vector_names
-from lungsql.ml.preprocess import Preprocessing, prepare_volume
+from lungsql.ml.preprocess import Preprocessing, fits_input, prepare_volume
 
 __all__ = [
     "FEATURE_SET",
@@ -267,8 +267,7 @@ def _check_cnn(cnn: Any, input_name: str, output_name: str, p: Preprocessing, di
         raise ConfigurationError(f"the CNN's input {input_name!r} is not float32",
                                  "export the CNN with a float32 NCHW input")
     shape = _shape(tensor)
-    want = [None, p.slices_per_image, p.image_size, p.image_size]
-    if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, want)):
+    if not fits_input(shape, p):
         raise ConfigurationError(
             f"the CNN's input {input_name!r} has shape {shape}; the preprocessing gives "
             f"(groups, {p.slices_per_image}, {p.image_size}, {p.image_size})",

@@ -302,6 +302,13 @@ def crop_resize(images: Sequence[np.ndarray] | np.ndarray, crop: SquareCrop, siz
     return out
 
 
+def fits_input(shape: Sequence, p: Preprocessing) -> bool:
+    """Whether a CNN's NCHW input shape (a name or None for a dynamic dimension) takes the images
+    this preprocessing makes: (any, slices_per_image, image_size, image_size)."""
+    want = [None, p.slices_per_image, p.image_size, p.image_size]
+    return len(shape) == 4 and not any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, want))
+
+
 def pack_groups(slices: np.ndarray, slices_per_image: int = 3) -> np.ndarray:
     """(n, S, S) slices -> (ceil(n / k), k, S, S) images of k consecutive slices.
 
