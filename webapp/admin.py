@@ -15,7 +15,7 @@ from lungsql import registry  # the registry's rules; a light module, no ML code
 from lungsql.webapp import audit
 from lungsql.webapp.auth import admin_required
 from lungsql.webapp.charts import roc_chart, roc_overlay
-from lungsql.webapp.db import database_message, get_db, is_lungsql_error
+from lungsql.webapp.db import get_db, refusal
 from lungsql.webapp.records import clean_query
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -81,15 +81,9 @@ def deploy():
     try:
         model_id = conn.execute(sa.text("SELECT lungsql.deploy(:name, :strategy)"),
                                 {"name": name, "strategy": strategy}).scalar_one()
-    except (sa.exc.OperationalError, sa.exc.InterfaceError):
-        raise
     except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise
-        if not is_lungsql_error(exc):
-            current_app.logger.exception("deploying %r (%s) failed", name, strategy)
+        message, hint = refusal(exc, f"deploying {name!r} ({strategy})")
         conn.rollback()
-        message, hint = database_message(exc)
         audit.record("deploy_failed", detail={"name": name, "strategy": strategy, "error": message})
         flash(f"Not deployed: {message}" + (f" ({hint})" if hint else ""), "error")
         return redirect(url_for("admin.models"), 303)

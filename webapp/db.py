@@ -94,6 +94,17 @@ def is_lungsql_error(exc: sa.exc.DBAPIError) -> bool:
     return database_errors.read(exc).ours
 
 
+def refusal(exc: sa.exc.DBAPIError, what: str) -> tuple[str, str | None]:
+    """(message, hint) of a statement the database refused, for the page to show. A lost database is
+    raised again (an error page, 503); an error that is not one of lungsql's own is logged, as
+    `what` failed."""
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or exc.connection_invalidated:
+        raise exc
+    if not is_lungsql_error(exc):
+        current_app.logger.error("%s failed", what, exc_info=exc)
+    return database_message(exc)
+
+
 def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip()

@@ -13,10 +13,9 @@ import unicodedata
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from flask import current_app
 
 from lungsql.errors import InvalidScan
-from lungsql.webapp.db import database_message, get_db, is_lungsql_error
+from lungsql.webapp.db import database_message, get_db, is_lungsql_error, refusal
 
 # Longest PatientID DICOM allows (LO: 64 characters); anything longer is unknown.
 PATIENT_ID_MAX = 64
@@ -118,13 +117,8 @@ def _unless_lungsql_error(statement, params: dict, what: str) -> list | None:
     still raises (503)."""
     try:
         return get_db().execute(statement, params).mappings().all()
-    except (sa.exc.OperationalError, sa.exc.InterfaceError):
-        raise
     except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise
-        if not is_lungsql_error(exc):
-            current_app.logger.exception("%s failed", what)
+        refusal(exc, what)
         get_db().rollback()
         return None
 

@@ -13,11 +13,11 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 
 import sqlalchemy as sa
-from flask import current_app, g, request
+from flask import g, request
 
 from lungsql.errors import LungSQLError
 from lungsql.webapp import audit
-from lungsql.webapp.db import database_message, get_db, is_lungsql_error
+from lungsql.webapp.db import get_db, refusal
 
 # Colour bands of the probability, in percent: [lower bound, band, colour, wording).
 BANDS = (
@@ -117,14 +117,8 @@ def score(patient_id: str, via: str) -> Score:
         try:
             row = conn.execute(_SCORE, {"patient_id": patient_id, "via": via, "username": g.user["username"],
                                         "address": request.remote_addr}).mappings().one()
-        except (sa.exc.OperationalError, sa.exc.InterfaceError):
-            raise  # the database is gone: an error page, not a message about this patient
-        except sa.exc.DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise
-            if not is_lungsql_error(exc):
-                current_app.logger.exception("scoring patient %r failed", patient_id)
-            raise ScoringUnavailable(*database_message(exc)) from None
+        except sa.exc.DBAPIError as exc:  # a lost database raises on: an error page, not a message
+            raise ScoringUnavailable(*refusal(exc, f"scoring patient {patient_id!r}")) from None
     except ScoringUnavailable as exc:
         conn.rollback()
         audit.record("score_failed", patient_id=patient_id, detail={"via": via, "error": exc.message})
