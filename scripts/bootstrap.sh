@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 # unixodbc: pyodbc's library, for SQL Server URLs (an ODBC driver such as tdsodbc is the site's choice).
 # wrk: the HTTP load generator of `lungsql bench` (the web app under 32 clients).
 # orthanc and orthanc-dicomweb: the PACS that `lungsql demo --pacs` and the PACS tests run on loopback.
+# openjdk-17-jre-headless: the Java that Apache Spark (the spark extra) runs on.
 APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core
-              unixodbc wrk orthanc orthanc-dicomweb)
-EXTRAS="ml,codecs,export,mssql,pacs,dev"
+              unixodbc wrk orthanc orthanc-dicomweb openjdk-17-jre-headless)
+EXTRAS="ml,codecs,export,mssql,pacs,spark,dev"
 
 say() { printf '==> %s\n' "$*"; }
 

@@ -411,12 +411,31 @@ def model_export(ctx, model_id: int, out: Path) -> None:
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--retry-failed", is_flag=True,
               help="Also the patients an earlier run could not featurize (lungsql.feature_failures).")
+@click.option("--engine", "engine_name", type=click.Choice(["database", "spark"]), default="database",
+              show_default=True, help="Where the CNN runs: inside the database server, or on Apache Spark.")
+@click.option("--master", help="With --engine spark: the Spark master (default local[*]; spark://HOST:7077, "
+                               "yarn, k8s://...).")
+@click.option("--partitions", type=click.IntRange(1), help="With --engine spark: tasks (default: Spark's cores).")
 @click.pass_context
 @reports_errors
-def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, retry_failed: bool = False) -> None:
-    """CALL lungsql.generate_features(...): CNN features of every patient, inside the server."""
+def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, retry_failed: bool = False,
+              engine_name: str = "database", master: str | None = None, partitions: int | None = None) -> None:
+    """CALL lungsql.generate_features(...): CNN features of every patient, inside the server (or on Spark)."""
     from lungsql.client import calls
 
+    if engine_name == "spark":
+        from lungsql.client import db
+        from lungsql.spark import featurize as on_spark
+
+        master = master or "local[*]"
+        spark = on_spark.session(master)
+        # A local master's executors are this machine: they get the URL with the job. A cluster's
+        # executors connect with their own LUNGSQL_DATABASE_URL, so no credential leaves this process.
+        url = db.resolve_url(ctx.obj.get("db")) if master.startswith("local") else None
+        result = on_spark.run(spark, partitions or spark.sparkContext.defaultParallelism, cnn_name, not redo,
+                              retry_failed, url=url)
+        click.echo(result.describe())
+        return
     calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards, retry_failed)
 
 

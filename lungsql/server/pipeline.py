@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -104,7 +104,9 @@ def in_shard(patient_id: str, shard: int, shards: int) -> bool:
     return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") % shards == shard
 
 
-def load_featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
+def load_featurizer(cnn: dict[str, Any], threads: int | None = None) -> featurize.Featurizer:
+    """The CNN's featurizer, once its bytes match their SHA-256; `threads` for ONNX Runtime (default:
+    the usable cores)."""
     model = bytes(cnn["model"])
     if hashlib.sha256(model).hexdigest() != cnn["sha256"]:
         raise IntegrityError(
@@ -113,12 +115,16 @@ def load_featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
             hint=f"import the CNN again: lungsql model import ... --name {cnn['name']}",
         )
     return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
-                                Preprocessing.from_json(_json(cnn["preprocessing"])))
+                                Preprocessing.from_json(_json(cnn["preprocessing"])), threads=threads)
 
 
 def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
-                      shard: int = 0, shards: int = 1, retry_failed: bool = False) -> FeatureRun:
+                      shard: int = 0, shards: int = 1, retry_failed: bool = False,
+                      featurizer_for: Callable[[dict[str, Any]], Any] = load_featurizer) -> FeatureRun:
     """Featurize every patient of this shard, each one committed on its own.
+
+    `featurizer_for(cnn)` gives the featurizer, as a context manager (a Spark worker keeps one
+    across tasks instead of opening a new one each time).
 
     A patient that cannot be featurized is recorded (`record_feature_failure`)
     and skipped; later runs leave it out unless `retry_failed` (or its scans
@@ -131,7 +137,7 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
     cnn = data.cnn_model(cnn_name)
     for run_id in data.mark_killed_runs():
         data.notice(f"featurization run {run_id} ended before it finished (its session is gone): marked killed")
-    with load_featurizer(cnn) as featurizer:
+    with featurizer_for(cnn) as featurizer:
         patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing, retry_failed)
                     if in_shard(p, shard, shards)]
         left_out = 0 if retry_failed else sum(
