@@ -496,16 +496,46 @@ def _fixed(value, digits: int) -> str:
 
 
 @main.command()
-@click.argument("patient_ids", nargs=-1, required=True)
+@click.argument("patient_ids", nargs=-1)
 @click.option("--model", "model_name", help="Registry name (default: the most recently deployed model).")
 @click.option("--push-results", is_flag=True,
               help="Also store each result in the PACS as a DICOM SR (LUNGSQL_PACS_URL; see `pacs push-results`).")
+@click.option("--all", "everyone", is_flag=True, help="Every patient with features of the model's CNN.")
+@click.option("--engine", "engine_name", type=click.Choice(["database", "spark"]), default="database",
+              show_default=True, help="Score inside the database server, or (with --all) on Apache Spark.")
+@click.option("--master", help="With --engine spark: the Spark master (default local[*]).")
+@click.option("--partitions", type=click.IntRange(1), help="With --engine spark: tasks (default: Spark's cores).")
 @click.pass_context
 @reports_errors
-def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None, push_results: bool = False) -> None:
-    """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID."""
+def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None, push_results: bool = False,
+            everyone: bool = False, engine_name: str = "database", master: str | None = None,
+            partitions: int | None = None) -> None:
+    """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID (or --all), recorded in lungsql.predictions."""
     from lungsql.client import calls
 
+    if bool(patient_ids) == everyone:
+        raise click.UsageError("give PATIENT_IDS or --all")
+    if engine_name == "spark":
+        if not everyone:
+            raise click.UsageError("--engine spark scores a whole cohort: use --all")
+        from lungsql.client import db
+        from lungsql.spark import featurize as on_spark
+
+        master = master or "local[*]"
+        spark = on_spark.session(master)
+        url = db.resolve_url(ctx.obj.get("db")) if master.startswith("local") else None
+        rows = on_spark.score(spark, partitions or spark.sparkContext.defaultParallelism, model_name, url=url)
+        click.echo(f"{len(rows)} patients scored on Spark and recorded in lungsql.predictions")
+        _table(["patient_id", "probability"], [(pid, f"{prob:.1%}") for pid, prob in rows])
+        return
+    if everyone:
+        import sqlalchemy as sa
+
+        with _engine(ctx).connect() as conn:
+            patient_ids = tuple(conn.execute(sa.text(
+                "SELECT f.patient_id FROM lungsql.features f WHERE f.cnn_id = (SELECT m.cnn_id FROM "
+                "lungsql.deployments d JOIN lungsql.models m USING (model_id) WHERE CAST(:name AS text) IS NULL "
+                "OR d.name = :name ORDER BY d.deployment_id DESC LIMIT 1) ORDER BY 1"), {"name": model_name}).scalars())
     if push_results:  # scored by the same procedure, as the reports go out
         _push_results(ctx, list(patient_ids), model_name, None, None, None)
         return

@@ -265,6 +265,11 @@ class PlpyData:
         )
         return [dict(r) for r in rows]
 
+    def featurized_patients(self, cnn_id: int) -> list[str]:
+        rows = self._run("SELECT patient_id FROM lungsql.features WHERE cnn_id = $1 ORDER BY patient_id",
+                         ["integer"], [cnn_id])
+        return [r["patient_id"] for r in rows]
+
     def record_predictions(self, model_id: int, rows: Sequence[tuple[str, float]]) -> None:
         if rows:
             self._run(

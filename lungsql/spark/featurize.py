@@ -13,6 +13,7 @@ environment (`spark.executorEnv.LUNGSQL_DATABASE_URL`, or the cluster's own conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -96,8 +97,26 @@ _featurizers: dict[tuple, Any] = {}
 def _task(shard: int, shards: int, cnn_name: str | None, only_missing: bool, retry_failed: bool,
           threads: int, url: str | None = None) -> dict:
     """One shard of generate_features, in a Spark Python worker, on its own connection."""
-    from lungsql.client import db
     from lungsql.server import pipeline
+
+    with _data(url) as data:
+
+        def kept(cnn: dict) -> Any:  # one ONNX Runtime session per Python worker and CNN, across tasks
+            key = (cnn["sha256"], threads)
+            if key not in _featurizers:
+                _featurizers[key] = pipeline.load_featurizer(cnn, threads=threads)
+            return _Reused(_featurizers[key])
+
+        result = pipeline.generate_features(data, cnn_name, only_missing, shard, shards, retry_failed=retry_failed,
+                                            featurizer_for=kept)
+    return asdict(ShardResult(shard, result.run_id, result.patients, result.slices, len(result.failed),
+                              result.seconds, result.provider, result.cnn))
+
+
+@contextlib.contextmanager
+def _data(url: str | None):
+    """The pipeline's data access (lungsql.server.plpy_data) on a connection of this worker's own."""
+    from lungsql.client import db
     from lungsql.server.plpy_data import PlpyData
     from lungsql.spark.plpy_client import PlpyClient
 
@@ -110,21 +129,10 @@ def _task(shard: int, shards: int, cnn_name: str | None, only_missing: bool, ret
     engine = db.connect(url)
     raw = engine.raw_connection()
     try:
-        data = PlpyData(PlpyClient(raw.driver_connection, on_notice=lambda text: print(text, flush=True)))
-
-        def kept(cnn: dict) -> Any:  # one ONNX Runtime session per Python worker and CNN, across tasks
-            key = (cnn["sha256"], threads)
-            if key not in _featurizers:
-                _featurizers[key] = pipeline.load_featurizer(cnn, threads=threads)
-            return _Reused(_featurizers[key])
-
-        result = pipeline.generate_features(data, cnn_name, only_missing, shard, shards, retry_failed=retry_failed,
-                                            featurizer_for=kept)
+        yield PlpyData(PlpyClient(raw.driver_connection, on_notice=lambda text: print(text, flush=True)))
     finally:
         raw.close()
         engine.dispose()
-    return asdict(ShardResult(shard, result.run_id, result.patients, result.slices, len(result.failed),
-                              result.seconds, result.provider, result.cnn))
 
 
 class _Reused:
@@ -156,3 +164,26 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def score(spark, partitions: int, model_name: str | None = None, url: str | None = None) -> list[tuple[str, float]]:
+    """Batch scoring on Spark: every featurized patient of the deployed model's CNN, `partitions`
+    tasks by the same hash as featurization, each scoring and recording its patients as
+    `lungsql.predict_lung_cancer_batch` does. Returns (patient id, probability), sorted by patient."""
+    context = spark.sparkContext
+    rows = context.parallelize(range(partitions), partitions).flatMap(
+        lambda shard: _score_task(shard, partitions, model_name, url)).collect()
+    return sorted(rows)
+
+
+def _score_task(shard: int, shards: int, model_name: str | None, url: str | None) -> list[tuple[str, float]]:
+    from lungsql.server import pipeline
+
+    with _data(url) as data:
+        deployed = data.deployed(model_name)
+        if deployed is None:
+            return []
+        patients = [p for p in data.featurized_patients(deployed["cnn_id"]) if pipeline.in_shard(p, shard, shards)]
+        scores = pipeline.score(data, patients, model_name).results if patients else []
+        data.commit()  # the predictions, recorded
+    return scores
