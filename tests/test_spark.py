@@ -3,6 +3,8 @@ database: the same features as the stored procedure, the same run records, rerun
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -125,3 +127,96 @@ def test_batch_scoring_on_spark_records_what_the_batch_function_gives(spark, loa
     assert len(on_spark) == 8 and recorded == 8 and len(set(batch.values())) > 1
     for patient, probability in on_spark:
         assert probability == pytest.approx(batch[patient], abs=1e-12)
+
+
+# -- a standalone cluster: a master and a worker on 127.0.0.1, a job submitted to them ----------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process, log, seconds: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"port {port} never opened: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def standalone(cluster, cohort, tmp_path_factory):
+    """A Spark master and one worker (2 cores) on 127.0.0.1, whose executors connect to a database of
+    their own through LUNGSQL_DATABASE_URL in the worker's environment (no credential in the job)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyspark
+
+    from databases import create_database, drop_database
+    from lungsql.client import migrations
+
+    name = create_database(cluster, "spark")
+    url = cluster.url(dbname=name)
+    engine = sa.create_engine(url)
+    migrations.init(engine)
+    cnn_export.export_builtin("efficientnet-lite0", cache_dir=cnn_export.default_cache_dir())
+    ingest.ingest(engine, cohort)
+    cnns.import_builtin(engine)
+    spark_class = Path(pyspark.__file__).parent / "bin" / "spark-class"
+    work = tmp_path_factory.mktemp("spark-standalone")
+    port, ui = _free_port(), _free_port()
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    env.pop("LUNGSQL_DATABASE_URL", None)
+    master_log, worker_log = work / "master.log", work / "worker.log"
+    master = subprocess.Popen([str(spark_class), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                               "--port", str(port), "--webui-port", str(ui)], env=env,
+                              stdout=master_log.open("wb"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        _wait_for_port(port, master, master_log)
+        worker = subprocess.Popen([str(spark_class), "org.apache.spark.deploy.worker.Worker",
+                                   f"spark://127.0.0.1:{port}", "--host", "127.0.0.1", "--cores", "2",
+                                   "--memory", "2g", "--webui-port", str(_free_port()), "--work-dir", str(work)],
+                                  env={**env, "LUNGSQL_DATABASE_URL": url},
+                                  stdout=worker_log.open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "Successfully registered with master" not in worker_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline and worker.poll() is None, worker_log.read_text()
+            time.sleep(0.2)
+        yield {"master": f"spark://127.0.0.1:{port}", "engine": engine, "env": env, "work": work}
+    finally:
+        for process in (worker, master):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+        engine.dispose()
+        drop_database(cluster, name)
+
+
+def test_a_job_submitted_to_a_standalone_cluster_featurizes_with_the_executors_own_credentials(standalone):
+    import subprocess
+    from pathlib import Path
+
+    import pyspark
+
+    import lungsql.spark.featurize as job
+
+    submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    result = subprocess.run([str(submit), "--master", standalone["master"], "--conf", "spark.task.cpus=1",
+                             "--conf", "spark.executor.cores=2", job.__file__, "--partitions", "2"],
+                            env=standalone["env"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 patients" in result.stdout and "on 2 Spark tasks" in result.stdout
+    with standalone["engine"].connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM lungsql.features")).scalar() == 8
+        runs = conn.execute(sa.text("SELECT shards, status FROM lungsql.feature_runs")).all()
+    assert {(r.shards, r.status) for r in runs} == {(2, "finished")}

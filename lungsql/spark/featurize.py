@@ -5,9 +5,9 @@ featurizes shard i of `partitions` exactly as `CALL lungsql.generate_features(sh
 shards => partitions)` would, with its own connection to the database; the ONNX Runtime session is
 kept per Python worker (one per executor core slot), and its threads follow `spark.task.cpus`.
 
-For a real cluster, `spark-submit` this module (`python -m lungsql.spark.featurize --help`): every
-executor needs lungsql installed (the wheel with the ml extra) and LUNGSQL_DATABASE_URL in its
-environment (`spark.executorEnv.LUNGSQL_DATABASE_URL`, or the cluster's own configuration).
+For a real cluster, `spark-submit` this module's file (`--help` lists its options): every worker
+needs lungsql installed (the wheel with the ml extra) and LUNGSQL_DATABASE_URL in its own
+environment (spark-env.sh, or the cluster manager's), which its executors inherit.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def _data(url: str | None):
         from lungsql.errors import ConfigurationError
 
         raise ConfigurationError("the Spark executor has no LUNGSQL_DATABASE_URL",
-                                 hint="set it in the executors' environment (spark.executorEnv.LUNGSQL_DATABASE_URL)")
+                                 hint="set it in each worker's environment (spark-env.sh, or the cluster "
+                                      "manager's), which its executors inherit")
     engine = db.connect(url)
     raw = engine.raw_connection()
     try:
