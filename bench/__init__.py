@@ -22,7 +22,7 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         markdown: Path | None = None, say: Callable[[str], None] = print) -> dict:
     """Run every benchmark; write the JSON to `out` (quick: a temporary file when None) and, unless
     `quick`, the table into `markdown` (default BENCHMARKS.md). Returns the results."""
-    from lungsql.bench import explain, featurize, gpu, machine, pacs, report, scoring, training, upload, web
+    from lungsql.bench import explain, featurize, gpu, machine, pacs, report, scoring, spark, training, upload, web
     from lungsql.bench.database import throwaway
 
     sizes = QUICK if quick else FULL
@@ -40,6 +40,8 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         results["pacs"] = pacs.run(db, cohort, results["upload"])
         say("featurization: CALL lungsql.generate_features against the bare ONNX Runtime session")
         results["featurization"] = featurize.run(db, sizes, provider=provider)
+        say("Spark: the same featurization on local[1] and local[2]")
+        results["spark"] = spark.run(db, results["featurization"]["end_to_end"]["slices_per_s"])
         say("training: pipeline.fit on synthetic features")
         results["training"] = training.run(db, sizes)
         say("scoring: lungsql.predict_lung_cancer")

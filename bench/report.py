@@ -67,6 +67,9 @@ def render_table(r: dict) -> str:
              f"{bare['slices_per_s']:.0f} slices/s ({bare['images_per_s']:.0f} images/s)"),
         _row("Featurization", "efficiency (end to end / bare)", f"{fe['efficiency']:.2f}",
              f">= {ft['efficiency']['at_least']}", _met(ft["efficiency"])),
+        *[_row("Featurization", f"on Spark, local[{run['cores']}], {run['cores']} task(s)",
+               f"{run['slices_per_s']:.0f} slices/s (x{run['ratio_to_database']:.2f} of the database); "
+               f"Spark starts in {run['startup_s']:.1f} s") for run in (r.get("spark") or {}).get("runs", [])],
     ]
     for s in fe["shards"]:
         rows.append(_row("Featurization", f"{s['sessions']} `shard` session(s) in parallel",
@@ -132,6 +135,22 @@ def render_details(r: dict) -> str:
     for s in fe["shards"]:
         lines.append(f"| {s['sessions']} | {', '.join(map(str, s['patients_per_session']))} | "
                      f"{s['wall_seconds']:.1f} | {s['slices_per_s']:.0f} | {s['in_run_slices_per_s']:.0f} | x{s['speedup']:.2f} |")
+    sp = r.get("spark")
+    if sp:
+        lines += ["", "Featurization on Apache Spark (`lungsql featurize --engine spark`, a local master of N cores, "
+                  "N tasks), against `CALL lungsql.generate_features` in the same run "
+                  f"({sp['in_database_slices_per_s']:.0f} slices/s):", "",
+                  "| Executor cores | Spark start-up s | Job s | Slices/s | Against the database |",
+                  "| --- | --- | --- | --- | --- |"]
+        for run in sp["runs"]:
+            lines.append(f"| {run['cores']} | {run['startup_s']:.1f} | {run['seconds']:.1f} | "
+                         f"{run['slices_per_s']:.0f} | x{run['ratio_to_database']:.2f} |")
+        lines += ["", f"Scaling out, at the measured {sp['slices_per_s_per_core']:.0f} slices/s per core "
+                  f"(studies of 300 slices; GPUs not measured here):", "",
+                  "| Studies | Slices | Core-hours | Cores to finish in a day |", "| --- | --- | --- | --- |"]
+        for size in sp["sizing"]:
+            lines.append(f"| {size['studies']:,} | {size['slices']:,} | {size['core_hours']:,.1f} | "
+                         f"{size['cores_for_a_day']:,} |")
     lines += ["", f"Training on synthetic features ({tr['groups_per_patient']} images per patient, "
               f"{tr['features_per_image']} features each):", "",
               "| Patients | Seconds | Validation AUC | Trees |", "| --- | --- | --- | --- |"]

@@ -40,6 +40,9 @@ def test_quick_bench_writes_every_section(tmp_path):
     pacs = results["pacs"]
     assert all(pacs[way]["stored"] == up["files"] and pacs[way]["files_per_s"] > 0
                for way in ("dicomweb", "dimse_c_get", "listener_push"))
+    sp = results["spark"]
+    assert [r["cores"] for r in sp["runs"]] == [1, 2] and all(r["slices"] == up["files"] for r in sp["runs"])
+    assert [s["studies"] for s in sp["sizing"]] == [1_000, 100_000, 1_000_000]
     ex = results["explain"]
     assert ex["patients"] > 0 and ex["explain_p50_ms"] > 0 and ex["heatmap_warm_p50_s"] > 0
     assert ex["export"]["max_abs_difference"] < 1e-5 and ex["export"]["bytes"] > 0

@@ -1,0 +1,45 @@
+"""Spark: featurization of the benchmark cohort on Apache Spark with 1 and 2 executor cores, against
+`CALL lungsql.generate_features` on the same cohort and machine, Spark's start-up, and what scaling
+out takes for archives of 1,000 to 1,000,000 studies.
+
+Each run deletes the features, starts a Spark session with a local master of N cores (its start-up
+timed apart), and runs `lungsql.spark.featurize.run` with N tasks; slices/s counts from the job's
+submission to its last task. The sizing table divides an archive's slices (300 per study) by the
+measured rate per core.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lungsql.bench.database import BenchDatabase
+
+CORES = (1, 2)
+SLICES_PER_STUDY = 300
+ARCHIVES = (1_000, 100_000, 1_000_000)
+
+
+def run(db: BenchDatabase, in_database_slices_per_s: float) -> dict:
+    from lungsql.spark import featurize as on_spark
+
+    runs = []
+    for cores in CORES:
+        with db.connect() as conn:
+            conn.execute("DELETE FROM lungsql.features")
+        started = time.perf_counter()
+        spark = on_spark.session(f"local[{cores}]", app_name=f"lungsql-bench-{cores}")
+        startup = time.perf_counter() - started
+        try:
+            result = on_spark.run(spark, partitions=cores, url=db.url)
+        finally:
+            spark.stop()
+        runs.append({"cores": cores, "startup_s": round(startup, 2), "seconds": round(result.seconds, 2),
+                     "slices": result.slices, "slices_per_s": round(result.slices_per_s, 1),
+                     "ratio_to_database": round(result.slices_per_s / in_database_slices_per_s, 3)})
+    per_core = max(r["slices_per_s"] / r["cores"] for r in runs)
+    sizing = [{"studies": n, "slices": n * SLICES_PER_STUDY,
+               "core_hours": round(n * SLICES_PER_STUDY / per_core / 3600, 1),
+               "cores_for_a_day": max(1, round(n * SLICES_PER_STUDY / per_core / 86400 + 0.499))}
+              for n in ARCHIVES]
+    return {"runs": runs, "slices_per_s_per_core": round(per_core, 1), "sizing": sizing,
+            "in_database_slices_per_s": in_database_slices_per_s}
