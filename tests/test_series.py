@@ -191,3 +191,53 @@ def test_a_dbas_choice_must_be_a_stored_series():
         "chosen by dba")
     with pytest.raises(LungSQLError, match="is not stored"):
         choose_series([_series("a")], override="gone")
+
+
+# -- hostile Enhanced CT: every way the functional groups can lie is one clear reason -------------------------
+def _enhanced_bytes(study, change) -> bytes:
+    import io
+
+    import pydicom
+
+    path = next((study["root"] / "enhanced").glob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    change(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda ds: setattr(ds, "NumberOfFrames", ds.NumberOfFrames - 1), "per-frame functional groups describe"),
+    (lambda ds: delattr(ds.PerFrameFunctionalGroupsSequence[3], "PlanePositionSequence"),
+     "frame 4 has no ImagePositionPatient"),
+    (lambda ds: setattr(ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0], "ImagePositionPatient",
+                        [1.0, 2.0]), "frame 3 has no ImagePositionPatient"),  # two values, not three
+    (lambda ds: ds.PerFrameFunctionalGroupsSequence[5].__setattr__(
+        "PlaneOrientationSequence", _orientation([1, 0, 0, 0, 0, -1])), "different orientations"),
+    (lambda ds: ds.PerFrameFunctionalGroupsSequence[1].__setattr__(
+        "PixelValueTransformationSequence", _rescale(2.0, -1024.0)), "different rescales"),
+])
+def test_an_enhanced_ct_whose_functional_groups_do_not_hold_together_is_refused(study, change, reason):
+    from lungsql.errors import InvalidScan
+
+    with pytest.raises(InvalidScan, match=reason):
+        read_scan(_enhanced_bytes(study, change))
+
+
+def _orientation(values):
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.ImageOrientationPatient = values
+    return Sequence([item])
+
+
+def _rescale(slope: float, intercept: float):
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.RescaleSlope, item.RescaleIntercept, item.RescaleType = slope, intercept, "HU"
+    return Sequence([item])
