@@ -18,6 +18,7 @@ from lungsql import registry
 from lungsql.ml import ensemble
 from lungsql.ml import explain as explanation
 from lungsql.ml import featurize, heatmap, scoring, training
+from lungsql.ml import metrics as measures
 from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
 from lungsql.ml.features import GroupFeatures, patient_vector_names
 from lungsql.errors import ConfigurationError, IntegrityError, LungSQLError
@@ -339,10 +340,10 @@ def deploy_ensemble(data: PipelineData, name: str, model_ids: Sequence[int], met
     p_members = np.array([member_p[p] for p in patients])
     y = np.array([labels[p] for p in patients])
     combined = spec.combine(p_members)
-    metrics = training_metrics_summary(y, combined)
+    metrics = measures.summary(y, combined)
     metrics.update(valid_patients=len(patients), validation_ids=patients, method=spec.method,
                    members=[{"model_id": m.model_id, "weight": m.weight,
-                             **{k: v for k, v in training_metrics_summary(y, p_members[:, i]).items()
+                             **{k: v for k, v in measures.summary(y, p_members[:, i]).items()
                                 if k in ("auc", "log_loss", "brier")}}
                             for i, m in enumerate(spec.members)])
     data.lock_model_name(name)
@@ -359,12 +360,6 @@ def deploy_ensemble(data: PipelineData, name: str, model_ids: Sequence[int], met
                 f"{spec.method}: validation AUC {metrics['auc']:.3f}, log loss {metrics['log_loss']:.4f} on "
                 f"{len(patients)} common validation patients; deployed")
     return model_id, metrics
-
-
-def training_metrics_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    from lungsql.ml import metrics as measures
-
-    return measures.summary(y, p)
 
 
 def _member_probabilities(data: PipelineData, members: Sequence[dict[str, Any]], patients: Sequence[str]
@@ -438,9 +433,9 @@ def score(data: PipelineData, patient_ids: Sequence[str], model_name: str | None
     return Scores(deployed, results)
 
 
-def _score_ensemble(data: PipelineData, deployed: dict[str, Any], patient_ids: Sequence[str]) -> Scores:
-    """`score` for an ensemble: each member scores with its own CNN's features, then the method
-    combines them; a member whose row changed since the ensemble was made is refused."""
+def _ensemble_members(data: PipelineData, deployed: dict[str, Any]) -> tuple[ensemble.Ensemble, dict[int, dict]]:
+    """A deployed ensemble (checked against its SHA-256) and its members' rows, each still the model
+    the ensemble was made of (IntegrityError otherwise)."""
     spec = ensemble.load(data.model_text(deployed["model_id"]), deployed["sha256"])
     rows = {r["model_id"]: r for r in data.model_rows([m.model_id for m in spec.members])}
     for member in spec.members:
@@ -449,6 +444,13 @@ def _score_ensemble(data: PipelineData, deployed: dict[str, Any], patient_ids: S
             raise IntegrityError(f"member model {member.model_id} of ensemble {deployed['model_id']} is gone or "
                                  "has changed since the ensemble was made",
                                  hint="deploy the ensemble again: SELECT lungsql.deploy_ensemble(...)")
+    return spec, rows
+
+
+def _score_ensemble(data: PipelineData, deployed: dict[str, Any], patient_ids: Sequence[str]) -> Scores:
+    """`score` for an ensemble: each member scores with its own CNN's features, then the method
+    combines them; a member whose row changed since the ensemble was made is refused."""
+    spec, rows = _ensemble_members(data, deployed)
     member_p = _member_probabilities(data, [rows[m.model_id] for m in spec.members], list(patient_ids))
     missing = [p for p in patient_ids if p not in member_p]
     if missing:
@@ -555,14 +557,9 @@ def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name:
 def _explaining_member(data: PipelineData, deployed: dict[str, Any]) -> dict[str, Any]:
     """An ensemble is explained by its member of the largest weight (the first of equals): the
     member's own contributions, on its own CNN's features (the rows say which model it is)."""
-    spec = ensemble.load(data.model_text(deployed["model_id"]), deployed["sha256"])
+    spec, rows = _ensemble_members(data, deployed)
     member = max(spec.members, key=lambda m: m.weight)  # max keeps the first of equal weights
-    rows = data.model_rows([member.model_id])
-    if not rows or rows[0]["sha256"] != member.sha256:
-        raise IntegrityError(f"member model {member.model_id} of ensemble {deployed['model_id']} is gone or has "
-                             "changed since the ensemble was made",
-                             hint="deploy the ensemble again: SELECT lungsql.deploy_ensemble(...)")
-    return {**rows[0], "ensemble_id": deployed["model_id"]}
+    return {**rows[member.model_id], "ensemble_id": deployed["model_id"]}
 
 
 def _explained_inputs(data: PipelineData, patient_id: str, model_name: str | None):
