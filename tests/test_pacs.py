@@ -371,3 +371,28 @@ def test_the_demo_runs_from_a_pacs_and_leaves_its_reports_there(db_env, engine, 
     with LocalOrthanc(tmp_path / "home" / "orthanc") as orthanc:  # the demo's PACS, started again
         reports = orthanc.request("POST", "/tools/find", json={"Level": "Instance", "Query": {"Modality": "SR"}})
     assert len(reports) == 8
+
+
+# -- what a PACS answers is input from outside too ------------------------------------------------------------
+@pytest.mark.parametrize("value, expected", [
+    ("1.2.840.113619.2.55.3", "1.2.840.113619.2.55.3"), (" 1.2.3 ", "1.2.3"),
+    ("../../instances", None), ("1.2/../3", None), ("1.02.3", None), ("1..2", None), ("", None), (None, None),
+    ("1." + "2" * 70, None), (["1.2"], None), ("1.2.3?x=1", None),
+])
+def test_only_a_real_uid_goes_into_a_request(value, expected):
+    from lungsql.client.pacs import valid_uid
+
+    assert valid_uid(value) == expected
+
+
+def test_counts_and_json_values_a_pacs_gets_wrong_are_read_as_unknown():
+    from lungsql.client.pacs import instance_count, shown
+
+    assert [instance_count(v) for v in (12, "7", " 3 ", "x", None, -1, 10**9, [4])] == [12, 7, 3, None, None,
+                                                                                         None, None, None]
+    value = dicomweb._value
+    assert value({"0020000E": {"vr": "UI", "Value": ["1.2"]}}, "0020000E") == "1.2"
+    for junk in ({}, {"0020000E": None}, {"0020000E": "1.2"}, {"0020000E": {"Value": "1.2"}},
+                 {"0020000E": {"Value": []}}, [], "text", None):
+        assert value(junk, "0020000E") is None
+    assert len(shown("x" * 10_000)) == 80 and "\n" not in shown("a\nb")

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 import config_preprocessing as config
 from lungsql.client.ingest import IngestSummary, Upload, prefetch, site_deidentifier
+from lungsql.client.pacs import instance_count, shown, valid_uid
 from lungsql.errors import ConfigurationError, LungSQLError
 
 # DICOM JSON (PS3.18 F.2) keys of the attributes a pull reads from QIDO-RS answers.
@@ -61,6 +62,7 @@ class Series:
     study: str
     series: str
     instances: int | None  # as the PACS counts them, for the progress bar
+    problem: str | None = None  # why the PACS's answer for it cannot be used: recorded, not retrieved
 
 
 def client(url: str | None = None, attempts: int = 5):
@@ -115,12 +117,19 @@ def find_series(web, query: Query) -> list[Series]:
     """The series of the query's modality in the studies the query names (QIDO-RS)."""
     found = []
     for study in _search(web.search_for_studies, search_filters=query.study_filters()):
-        study_uid = _value(study, STUDY_UID)
+        study_uid = valid_uid(_value(study, STUDY_UID))
+        if study_uid is None:
+            found.append(Series("?", "?", None, f"the PACS answered a study whose StudyInstanceUID is not a UID: "
+                                                f"{shown(_value(study, STUDY_UID))}"))
+            continue
         for series in _search(web.search_for_series, study_uid, search_filters={"Modality": query.modality}):
             if _value(series, MODALITY) not in (None, query.modality):
                 continue  # a PACS that ignores the filter
-            count = _value(series, INSTANCES_IN_SERIES)
-            found.append(Series(study_uid, _value(series, SERIES_UID), int(count) if count is not None else None))
+            series_uid = valid_uid(_value(series, SERIES_UID))
+            problem = None if series_uid else ("the PACS answered a series whose SeriesInstanceUID is not a UID: "
+                                               f"{shown(_value(series, SERIES_UID))}")
+            found.append(Series(study_uid, series_uid or "?", instance_count(_value(series, INSTANCES_IN_SERIES)),
+                                problem))
     return found
 
 
@@ -152,11 +161,18 @@ def pull(engine: sa.Engine, web, query: Query, *, deidentify: bool = False, allo
 def _instances(web, series: Series, upload: Upload, name: Callable[..., str]
                ) -> Iterator[tuple[str, bytes | None, str | None]]:
     """(recorded name, bytes, None) per instance of the series not yet stored, or (name, None, reason)."""
+    if series.problem:
+        yield name(series.study, series.series), None, series.problem
+        return
     try:
-        listed = [_value(i, SOP_UID) for i in _search(web.search_for_instances, series.study, series.series)]
+        answers = [_value(i, SOP_UID) for i in _search(web.search_for_instances, series.study, series.series)]
     except LungSQLError as exc:
         yield name(series.study, series.series), None, exc.message
         return
+    listed = [uid for uid in map(valid_uid, answers) if uid]
+    for bad in (a for a in answers if not valid_uid(a)):
+        yield (name(series.study, series.series), None,
+               f"the PACS listed an instance whose SOPInstanceUID is not a UID: {shown(bad)}")
     missing = [uid for uid in listed if not upload.is_stored(uid)]
     if not missing:
         return
@@ -194,8 +210,8 @@ def _namer(deidentifier) -> Callable[..., str]:
     keys = ("studies", "series", "instances")
 
     def name(*uids: str) -> str:
-        shown = uids if deidentifier is None else [deidentifier.pseudonym(uid) for uid in uids]
-        return "/".join(f"{key}/{uid}" for key, uid in zip(keys, shown))
+        parts = uids if deidentifier is None else [deidentifier.pseudonym(uid) for uid in uids]
+        return "/".join(f"{key}/{uid}" for key, uid in zip(keys, parts))
 
     return name
 
@@ -218,9 +234,12 @@ def _search(method, *args, **kwargs) -> list[dict]:
                            hint="check the URL, and that this machine may connect to it") from None
 
 
-def _value(item: dict, tag: str):
-    values = item.get(tag, {}).get("Value") or [None]
-    return values[0]
+def _value(item, tag: str):
+    """The first value of a DICOM JSON attribute (PS3.18 F.2), or None when the answer holds none."""
+    element = item.get(tag) if isinstance(item, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
 
 
 def _reason(what: str, exc: Exception) -> str:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 import config_preprocessing as config
 from lungsql.client.ingest import IngestSummary, Upload, site_deidentifier
+from lungsql.client.pacs import instance_count, shown, valid_uid
 from lungsql.client.pacs.dicomweb import Query, Series
 from lungsql.client.pacs.listener import Listener, StoreHandler, storage_classes
 from lungsql.errors import ConfigurationError, LungSQLError
@@ -131,13 +132,20 @@ def find_series(assoc: Association, query: Query) -> list[Series]:
             "StudyDate": filters.get("StudyDate", "")}
     found = []
     for study in assoc.find("STUDY", **keys):
-        uid = str(study.StudyInstanceUID)
+        uid = valid_uid(study.get("StudyInstanceUID"))
+        if uid is None:
+            found.append(Series("?", "?", None, "the PACS answered a study whose StudyInstanceUID is not a UID: "
+                                                f"{shown(study.get('StudyInstanceUID'))}"))
+            continue
         for series in assoc.find("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="", Modality=query.modality,
                                  NumberOfSeriesRelatedInstances=""):
             if str(series.get("Modality", query.modality)) != query.modality:
                 continue  # a PACS that ignores the filter
-            count = series.get("NumberOfSeriesRelatedInstances")
-            found.append(Series(uid, str(series.SeriesInstanceUID), int(count) if count not in (None, "") else None))
+            series_uid = valid_uid(series.get("SeriesInstanceUID"))
+            problem = None if series_uid else ("the PACS answered a series whose SeriesInstanceUID is not a UID: "
+                                               f"{shown(series.get('SeriesInstanceUID'))}")
+            found.append(Series(uid, series_uid or "?", instance_count(series.get("NumberOfSeriesRelatedInstances")),
+                                problem))
     return found
 
 
@@ -165,6 +173,9 @@ def pull(engine: sa.Engine, peer: Peer, query: Query, *, move_port: int | None =
         assoc = Association(peer, handler)
         try:
             for series in find_series(assoc, query):
+                if series.problem:  # recorded; nothing of it is retrieved
+                    upload.offer(f"dimse:{peer.aet}/series/{series.series}", None, series.problem)
+                    continue
                 if on_series:
                     on_series(series)
                 for level, keys in _retrievals(assoc, series, upload):
@@ -181,8 +192,8 @@ def pull(engine: sa.Engine, peer: Peer, query: Query, *, move_port: int | None =
 
 def _retrievals(assoc: Association, series: Series, upload: Upload) -> Iterator[tuple[str, dict]]:
     """What to ask for: the whole series when none of it is stored, else each missing instance."""
-    listed = [str(i.SOPInstanceUID) for i in assoc.find("IMAGE", StudyInstanceUID=series.study,
-                                                        SeriesInstanceUID=series.series, SOPInstanceUID="")]
+    answers = assoc.find("IMAGE", StudyInstanceUID=series.study, SeriesInstanceUID=series.series, SOPInstanceUID="")
+    listed = [uid for uid in (valid_uid(i.get("SOPInstanceUID")) for i in answers) if uid]
     missing = [uid for uid in listed if not upload.is_stored(uid)]
     if missing and len(missing) == len(listed):
         yield "SERIES", {"StudyInstanceUID": series.study, "SeriesInstanceUID": series.series}
