@@ -152,6 +152,13 @@ def render_details(r: dict) -> str:
         for size in sp["sizing"]:
             lines.append(f"| {size['studies']:,} | {size['slices']:,} | {size['core_hours']:,.1f} | "
                          f"{size['cores_for_a_day']:,} |")
+        reading = sp.get("reading") or {}
+        if "jdbc_mb_per_s" in reading:
+            lines += ["", f"How the tasks read the scans ({reading['mb']:.0f} MB of DICOM in {reading['partitions']} "
+                      "partitions by a hash of patient_id, over TCP): a connection per partition (psycopg, what "
+                      f"lungsql.spark does) {reading['connection_per_partition_mb_per_s']:.0f} MB/s; Spark's JDBC "
+                      f"source (Debian's PostgreSQL driver) {reading['jdbc_mb_per_s']:.0f} MB/s "
+                      f"(x{reading['jdbc_to_connection']:.2f})."]
     lines += ["", f"Training on synthetic features ({tr['groups_per_patient']} images per patient, "
               f"{tr['features_per_image']} features each):", "",
               "| Patients | Seconds | Validation AUC | Trees |", "| --- | --- | --- | --- |"]

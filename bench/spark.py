@@ -50,5 +50,7 @@ def run(db: BenchDatabase, in_database_slices_per_s: float) -> dict:
                "core_hours": round(n * SLICES_PER_STUDY / per_core / 3600, 1),
                "cores_for_a_day": max(1, round(n * SLICES_PER_STUDY / per_core / 86400 + 0.499))}
               for n in ARCHIVES]
+    from lungsql.bench import spark_reading
+
     return {"runs": runs, "slices_per_s_per_core": round(per_core, 1), "sizing": sizing,
-            "in_database_slices_per_s": in_database_slices_per_s}
+            "in_database_slices_per_s": in_database_slices_per_s, "reading": spark_reading.run(db)}

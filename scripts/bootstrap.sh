@@ -12,8 +12,10 @@ cd "$(dirname "$0")/.."
 # wrk: the HTTP load generator of `lungsql bench` (the web app under 32 clients).
 # orthanc and orthanc-dicomweb: the PACS that `lungsql demo --pacs` and the PACS tests run on loopback.
 # openjdk-17-jre-headless: the Java that Apache Spark (the spark extra) runs on.
+# libpostgresql-jdbc-java: PostgreSQL's JDBC driver, for the benchmark of Spark's JDBC reads against
+#   the connection per task that lungsql.spark uses.
 APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core
-              unixodbc wrk orthanc orthanc-dicomweb openjdk-17-jre-headless)
+              unixodbc wrk orthanc orthanc-dicomweb openjdk-17-jre-headless libpostgresql-jdbc-java)
 EXTRAS="ml,codecs,export,mssql,pacs,spark,dev"
 
 say() { printf '==> %s\n' "$*"; }

@@ -129,6 +129,52 @@ def test_batch_scoring_on_spark_records_what_the_batch_function_gives(spark, loa
         assert probability == pytest.approx(batch[patient], abs=1e-12)
 
 
+def _source_tree(cohort, tmp_path):
+    """The cohort's files, copied, with a file that is not DICOM and one cut short."""
+    import shutil
+
+    tree = tmp_path / "archive"
+    shutil.copytree(cohort, tree)
+    slices = sorted(tree.rglob("*.dcm"))
+    (tree / "notes.txt").write_text("not a DICOM file")
+    (tree / "cut.dcm").write_bytes(slices[0].read_bytes()[:300])
+    return tree, len(slices)
+
+
+def test_files_on_shared_storage_give_the_features_of_the_same_scans_in_the_database(spark, engine, cohort,
+                                                                                     db_env, tmp_path):
+    from lungsql.spark import files
+
+    cnn_export.export_builtin("efficientnet-lite0", cache_dir=cnn_export.default_cache_dir())
+    cnns.import_builtin(engine)
+    tree, n_slices = _source_tree(cohort, tmp_path)
+    result = files.run(spark, str(tree), partitions=3, url=db_env)
+    from_files = features(engine)
+    with engine.connect() as conn:
+        errors = dict(conn.execute(sa.text("SELECT source_path, reason FROM lungsql.ingest_errors")).all())
+        scans = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans")).scalar()
+        ingest_runs = conn.execute(sa.text("SELECT sum(files_seen), sum(errors), count(*) "
+                                           "FROM lungsql.ingest_runs")).one()
+        runs = conn.execute(sa.text("SELECT shards, status FROM lungsql.feature_runs")).all()
+        labelled = conn.execute(sa.text("SELECT count(*), count(label) FROM lungsql.patients")).one()
+    assert result.patients == len(from_files) == 8 and tuple(labelled) == (8, 8)  # stage1_labels.csv loaded
+    assert result.files_seen == n_slices + 2 and result.errors == 2
+    assert set(errors) == {str(tree / "notes.txt"), str(tree / "cut.dcm")} and all(errors.values())
+    assert scans == 0  # the slices stay in their files
+    assert tuple(ingest_runs) == (n_slices + 2, 2, 3) and {(r.shards, r.status) for r in runs} == {(3, "finished")}
+    again = files.run(spark, str(tree), partitions=2, url=db_env)  # a rerun: nothing twice
+    assert again.patients == 0 and again.errors == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM lungsql.ingest_errors")).scalar() == 2
+        assert conn.execute(sa.text("SELECT count(*) FROM lungsql.features")).scalar() == 8
+    ingest.ingest(engine, cohort)  # the same scans, in the database this time
+    call(engine, "CALL lungsql.generate_features(only_missing => false)")
+    in_database = features(engine)
+    assert set(in_database) == set(from_files)
+    for patient, array in from_files.items():
+        np.testing.assert_allclose(array, in_database[patient], rtol=1e-4, atol=1e-5)
+
+
 # -- a standalone cluster: a master and a worker on 127.0.0.1, a job submitted to them ----------------
 def _free_port() -> int:
     import socket
@@ -177,6 +223,10 @@ def standalone(cluster, cohort, tmp_path_factory):
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
     env.pop("LUNGSQL_DATABASE_URL", None)
     master_log, worker_log = work / "master.log", work / "worker.log"
+    # The worker offers one GPU (as its discovery script says), so a job can ask for GPUs per task.
+    discover = work / "gpus.sh"
+    discover.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0"]}\'\n')
+    discover.chmod(0o755)
     master = subprocess.Popen([str(spark_class), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(port), "--webui-port", str(ui)], env=env,
                               stdout=master_log.open("wb"), stderr=subprocess.STDOUT)
@@ -186,7 +236,9 @@ def standalone(cluster, cohort, tmp_path_factory):
         worker = subprocess.Popen([str(spark_class), "org.apache.spark.deploy.worker.Worker",
                                    f"spark://127.0.0.1:{port}", "--host", "127.0.0.1", "--cores", "2",
                                    "--memory", "2g", "--webui-port", str(_free_port()), "--work-dir", str(work)],
-                                  env={**env, "LUNGSQL_DATABASE_URL": url},
+                                  env={**env, "LUNGSQL_DATABASE_URL": url,
+                                       "SPARK_WORKER_OPTS": "-Dspark.worker.resource.gpu.amount=1 "
+                                                            f"-Dspark.worker.resource.gpu.discoveryScript={discover}"},
                                   stdout=worker_log.open("wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while "Successfully registered with master" not in worker_log.read_text(errors="replace"):
@@ -220,3 +272,30 @@ def test_a_job_submitted_to_a_standalone_cluster_featurizes_with_the_executors_o
         assert conn.execute(sa.text("SELECT count(*) FROM lungsql.features")).scalar() == 8
         runs = conn.execute(sa.text("SELECT shards, status FROM lungsql.feature_runs")).all()
     assert {(r.shards, r.status) for r in runs} == {(2, "finished")}
+
+
+def test_a_task_given_a_gpu_by_the_cluster_runs_the_cnn_on_that_gpu(standalone):
+    """Spark schedules the worker's GPU to the tasks (half each); each task asks ONNX Runtime for CUDA on
+    that device, and the job says what ONNX Runtime ran on (CPU here, whose onnxruntime has no CUDA)."""
+    import subprocess
+    from pathlib import Path
+
+    import onnxruntime
+    import pyspark
+
+    import lungsql.spark.featurize as job
+
+    submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    result = subprocess.run([str(submit), "--master", standalone["master"], "--conf", "spark.task.cpus=1",
+                             "--conf", "spark.executor.cores=2", "--conf", "spark.executor.resource.gpu.amount=1",
+                             "--conf", "spark.task.resource.gpu.amount=0.5", job.__file__, "--partitions", "2",
+                             "--all"], env=standalone["env"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    expected = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+    assert f"tasks given GPUs 0, run on {expected}" in result.stdout, result.stdout
+    assert cuda or "install onnxruntime-gpu on the executors" in result.stdout
+    with standalone["engine"].connect() as conn:
+        providers = {r.provider for r in conn.execute(sa.text(
+            "SELECT provider FROM lungsql.feature_runs ORDER BY run_id DESC LIMIT 2"))}
+    assert providers == {expected}

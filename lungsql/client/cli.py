@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import functools
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -416,24 +417,47 @@ def model_export(ctx, model_id: int, out: Path) -> None:
 @click.option("--master", help="With --engine spark: the Spark master (default local[*]; spark://HOST:7077, "
                                "yarn, k8s://...).")
 @click.option("--partitions", type=click.IntRange(1), help="With --engine spark: tasks (default: Spark's cores).")
+@click.option("--source", metavar="DIR|URI",
+              help="With --engine spark: featurize the DICOM files under DIR (shared storage every executor "
+                   "reads, or a URI such as hdfs://...) instead of the scans in the database.")
+@click.option("--glob", metavar="PATTERN", help="With --source: only the file names matching PATTERN (e.g. '*.dcm').")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --source: an id,cancer CSV to load first (default: DIR's stage1_labels.csv, as ingest).")
+@click.option("--deidentify", is_flag=True,
+              help="With --source: de-identify each file as `lungsql ingest --deidentify` does (the executors' "
+                   "site key) before anything of it is recorded.")
 @click.pass_context
 @reports_errors
 def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, retry_failed: bool = False,
-              engine_name: str = "database", master: str | None = None, partitions: int | None = None) -> None:
+              engine_name: str = "database", master: str | None = None, partitions: int | None = None,
+              source: str | None = None, glob: str | None = None, labels_csv: Path | None = None,
+              deidentify: bool = False) -> None:
     """CALL lungsql.generate_features(...): CNN features of every patient, inside the server (or on Spark)."""
     from lungsql.client import calls
 
+    if not source and (glob or deidentify or labels_csv):
+        raise click.UsageError("--glob, --labels and --deidentify go with --engine spark --source DIR")
+    if source and engine_name != "spark":
+        raise click.UsageError("--source DIR runs on Spark: add --engine spark")
     if engine_name == "spark":
         from lungsql.client import db
         from lungsql.spark import featurize as on_spark
 
         master = master or "local[*]"
+        started = time.perf_counter()
         spark = on_spark.session(master)
+        click.echo(f"Spark ({master}) started in {time.perf_counter() - started:.1f} s", err=True)
         # A local master's executors are this machine: they get the URL with the job. A cluster's
         # executors connect with their own LUNGSQL_DATABASE_URL, so no credential leaves this process.
         url = db.resolve_url(ctx.obj.get("db")) if master.startswith("local") else None
-        result = on_spark.run(spark, partitions or spark.sparkContext.defaultParallelism, cnn_name, not redo,
-                              retry_failed, url=url)
+        tasks = partitions or spark.sparkContext.defaultParallelism
+        if source:
+            from lungsql.spark import files
+
+            result = files.run(spark, source, tasks, cnn_name, not redo, retry_failed, deidentify, url=url, glob=glob,
+                               labels=str(labels_csv) if labels_csv else None)
+        else:
+            result = on_spark.run(spark, tasks, cnn_name, not redo, retry_failed, url=url)
         click.echo(result.describe())
         return
     calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards, retry_failed)

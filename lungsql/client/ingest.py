@@ -165,23 +165,23 @@ class RecordedPaths:
     @property
     def source_dir(self) -> str:
         if self.deidentifier is None:
-            return _text(str(self.root))
+            return stored_text(str(self.root))
         return "deidentified:" + self.deidentifier.pseudonym(str(self.root))
 
     def __call__(self, path: Path) -> str:
         if self.deidentifier is None:
-            return _text(str(path))
+            return stored_text(str(path))
         try:
             parts = path.relative_to(self.root).parts
         except ValueError:
             parts = (path.name,)
-        named = [self.deidentifier.pseudonym(_text(part)) for part in parts[:-1]]
-        last = Path(_text(parts[-1])) if parts else Path("")
+        named = [self.deidentifier.pseudonym(stored_text(part)) for part in parts[:-1]]
+        last = Path(stored_text(parts[-1])) if parts else Path("")
         named.append(self.deidentifier.pseudonym(last.stem) + last.suffix.lower()[:8])
         return "/".join(named)
 
 
-def _text(value: str) -> str:
+def stored_text(value: str) -> str:
     """A path or message as text PostgreSQL stores: undecodable bytes escaped, no NUL."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "")
 
@@ -255,10 +255,10 @@ class Upload:
         self._started = time.perf_counter()
         try:
             if self.labels:
-                self.summary.labels = self._store.load_labels(self.labels, _text(self.labels_source))
+                self.summary.labels = self._store.load_labels(self.labels, stored_text(self.labels_source))
             self._stored = self._store.stored_uids()
             self._shapes = self._store.series_shapes()
-            self.summary.run_id = self._store.start_run(_text(self.source), self.deidentifier is not None)
+            self.summary.run_id = self._store.start_run(stored_text(self.source), self.deidentifier is not None)
         except BaseException:
             self._store.close()
             raise
@@ -292,7 +292,7 @@ class Upload:
             reason = _conflict(record, self._stored, self._shapes)
         if reason is not None:
             summary.errors += 1
-            self._batch.errors.append((_text(name), _text(reason)))
+            self._batch.errors.append((stored_text(name), stored_text(reason)))
             if self.on_error:
                 self.on_error(origin, reason)
             outcome = "rejected"
@@ -305,7 +305,7 @@ class Upload:
             self._shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
             self._batch.patients.setdefault(record.patient.patient_id, record.patient)
             self._batch.scans.append(record)
-            self._origins[record.sop_instance_uid] = (_text(name), origin)
+            self._origins[record.sop_instance_uid] = (stored_text(name), origin)
             summary.stored += 1
             summary.bytes += len(record.data)
             summary.patients.add(record.patient.patient_id)
@@ -357,7 +357,7 @@ def ingest(
                     labels_source=labels_source, batch_size=batch_size, on_error=on_error)
     with upload:
         # Files are read and parsed in a thread while this one writes to the database.
-        for path, record, reason in prefetch(_read_all(files, upload.transform, upload.limits),
+        for path, record, reason in prefetch(read_files(files, upload.transform, upload.limits),
                                              depth=2 * upload.batch_size):
             upload.offer(recorded(path), record, reason, origin=path)
             if on_file:
@@ -380,7 +380,7 @@ def read_instance(data: bytes, transform: Callable | None, limits: Limits) -> tu
         return None, f"cannot read as a CT slice: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
-def _read_all(files: list[Path], transform: Callable | None, limits: Limits
+def read_files(files: list[Path], transform: Callable | None, limits: Limits
               ) -> Iterator[tuple[Path, ScanRecord | None, str | None]]:
     """(path, record, None) for each file that is a CT slice, else (path, None, one-line reason)."""
     for path in files:

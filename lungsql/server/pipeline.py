@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -106,9 +106,10 @@ def in_shard(patient_id: str, shard: int, shards: int) -> bool:
     return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") % shards == shard
 
 
-def load_featurizer(cnn: dict[str, Any], threads: int | None = None) -> featurize.Featurizer:
+def load_featurizer(cnn: dict[str, Any], threads: int | None = None,
+                    providers: Sequence[Any] | None = None) -> featurize.Featurizer:
     """The CNN's featurizer, once its bytes match their SHA-256; `threads` for ONNX Runtime (default:
-    the usable cores)."""
+    the usable cores), `providers` as ONNX Runtime takes them (default: lungsql.ml.devices' choice)."""
     model = bytes(cnn["model"])
     if hashlib.sha256(model).hexdigest() != cnn["sha256"]:
         raise IntegrityError(
@@ -117,7 +118,8 @@ def load_featurizer(cnn: dict[str, Any], threads: int | None = None) -> featuriz
             hint=f"import the CNN again: lungsql model import ... --name {cnn['name']}",
         )
     return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
-                                Preprocessing.from_json(_json(cnn["preprocessing"])), threads=threads)
+                                Preprocessing.from_json(_json(cnn["preprocessing"])), providers=providers,
+                                threads=threads)
 
 
 def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
@@ -144,18 +146,24 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
                     if in_shard(p, shard, shards)]
         left_out = 0 if retry_failed else sum(
             1 for p in data.failed_patients(cnn["cnn_id"]) if in_shard(p, shard, shards) and p not in set(patients))
-        run = _featurize(data, cnn, featurizer, patients, shard, shards)
+        run = featurize_patients(data, cnn, featurizer, patients, shard, shards)
         run.left_out = left_out
         return run
 
 
-def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Featurizer, patients: list[str],
-               shard: int, shards: int) -> FeatureRun:
+def featurize_patients(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Featurizer,
+                       patients: Iterable[str], shard: int, shards: int, total: int | None = None) -> FeatureRun:
+    """Featurize `patients` (a list, or a stream of `total` or an unknown number), each committed on
+    its own, under one feature run: generate_features' loop, for callers that chose the patients
+    (a Spark task reading files, lungsql.spark.files)."""
+    if total is None and isinstance(patients, Sequence):
+        total = len(patients)
+    of_total = f"/{total}" if total is not None else ""
     run = FeatureRun(data.start_feature_run(cnn["cnn_id"], featurizer.provider, shard, shards),
                      cnn["name"], featurizer.provider, 0, 0, 0.0)
     data.commit()
-    data.notice(f"featurizing {len(patients)} patients with CNN {cnn['name']!r} on {featurizer.provider} "
-                f"(shard {shard} of {shards})")
+    data.notice(f"featurizing {total if total is not None else 'the'} patients with CNN {cnn['name']!r} on "
+                f"{featurizer.provider} (shard {shard} of {shards})")
     started = time.perf_counter()
     clock = featurizer.cpu
 
@@ -188,7 +196,7 @@ def _featurize(data: PipelineData, cnn: dict[str, Any], featurizer: featurize.Fe
             data.commit()  # this patient is done, whatever happens to the next
         if isinstance(features, BaseException):
             data.notice(f"skipped patient {patient_id}: {run.failed[-1][1]}")
-        data.notice(f"{run.patients + len(run.failed)}/{len(patients)} patients, {run.slices} slices, "
+        data.notice(f"{run.patients + len(run.failed)}{of_total} patients, {run.slices} slices, "
                     f"{run.slices_per_s:.0f} slices/s" + (f", {len(run.failed)} skipped" if run.failed else ""))
     run.seconds = time.perf_counter() - started
     run.cpu_seconds = clock.seconds()
