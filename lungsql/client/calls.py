@@ -18,7 +18,7 @@ from lungsql.client.db import driver_connection
 from lungsql.client import database_errors
 from lungsql.errors import ConfigurationError, LungSQLError
 
-_PROGRESS = re.compile(r"^(\d+)/(\d+) patients")
+_PROGRESS = re.compile(r"^(\d+)/(\d+) (?:patients|radiographs)")
 
 
 @contextlib.contextmanager
@@ -55,10 +55,11 @@ def _readable(exc) -> LungSQLError:
 
 
 def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: bool, shard: int,
-                      shards: int, retry_failed: bool = False) -> None:
+                      shards: int, retry_failed: bool = False, task: str = "lung_cancer") -> None:
     from tqdm import tqdm
 
-    bar = tqdm(desc="featurizing", unit=" patients", file=sys.stderr, dynamic_ncols=True, disable=None)
+    unit = " patients" if task == "lung_cancer" else " images"
+    bar = tqdm(desc="featurizing", unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
 
     def notice(text: str) -> None:
         match = _PROGRESS.match(text)
@@ -72,12 +73,15 @@ def generate_features(engine: sa.Engine, cnn_name: str | None, only_missing: boo
 
     try:
         if _on_sql_server(engine):
+            if task != "lung_cancer":
+                raise ConfigurationError(f"the task {task!r} runs on PostgreSQL only, for now")
             _mssql().generate_features(engine, cnn_name, only_missing, shard, shards, notice,
                                        retry_failed=retry_failed)
             return
         with session(engine, notice, autocommit=True) as pg:
             pg.execute("CALL lungsql.generate_features(cnn_name => %s, only_missing => %s, shard => %s, "
-                       "shards => %s, retry_failed => %s)", (cnn_name, only_missing, shard, shards, retry_failed))
+                       "shards => %s, retry_failed => %s, task => %s)",
+                       (cnn_name, only_missing, shard, shards, retry_failed, task))
     finally:
         bar.close()
 
@@ -90,6 +94,23 @@ def train_model(engine: sa.Engine, model_name: str, params: str, cnn_name: str |
             "SELECT * FROM lungsql.train_model(model_name => %s, params => %s::jsonb, cnn_name => %s)",
             (model_name, params, cnn_name)).fetchone()
     return model_id, metrics if isinstance(metrics, dict) else json.loads(metrics)
+
+
+def train_findings(engine: sa.Engine, model_name: str, params: str, cnn_name: str | None) -> list[tuple]:
+    """SELECT * FROM lungsql.train_findings(...): (model_id, finding, auc, positives, negatives) rows."""
+    if _on_sql_server(engine):
+        raise ConfigurationError("the chest_xray14 task runs on PostgreSQL only, for now")
+    with session(engine, lambda text: print(text, file=sys.stderr)) as pg:
+        return pg.execute("SELECT * FROM lungsql.train_findings(model_name => %s, params => %s::jsonb, "
+                          "cnn_name => %s)", (model_name, params, cnn_name)).fetchall()
+
+
+def predict_findings(engine: sa.Engine, image_ids: list[int], model_name: str | None) -> list[tuple]:
+    if _on_sql_server(engine):
+        raise ConfigurationError("the chest_xray14 task runs on PostgreSQL only, for now")
+    with session(engine) as pg:
+        return pg.execute("SELECT image_id, finding, probability FROM lungsql.predict_findings_batch(%s, %s)",
+                          (image_ids, model_name)).fetchall()
 
 
 def predict(engine: sa.Engine, patient_ids: list[str], model_name: str | None) -> list[tuple[str, float]]:

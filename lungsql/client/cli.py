@@ -173,10 +173,28 @@ def check(ctx: click.Context) -> None:
 @click.option("--seed", default=2017, show_default=True, type=int, help="Seed: the same seed writes the same files.")
 @click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Share of patients with nodules (label 1).")
+@click.option("--task", type=click.Choice(["lung_cancer", "chest_xray14"]), default="lung_cancer", show_default=True,
+              help="lung_cancer: CT series; chest_xray14: chest radiographs with the 14 findings of ChestX-ray14.")
+@click.option("--images-per-patient", default="1:5", show_default=True, metavar="A:B",
+              help="With --task chest_xray14: radiographs per patient, from A to B.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 4096),
+              help="With --task chest_xray14: the side of each radiograph in pixels.")
 @reports_errors
-def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: float) -> None:
-    """Write a synthetic CT cohort as DICOM files in the DSB 2017 layout."""
+def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: float, task: str = "lung_cancer",
+          images_per_patient: str = "1:5", size: int = 256) -> None:
+    """Write a synthetic CT cohort as DICOM files in the DSB 2017 layout (with --task chest_xray14,
+    chest radiographs in the ChestX-ray14 layout)."""
     from lungsql.dicom import synth as synthesis
+
+    if task == "chest_xray14":
+        from lungsql.dicom import synth_xray
+
+        low, high = _slice_range(images_per_patient)
+        started = time.perf_counter()
+        written = synth_xray.write_cohort(out, patients=patients, images_per_patient=(low, high), size=size, seed=seed)
+        click.echo(f"wrote {written.images} radiographs of {written.patients} patients in "
+                   f"{time.perf_counter() - started:.1f} s to {out}")
+        return
 
     low, high = _slice_range(slices)
     planned = synthesis.plan_cohort(patients, (low, high), seed, positive_fraction)
@@ -201,16 +219,33 @@ def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: f
               help="With --deidentify, also store slices whose BurnedInAnnotation is YES (their pixels may "
                    "show names; they are rejected by default).")
 @click.option("--batch-size", type=click.IntRange(1), help="Files per transaction (LUNGSQL_INGEST_BATCH).")
+@click.option("--task", type=click.Choice(["lung_cancer", "chest_xray14"]), default="lung_cancer", show_default=True,
+              help="lung_cancer: CT series; chest_xray14: chest radiographs with the 14 findings of ChestX-ray14.")
 @click.pass_context
 @reports_errors
 def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deidentify: bool,
-           batch_size: int | None, allow_burned_in: bool = False) -> None:
-    """Upload every DICOM file under DIRECTORY into lungsql.scans (resumable)."""
+           batch_size: int | None, allow_burned_in: bool = False, task: str = "lung_cancer") -> None:
+    """Upload every DICOM file under DIRECTORY into lungsql.scans (resumable); with --task chest_xray14,
+    the radiographs (ChestX-ray14's images and Data_Entry_2017.csv, or DICOM CR/DX) into lungsql.radiographs."""
     from tqdm import tqdm
 
     from lungsql.client import ingest as upload
 
     engine = _engine(ctx)
+    if task == "chest_xray14":
+        from lungsql.client import radiograph_ingest
+
+        if labels_csv or deidentify or allow_burned_in:
+            raise click.UsageError("--labels, --deidentify and --allow-burned-in are for CT; radiographs take "
+                                   "their labels from DIRECTORY's Data_Entry_2017.csv")
+        with _bar("uploading", total=None, unit=" files") as bar:
+            summary = radiograph_ingest.ingest(
+                engine, directory, batch_size=batch_size, on_file=lambda path: bar.update(1),
+                on_error=lambda path, reason: tqdm.write(f"rejected {path}: {reason}", file=sys.stderr))
+        if summary.labels:
+            click.echo(f"labels: {summary.labels} images' findings loaded")
+        click.echo(summary.describe())
+        return
     files = upload.find_files(directory)
     with _bar("uploading", total=len(files), unit=" files") as bar:
         summary = upload.ingest(
@@ -426,12 +461,14 @@ def model_export(ctx, model_id: int, out: Path) -> None:
 @click.option("--deidentify", is_flag=True,
               help="With --source: de-identify each file as `lungsql ingest --deidentify` does (the executors' "
                    "site key) before anything of it is recorded.")
+@click.option("--task", type=click.Choice(["lung_cancer", "chest_xray14"]), default="lung_cancer", show_default=True,
+              help="lung_cancer: CT series; chest_xray14: chest radiographs with the 14 findings of ChestX-ray14.")
 @click.pass_context
 @reports_errors
 def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, retry_failed: bool = False,
               engine_name: str = "database", master: str | None = None, partitions: int | None = None,
               source: str | None = None, glob: str | None = None, labels_csv: Path | None = None,
-              deidentify: bool = False) -> None:
+              deidentify: bool = False, task: str = "lung_cancer") -> None:
     """CALL lungsql.generate_features(...): CNN features of every patient, inside the server (or on Spark)."""
     from lungsql.client import calls
 
@@ -439,6 +476,8 @@ def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, re
         raise click.UsageError("--glob, --labels and --deidentify go with --engine spark --source DIR")
     if source and engine_name != "spark":
         raise click.UsageError("--source DIR runs on Spark: add --engine spark")
+    if task != "lung_cancer" and engine_name == "spark":
+        raise click.UsageError("--engine spark featurizes CT (lung_cancer) only, for now")
     if engine_name == "spark":
         from lungsql.client import db
         from lungsql.spark import featurize as on_spark
@@ -460,18 +499,30 @@ def featurize(ctx, cnn_name: str | None, redo: bool, shard: int, shards: int, re
             result = on_spark.run(spark, tasks, cnn_name, not redo, retry_failed, url=url)
         click.echo(result.describe())
         return
-    calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards, retry_failed)
+    calls.generate_features(_engine(ctx), cnn_name, not redo, shard, shards, retry_failed, task=task)
 
 
 @main.command()
 @click.option("--name", "model_name", default="lightgbm", show_default=True, help="Registry name of the model.")
 @click.option("--params", default="{}", show_default=True, help="LightGBM parameters as a JSON object.")
 @click.option("--cnn", "cnn_name", help="Whose features (default: the newest CNN).")
+@click.option("--task", type=click.Choice(["lung_cancer", "chest_xray14"]), default="lung_cancer", show_default=True,
+              help="lung_cancer: CT series; chest_xray14: chest radiographs with the 14 findings of ChestX-ray14.")
 @click.pass_context
 @reports_errors
-def train(ctx, model_name: str, params: str, cnn_name: str | None) -> None:
-    """SELECT * FROM lungsql.train_model(...): train LightGBM inside the server, print its metrics."""
+def train(ctx, model_name: str, params: str, cnn_name: str | None, task: str = "lung_cancer") -> None:
+    """SELECT * FROM lungsql.train_model(...): train LightGBM inside the server, print its metrics
+    (with --task chest_xray14, lungsql.train_findings: one booster per finding)."""
     from lungsql.client import calls
+
+    if task == "chest_xray14":
+        name = "chest_xray14" if model_name == "lightgbm" else model_name
+        rows = calls.train_findings(_engine(ctx), name, params, cnn_name)
+        click.echo(f"model {rows[0][0]} ({name}): validation AUC per finding")
+        _table(["finding", "AUC", "positives", "negatives"],
+               [(r[1], "-" if r[2] is None else f"{r[2]:.3f}", "" if r[3] is None else r[3],
+                 "" if r[4] is None else r[4]) for r in rows])
+        return
 
     model_id, metrics = calls.train_model(_engine(ctx), model_name, params, cnn_name)
     click.echo(f"model {model_id} ({model_name}): validation metrics")
@@ -558,8 +609,8 @@ def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None, push_resu
         with _engine(ctx).connect() as conn:
             patient_ids = tuple(conn.execute(sa.text(
                 "SELECT f.patient_id FROM lungsql.features f WHERE f.cnn_id = (SELECT m.cnn_id FROM "
-                "lungsql.deployments d JOIN lungsql.models m USING (model_id) WHERE CAST(:name AS text) IS NULL "
-                "OR d.name = :name ORDER BY d.deployment_id DESC LIMIT 1) ORDER BY 1"), {"name": model_name}).scalars())
+                "lungsql.deployments d JOIN lungsql.models m USING (model_id) WHERE (CAST(:name AS text) IS NULL "
+                "OR d.name = :name) AND m.task = 'lung_cancer' ORDER BY d.deployment_id DESC LIMIT 1) ORDER BY 1"), {"name": model_name}).scalars())
     if push_results:  # scored by the same procedure, as the reports go out
         _push_results(ctx, list(patient_ids), model_name, None, None, None)
         return

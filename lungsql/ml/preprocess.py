@@ -447,3 +447,29 @@ def _as_slices(hu_slices: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]
                 f"slice {i} is {'x'.join(map(str, s.shape))}",
                 "featurize one series at a time; a series whose slices differ in size is not a volume")
     return slices
+
+
+# ----------------------------------------------------------------------------- radiographs
+
+
+def prepare_radiographs(images: Sequence[np.ndarray], p: Preprocessing = Preprocessing()) -> np.ndarray:
+    """The CNN input of radiographs: float32 (n, C, S, S).
+
+    Each image is the whole radiograph as displayed (2-D, 0 black .. 1 white, lungsql.dicom.radiograph
+    decodes it so), resized to S x S (area averaging; no crop, no CT window), put on 0..255, copied
+    to the C channels and normalized with the CNN's mean and std."""
+    import cv2
+
+    size, channels = p.image_size, p.slices_per_image
+    out = np.empty((len(images), channels, size, size), np.float32)
+    mean = np.asarray(p.mean, np.float32)
+    std = np.asarray(p.std, np.float32)
+    for i, image in enumerate(images):
+        image = np.asarray(image, np.float32)
+        if image.ndim != 2 or min(image.shape) < 1:
+            raise ValueError(f"a radiograph is one 2-D image; got shape {image.shape}")
+        resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA) * np.float32(255.0)
+        for c in range(channels):
+            np.subtract(resized, mean[c % len(mean)], out=out[i, c])
+            out[i, c] /= std[c % len(std)]
+    return out

@@ -118,7 +118,7 @@ def load_featurizer(cnn: dict[str, Any], threads: int | None = None,
             hint=f"import the CNN again: lungsql model import ... --name {cnn['name']}",
         )
     return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
-                                Preprocessing.from_json(_json(cnn["preprocessing"])), providers=providers,
+                                Preprocessing.from_json(json_value(cnn["preprocessing"])), providers=providers,
                                 threads=threads)
 
 
@@ -332,7 +332,7 @@ def deploy_ensemble(data: PipelineData, name: str, model_ids: Sequence[int], met
     spec = ensemble.build(method, members, weights)
     common = None
     for m in members:
-        held_out = _json(m["metrics"]).get("validation_ids")
+        held_out = json_value(m["metrics"]).get("validation_ids")
         if held_out is None:
             raise ConfigurationError(f"model {m['model_id']} does not record its validation patients",
                                      hint="train it again: SELECT * FROM lungsql.train_model(...)")
@@ -505,7 +505,7 @@ def explain(data: PipelineData, patient_id: str, model_name: str | None = None) 
         raise LungSQLError(f"patient {patient_id!r}'s series now holds {len(places)} slices, its features "
                            f"{features.n_slices}", hint="featurize the patient again: "
                                                         "CALL lungsql.generate_features(only_missing => false)")
-    per_image = Preprocessing.from_json(_json(data.cnn_preprocessing(deployed["cnn_id"]))).slices_per_image
+    per_image = Preprocessing.from_json(json_value(data.cnn_preprocessing(deployed["cnn_id"]))).slices_per_image
     groups = []
     for g, held in enumerate(explanation.group_slices(features.shape[0], features.n_slices, per_image)):
         zs = [places[i][0] for i in held]
@@ -532,7 +532,7 @@ def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name:
     `scan_id`, over that file's pixels, for the deployed model's probability of the patient."""
     deployed, model, row, features, vector = _explained_inputs(data, patient_id, model_name)
     cnn = data.cnn_by_id(deployed["cnn_id"])
-    output = ((_json(cnn["source"]) or {}).get("feature_map") or {}).get("output")
+    output = ((json_value(cnn["source"]) or {}).get("feature_map") or {}).get("output")
     taken = explanation.explain(model.booster, features.array, vector, model.feature_names)
     series = row.get("series_instance_uid") or choose_series(*data.patient_series(patient_id)).series_instance_uid
     scans = data.series_scans(patient_id, series)
@@ -543,7 +543,7 @@ def slice_heatmap(data: PipelineData, patient_id: str, scan_id: int, model_name:
         raise LungSQLError(f"scan {scan_id} is not a slice of the series patient {patient_id!r} was featurized from",
                            hint="SELECT scan_ids FROM lungsql.explain_prediction(patient_id)")
     slices, rescale = read_slices(scans)
-    p = Preprocessing.from_json(_json(cnn["preprocessing"]))
+    p = Preprocessing.from_json(json_value(cnn["preprocessing"]))
     first = order.index(scan_id)
     group = first // p.slices_per_image
     held = explanation.group_slices(features.shape[0], features.n_slices, p.slices_per_image)[group]
@@ -591,7 +591,7 @@ def _explained_inputs(data: PipelineData, patient_id: str, model_name: str | Non
     return deployed, model, row, features, patient_vector(row)
 
 
-def _json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     if isinstance(value, (str, bytes)):
         import json
 

@@ -146,13 +146,13 @@ class PlpyData:
             raise ConfigurationError(f"no CNN with cnn_id {cnn_id}")
         return rows[0]["preprocessing"]
 
-    def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int) -> int:
+    def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int, task: str = "lung_cancer") -> int:
         return self._run(
-            "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards, backend_pid, backend_start) "
-            "SELECT $1, $2, $3, $4, pg_backend_pid(), "
+            "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards, task, backend_pid, backend_start) "
+            "SELECT $1, $2, $3, $4, $5, pg_backend_pid(), "
             "       (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) "
             "RETURNING run_id",
-            ["integer", "text", "integer", "integer"], [cnn_id, provider, shard, shards],
+            ["integer", "text", "integer", "integer", "text"], [cnn_id, provider, shard, shards, task],
         )[0]["run_id"]
 
     def write_features(self, patient_id: str, cnn_id: int, features: GroupFeatures, run_id: int,
@@ -204,12 +204,12 @@ class PlpyData:
     def insert_model(self, row: dict[str, Any]) -> int:
         return self._run(
             """INSERT INTO lungsql.models (name, version, cnn_id, algorithm, feature_set, feature_names, params,
-                                          model_text, sha256, metrics)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING model_id""",
-            ["text", "integer", "integer", "text", "text", "jsonb", "jsonb", "text", "text", "jsonb"],
+                                          model_text, sha256, metrics, task)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING model_id""",
+            ["text", "integer", "integer", "text", "text", "jsonb", "jsonb", "text", "text", "jsonb", "text"],
             [row["name"], row["version"], row["cnn_id"], row.get("algorithm", "lightgbm"), row["feature_set"],
              json.dumps(row["feature_names"]), json.dumps(row["params"]), row["model_text"], row["sha256"],
-             json.dumps(row["metrics"])],
+             json.dumps(row["metrics"]), row.get("task", "lung_cancer")],
         )[0]["model_id"]
 
     def model_rows(self, model_ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -224,19 +224,20 @@ class PlpyData:
 
     def models(self, name: str) -> list[dict[str, Any]]:
         rows = self._run(
-            "SELECT model_id, version, metrics::text AS metrics FROM lungsql.models WHERE name = $1 "
+            "SELECT model_id, version, task, metrics::text AS metrics FROM lungsql.models WHERE name = $1 "
             "ORDER BY model_id", ["text"], [name])
         return [dict(r) for r in rows]
 
-    def deployed(self, name: str | None) -> dict[str, Any] | None:
+    def deployed(self, name: str | None, task: str = "lung_cancer") -> dict[str, Any] | None:
+        """The model deployed as `name` (None: the latest deployment) for `task`."""
         rows = self._run(
             """SELECT m.model_id, m.sha256, m.cnn_id, m.algorithm, m.metrics::text AS metrics, m.name, m.version,
-                      m.trained_at,
+                      m.trained_at, m.task,
                       d.deployment_id, d.name AS deployment_name, d.strategy, d.deployed_at
                FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
-               WHERE $1::text IS NULL OR d.name = $1
+               WHERE ($1::text IS NULL OR d.name = $1) AND m.task = $2
                ORDER BY d.deployment_id DESC LIMIT 1""",
-            ["text"], [name],
+            ["text", "text"], [name, task],
         )
         return dict(rows[0]) if rows else None
 

@@ -41,13 +41,43 @@ def check_environment(plpy) -> list[tuple[str, str | None, str | None]]:
 
 
 @procedure
-def generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed=False) -> None:
+def generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed=False, task=None) -> None:
+    from lungsql.ml import tasks
     from lungsql.server import pipeline
-    from lungsql.server.plpy_data import PlpyData
 
-    run = pipeline.generate_features(PlpyData(plpy), cnn_name, bool(only_missing), int(shard), int(shards),
-                                     retry_failed=bool(retry_failed))
+    if tasks.get(task).study_shape == "image":
+        from lungsql.server import radiographs
+        from lungsql.server.radiograph_data import RadiographData
+
+        run = radiographs.generate_features(RadiographData(plpy), cnn_name, bool(only_missing), int(shard),
+                                            int(shards), retry_failed=bool(retry_failed))
+    else:
+        from lungsql.server.plpy_data import PlpyData
+
+        run = pipeline.generate_features(PlpyData(plpy), cnn_name, bool(only_missing), int(shard), int(shards),
+                                         retry_failed=bool(retry_failed))
     plpy.notice(run.describe())
+
+
+@procedure
+def train_findings(plpy, model_name, params, cnn_name) -> list[tuple]:
+    from lungsql.server import pipeline, radiographs
+    from lungsql.server.radiograph_data import RadiographData
+
+    model_id, metrics = radiographs.train(RadiographData(plpy), model_name, pipeline.parse_params(params), cnn_name)
+    rows = [(model_id, finding, m.get("auc"), m["positives"], m["negatives"])
+            for finding, m in metrics["per_finding"].items()]
+    return rows + [(model_id, "mean", metrics["mean_auc"], None, None)]
+
+
+@procedure
+def predict_findings(plpy, image_ids, model_name) -> list[tuple]:
+    from lungsql.server import radiographs
+    from lungsql.server.radiograph_data import RadiographData
+
+    if image_ids is None:
+        return []
+    return radiographs.predict(RadiographData(plpy), [int(i) for i in image_ids if i is not None], model_name)
 
 
 @procedure
@@ -190,3 +220,26 @@ def sign_in(plpy, username, password, address, max_failures, max_failures_per_us
                             max_failures_per_address=max_failures_per_address, window_s=window_s,
                             base_delay_s=base_delay_s)
     return [signing.sign_in(signing.PlpySignIns(plpy), username, password, address, limits).row()]
+
+
+@procedure
+def radiograph_image(plpy, image_id, level, width, max_side) -> list[tuple[int, int, bytes]]:
+    """lungsql.radiograph_image: one stored radiograph as displayed, through the window, as uint8 bytes."""
+    from lungsql.server import radiographs
+    from lungsql.server.radiograph_data import RadiographData
+
+    if image_id is None:
+        return []
+    found = radiographs.render(RadiographData(plpy), int(image_id), level, width, int(max_side or 1024))
+    return [found] if found is not None else []
+
+
+@procedure
+def radiograph_heatmap(plpy, image_id, finding, model_name) -> list[tuple]:
+    from lungsql.server import radiographs
+    from lungsql.server.radiograph_data import RadiographData
+
+    if image_id is None:
+        return []
+    h = radiographs.heatmap(RadiographData(plpy), int(image_id), finding, model_name)
+    return [] if h is None else [(h.rows, h.columns, h.heat, h.finding, h.probability, h.model_id, h.method)]

@@ -107,13 +107,13 @@ class DeployedModel:
 
 
 # The same choice as the scoring procedure's (lungsql.server.plpy_data.PlpyData.deployed): the newest
-# deployment of the name, or of any name when none is given.
+# deployment of the name, or of any name when none is given, among the lung cancer models.
 _DEPLOYED = sa.text("""
     SELECT m.model_id, m.name, m.version, m.algorithm, m.sha256, m.cnn_id, c.name AS cnn_name, d.deployment_id
     FROM lungsql.deployments d
     JOIN lungsql.models m USING (model_id)
     JOIN lungsql.cnn_models c ON c.cnn_id = m.cnn_id
-    WHERE CAST(:name AS text) IS NULL OR d.name = :name
+    WHERE (CAST(:name AS text) IS NULL OR d.name = :name) AND m.task = 'lung_cancer'
     ORDER BY d.deployment_id DESC
     LIMIT 1""")
 _ALL_FEATURES = sa.text("""

@@ -15,12 +15,18 @@
 --   CALL lungsql.generate_features();
 --   CALL lungsql.generate_features(shard => 0, shards => 2);  -- and shard => 1 in another session
 --   CALL lungsql.generate_features(retry_failed => true);     -- after fixing the patients that failed
+--   CALL lungsql.generate_features(task => 'chest_xray14');   -- the radiographs, image by image
+--
+-- With task => 'chest_xray14' the stored radiographs are featurized instead (the
+-- whole image resized, no CT window), a batch of images committed at a time;
+-- an image that cannot be featurized goes to lungsql.image_feature_failures.
 CREATE OR REPLACE PROCEDURE lungsql.generate_features(
     cnn_name     text    DEFAULT NULL,   -- a name in lungsql.cnn_models; NULL: the newest CNN
     only_missing boolean DEFAULT true,   -- false: featurize every patient again
     shard        integer DEFAULT 0,      -- this session's part, 0 .. shards-1
     shards       integer DEFAULT 1,      -- number of sessions sharing the work
-    retry_failed boolean DEFAULT false   -- true: also the patients in lungsql.feature_failures
+    retry_failed boolean DEFAULT false,  -- true: also the patients in lungsql.feature_failures
+    task         text    DEFAULT 'lung_cancer'  -- a task of lungsql.tasks: 'lung_cancer' or 'chest_xray14'
 )
 LANGUAGE plpython3u
 AS $$
@@ -28,7 +34,7 @@ import sys
 if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
 from lungsql.server import procedures
-procedures.generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed)
+procedures.generate_features(plpy, cnn_name, only_missing, shard, shards, retry_failed, task)
 $$;
 
 -- Train a LightGBM classifier on the labelled patients' features. Returns the

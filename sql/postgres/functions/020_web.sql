@@ -14,12 +14,13 @@
 -- in `q` match themselves.
 --
 --   SELECT * FROM lungsql.web_search_patients('fern', 50);
+DROP FUNCTION IF EXISTS lungsql.web_search_patients(text, integer);  -- its columns grew (radiographs)
 CREATE OR REPLACE FUNCTION lungsql.web_search_patients(
     q   text,                -- a part of the name, or the first characters of a patient ID
     lim integer DEFAULT 50   -- rows at most (0 to 1000)
 )
 RETURNS TABLE (patient_id text, name text, sex text, age_years real, slices bigint, exact_id boolean,
-               total bigint)
+               total bigint, radiographs bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 WITH pattern AS (
@@ -36,7 +37,8 @@ hits AS (
     LIMIT least(greatest(web_search_patients.lim, 0), 1000)
 )
 SELECT h.patient_id, h.name, h.sex, h.age_years,
-       (SELECT count(*) FROM lungsql.scans s WHERE s.patient_id = h.patient_id), h.exact_id, h.total
+       (SELECT count(*) FROM lungsql.scans s WHERE s.patient_id = h.patient_id), h.exact_id, h.total,
+       (SELECT count(*) FROM lungsql.radiographs r WHERE r.patient_id = h.patient_id)
 FROM hits h
 ORDER BY h.exact_id DESC, h.name, h.patient_id
 $$;
@@ -46,14 +48,16 @@ $$;
 -- slice's size (NULL without slices).
 --
 --   SELECT * FROM lungsql.web_patient('0a0c32c9e08cc2ea76a71649de56be6d');
+DROP FUNCTION IF EXISTS lungsql.web_patient(text);  -- its columns grew (radiographs)
 CREATE OR REPLACE FUNCTION lungsql.web_patient(
     id text                  -- lungsql.patients.patient_id
 )
 RETURNS TABLE (patient_id text, name text, sex text, birth_date date, age_years real, slices bigint,
-               rows integer, columns integer)
+               rows integer, columns integer, radiographs bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-SELECT pa.patient_id, pa.name, pa.sex, pa.birth_date, pa.age_years, s.slices, s.rows, s.columns
+SELECT pa.patient_id, pa.name, pa.sex, pa.birth_date, pa.age_years, s.slices, s.rows, s.columns,
+       (SELECT count(*) FROM lungsql.radiographs r WHERE r.patient_id = pa.patient_id)
 FROM lungsql.patients pa
 CROSS JOIN LATERAL (SELECT count(*) AS slices, max(sc.rows) AS rows, max(sc.columns) AS columns
                     FROM lungsql.scans sc WHERE sc.patient_id = pa.patient_id) s
@@ -233,5 +237,5 @@ JOIN lungsql.features f ON f.patient_id = web_slice_heatmap.id
 JOIN lungsql.scans s ON s.scan_id = r.scan_id AND s.series_instance_uid = f.series_instance_uid
 CROSS JOIN LATERAL lungsql.slice_heatmap(web_slice_heatmap.id, r.scan_id) h
 WHERE f.cnn_id = (SELECT m.cnn_id FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
-                  ORDER BY d.deployment_id DESC LIMIT 1)
+                  WHERE m.task = 'lung_cancer' ORDER BY d.deployment_id DESC LIMIT 1)
 $$;

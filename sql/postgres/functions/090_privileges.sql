@@ -47,6 +47,10 @@ GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer_batch(text[], text) TO lun
 GRANT EXECUTE ON FUNCTION lungsql.predict_lung_cancer_detail(text, text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.warm_up(text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.deploy(text, text) TO lungsql_web;
+ALTER FUNCTION lungsql.predict_findings(bigint, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION lungsql.predict_findings_batch(bigint[], text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+GRANT EXECUTE ON FUNCTION lungsql.predict_findings(bigint, text) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.predict_findings_batch(bigint[], text) TO lungsql_web;
 
 -- The web app's boundary (020_web.sql).
 GRANT EXECUTE ON FUNCTION lungsql.web_search_patients(text, integer) TO lungsql_web;
@@ -55,6 +59,10 @@ GRANT EXECUTE ON FUNCTION lungsql.web_slice_ref(text, integer) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.web_top_slices(text, integer) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.web_slice_heatmap(text, integer) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.slice_image(bigint, real, real) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.web_patient_radiographs(text) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.web_radiograph(bigint) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.radiograph_image(bigint, real, real, integer) TO lungsql_web;
+GRANT EXECUTE ON FUNCTION lungsql.radiograph_heatmap(bigint, text, text) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.sign_in(text, text, text, integer, integer, integer, double precision,
                                           double precision) TO lungsql_web;
 GRANT EXECUTE ON FUNCTION lungsql.audit_append(text, text, text, text, jsonb) TO lungsql_web;
