@@ -326,3 +326,66 @@ def test_environment_script_lists_what_python_sees():
     rows = {r.component: r for r in result.output_data_set.itertuples()}
     assert {"python", "numpy", "pydicom", "onnxruntime", "lightgbm", "cv2", "lungsql"} <= rows.keys()
     assert all(r.version for r in rows.values())
+
+
+# -- dbo.PredictFindings (the chest radiograph task) ---------------------------------------------
+@pytest.fixture(scope="module")
+def xray_db(cluster, tmp_path_factory):
+    """A database with a small synthetic radiograph cohort, featurized and trained on PostgreSQL."""
+    from lungsql.client import radiograph_ingest
+    from lungsql.dicom import synth_xray
+
+    cohort = tmp_path_factory.mktemp("mssql-xray")
+    synth_xray.write_cohort(cohort, patients=24, images_per_patient=(1, 3), size=128, seed=3)
+    name = create_database(cluster, "t_mssql_xray")
+    engine = sa.create_engine(cluster.url(dbname=name))
+    try:
+        migrations.init(engine)
+        cnns.import_builtin(engine)
+        radiograph_ingest.ingest(engine, cohort)
+        call(engine, "CALL lungsql.generate_features(task => 'chest_xray14')")
+        call(engine, "SELECT * FROM lungsql.train_findings()")
+        yield engine
+    finally:
+        engine.dispose()
+        drop_database(cluster, name)
+
+
+def _findings_inputs(engine, image_id: int) -> dict:
+    """What dbo.PredictFindings reads with T-SQL before it calls Python."""
+    return dict(_row(engine, """
+        SELECT m.model_id, m.sha256 AS model_sha256, m.model_text AS manifest, f.data AS features,
+               f.sha256 AS features_sha256, f.dim
+        FROM lungsql.deployments d JOIN lungsql.models m USING (model_id)
+        JOIN lungsql.image_features f ON f.cnn_id = m.cnn_id AND f.image_id = :image
+        WHERE d.name = 'chest_xray14' AND m.task = 'chest_xray14' ORDER BY d.deployment_id DESC LIMIT 1""",
+                     image=image_id))
+
+
+def test_findings_script_gives_the_postgresql_findings(xray_db):
+    with xray_db.connect() as conn:
+        images = list(conn.execute(sa.text("SELECT image_id FROM lungsql.radiographs ORDER BY image_id LIMIT 3"))
+                      .scalars())
+        pg = conn.connection.driver_connection
+        for image_id in images:
+            expected = dict(call(xray_db, "SELECT * FROM lungsql.predict_findings(%s)", (image_id,)))
+            inputs = _findings_inputs(xray_db, image_id)
+            out = harness.run_on(pg, "dbo.PredictFindings", {**inputs, "features": bytes(inputs["features"])}).outputs
+            assert out["error"] is None
+            found = {f["finding"]: f["probability"] for f in json.loads(out["findings"])}
+            assert found.keys() == expected.keys() and len(found) >= 10
+            assert all(found[f] == pytest.approx(expected[f], rel=1e-12, abs=1e-15) for f in expected)
+
+
+def test_findings_script_refuses_altered_features_and_boosters(xray_db):
+    with xray_db.connect() as conn:
+        image_id = conn.execute(sa.text("SELECT min(image_id) FROM lungsql.radiographs")).scalar()
+        pg = conn.connection.driver_connection
+        inputs = _findings_inputs(xray_db, image_id)
+        features = bytearray(inputs["features"])
+        features[0] ^= 1
+        out = harness.run_on(pg, "dbo.PredictFindings", {**inputs, "features": bytes(features)}).outputs
+        assert "do not match their SHA-256" in out["error"] and out.get("findings") is None
+        out = harness.run_on(pg, "dbo.PredictFindings", {**inputs, "features": bytes(inputs["features"]),
+                                                         "manifest": inputs["manifest"] + " "}).outputs
+        assert "manifest does not match" in out["error"]

@@ -96,7 +96,7 @@ def test_the_procedures_dbas_know_are_there_with_their_arguments():
 
 def test_every_external_script_call_is_well_formed():
     calls = [c for cs in harness.external_scripts().values() for c in cs]
-    assert len(calls) == 8  # two of them the registry's (train and deploy)
+    assert len(calls) == 9  # two of them the registry's (train and deploy), one dbo.PredictFindings
     for call in calls:
         assert harness.problems(call) == [], call.procedure
         compile(call.script, call.procedure, "exec")

@@ -296,6 +296,28 @@ def predict_batch(rows, patient_ids: str | None, model_id: int, model_sha256: st
     return Scored(None, json.dumps(scores))
 
 
+class Findings(NamedTuple):
+    error: str | None
+    findings: str | None = None  # JSON array of {"finding": ..., "probability": ...}
+
+
+@_reports_errors(lambda error: Findings(error))
+def predict_findings(rows, features: bytes, features_sha256: str, dim: int, model_id: int, model_sha256: str,
+                     manifest: str) -> Findings:
+    """dbo.PredictFindings: the probability of each finding from the boosters in InputDataSet
+    (finding, model_text, sha256), each checked, on the image's stored features (checked too)."""
+    from lungsql.ml import multilabel
+    from lungsql.server.radiograph_data import image_vector
+
+    boosters = {r["finding"]: (r["model_text"], str(r["sha256"]).strip()) for r in _records(rows)}
+    model = multilabel.FindingsModel(manifest, str(model_sha256).strip(), boosters, int(model_id))
+    vector = image_vector({"data": features, "dim": int(dim), "sha256": str(features_sha256).strip(),
+                           "image_id": None})
+    (probabilities,) = model.predict(vector[np.newaxis, :])
+    return Findings(None, json.dumps([{"finding": f, "probability": p} for f, p in probabilities.items()
+                                      if p is not None]))
+
+
 # -- the runtime ------------------------------------------------------------------------
 def check_environment():
     """(OutputDataSet of component, version, location; error naming what is missing)."""

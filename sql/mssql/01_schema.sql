@@ -313,3 +313,145 @@ BEGIN
     CREATE INDEX ix_audit_log_patient ON lungsql.audit_log (patient_id, occurred_at DESC);
 END;
 GO
+
+-- -- version 9: chest radiographs with the 14 findings of ChestX-ray14 ---------------
+-- Scored here by dbo.PredictFindings; uploaded, featurized and trained on
+-- PostgreSQL for now (lungsql ingest --task chest_xray14 is PostgreSQL only).
+
+IF COL_LENGTH(N'lungsql.models', N'task') IS NULL
+    ALTER TABLE lungsql.models ADD task nvarchar(32) NOT NULL CONSTRAINT df_models_task DEFAULT N'lung_cancer';
+GO
+
+-- One row per radiograph, the file's bytes unchanged (a PNG or a DICOM file).
+IF OBJECT_ID(N'lungsql.radiographs', N'U') IS NULL
+BEGIN
+    CREATE TABLE lungsql.radiographs (
+        image_id            bigint IDENTITY (1, 1) NOT NULL CONSTRAINT pk_radiographs PRIMARY KEY,
+        image_index         nvarchar(128) NOT NULL CONSTRAINT uq_radiographs_index UNIQUE,
+        patient_id          nvarchar(64) NOT NULL
+            CONSTRAINT fk_radiographs_patient REFERENCES lungsql.patients (patient_id) ON DELETE CASCADE,
+        format              varchar(8) NOT NULL CONSTRAINT ck_radiographs_format CHECK (format IN ('png', 'dicom')),
+        data                varbinary(max) NOT NULL,
+        sha256              binary(32) NOT NULL,
+        rows                int NOT NULL,
+        columns             int NOT NULL,
+        bits_stored         smallint NOT NULL,
+        photometric         varchar(16) NOT NULL,
+        modality            varchar(16) NULL,
+        view_position       varchar(16) NULL,
+        pixel_spacing_mm    float NULL,
+        follow_up           int NULL,
+        study_instance_uid  varchar(64) NULL,
+        series_instance_uid varchar(64) NULL,
+        transfer_syntax_uid varchar(64) NULL,
+        run_id              bigint NULL,
+        ingested_at         datetime2(3) NOT NULL CONSTRAINT df_radiographs_ingested DEFAULT SYSUTCDATETIME()
+    );
+    CREATE INDEX ix_radiographs_patient ON lungsql.radiographs (patient_id);
+END;
+GO
+
+-- CNN features of one radiograph: dim float32 (little endian).
+IF OBJECT_ID(N'lungsql.image_features', N'U') IS NULL
+    CREATE TABLE lungsql.image_features (
+        image_id    bigint NOT NULL
+            CONSTRAINT fk_image_features_image REFERENCES lungsql.radiographs (image_id) ON DELETE CASCADE,
+        cnn_id      int NOT NULL CONSTRAINT fk_image_features_cnn REFERENCES lungsql.cnn_models (cnn_id),
+        dim         int NOT NULL,
+        data        varbinary(max) NOT NULL,
+        sha256      char(64) COLLATE Latin1_General_100_BIN2 NOT NULL,
+        run_id      bigint NULL,
+        created_at  datetime2(3) NOT NULL CONSTRAINT df_image_features_created DEFAULT SYSUTCDATETIME(),
+        CONSTRAINT pk_image_features PRIMARY KEY (image_id, cnn_id)
+    );
+GO
+
+-- A multi-label model's boosters, one per finding; lungsql.models.model_text holds
+-- the manifest naming them, and models.sha256 the manifest's SHA-256.
+IF OBJECT_ID(N'lungsql.model_boosters', N'U') IS NULL
+    CREATE TABLE lungsql.model_boosters (
+        model_id    int NOT NULL
+            CONSTRAINT fk_model_boosters_model REFERENCES lungsql.models (model_id) ON DELETE CASCADE,
+        finding     nvarchar(64) NOT NULL,
+        model_text  nvarchar(max) NOT NULL,
+        sha256      char(64) COLLATE Latin1_General_100_BIN2 NOT NULL,
+        CONSTRAINT pk_model_boosters PRIMARY KEY (model_id, finding)
+    );
+GO
+
+-- Every probability of a finding dbo.PredictFindings returned.
+IF OBJECT_ID(N'lungsql.finding_predictions', N'U') IS NULL
+BEGIN
+    CREATE TABLE lungsql.finding_predictions (
+        prediction_id  bigint IDENTITY (1, 1) NOT NULL CONSTRAINT pk_finding_predictions PRIMARY KEY,
+        image_id       bigint NOT NULL
+            CONSTRAINT fk_finding_predictions_image REFERENCES lungsql.radiographs (image_id) ON DELETE CASCADE,
+        model_id       int NOT NULL
+            CONSTRAINT fk_finding_predictions_model REFERENCES lungsql.models (model_id),
+        finding        nvarchar(64) NOT NULL,
+        probability    float NOT NULL CONSTRAINT ck_finding_predictions_probability CHECK (probability BETWEEN 0 AND 1),
+        predicted_at   datetime2(3) NOT NULL CONSTRAINT df_finding_predictions_predicted DEFAULT SYSUTCDATETIME()
+    );
+    CREATE INDEX ix_finding_predictions_image ON lungsql.finding_predictions (image_id, predicted_at DESC);
+END;
+GO
+
+-- The tasks and, for a multi-label task, its findings in their order.
+IF OBJECT_ID(N'lungsql.tasks', N'U') IS NULL
+BEGIN
+    CREATE TABLE lungsql.tasks (
+        task         nvarchar(32) NOT NULL CONSTRAINT pk_tasks PRIMARY KEY,
+        study_shape  varchar(8) NOT NULL CONSTRAINT ck_tasks_shape CHECK (study_shape IN ('volume', 'image')),
+        labels       varchar(16) NOT NULL CONSTRAINT ck_tasks_labels CHECK (labels IN ('binary', 'multi_label')),
+        description  nvarchar(400) NOT NULL
+    );
+    INSERT INTO lungsql.tasks VALUES
+        (N'lung_cancer', 'volume', 'binary', N'lung cancer from a CT series (Kaggle DSB 2017)'),
+        (N'chest_xray14', 'image', 'multi_label', N'the 14 findings of NIH ChestX-ray14 on a frontal chest radiograph');
+END;
+GO
+
+IF OBJECT_ID(N'lungsql.findings', N'U') IS NULL
+BEGIN
+    CREATE TABLE lungsql.findings (
+        task      nvarchar(32) NOT NULL CONSTRAINT fk_findings_task REFERENCES lungsql.tasks (task),
+        finding   nvarchar(64) NOT NULL,
+        position  smallint NOT NULL,
+        CONSTRAINT pk_findings PRIMARY KEY (task, finding)
+    );
+    INSERT INTO lungsql.findings (task, finding, position)
+    SELECT N'chest_xray14', f.value, CAST(f.[key] AS smallint) + 1
+    FROM OPENJSON(N'["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+                     "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]') AS f;
+END;
+GO
+
+-- The findings of each image, as a labels file gives them (a JSON array; [] is
+-- 'No Finding'), also for images not uploaded; split: the official list.
+IF OBJECT_ID(N'lungsql.image_labels', N'U') IS NULL
+    CREATE TABLE lungsql.image_labels (
+        image_index   nvarchar(128) NOT NULL CONSTRAINT pk_image_labels PRIMARY KEY,
+        patient_id    nvarchar(64) NOT NULL,
+        task          nvarchar(32) NOT NULL CONSTRAINT df_image_labels_task DEFAULT N'chest_xray14',
+        findings      nvarchar(1000) NOT NULL CONSTRAINT ck_image_labels_findings CHECK (ISJSON(findings) = 1),
+        split         varchar(16) NULL CONSTRAINT ck_image_labels_split CHECK (split IN ('train_val', 'test')),
+        follow_up     int NULL,
+        age_years     real NULL,
+        sex           varchar(1) NULL,
+        view_position varchar(16) NULL,
+        source        nvarchar(400) NOT NULL,
+        loaded_at     datetime2(3) NOT NULL CONSTRAINT df_image_labels_loaded DEFAULT SYSUTCDATETIME()
+    );
+GO
+
+IF OBJECT_ID(N'lungsql.image_feature_failures', N'U') IS NULL
+    CREATE TABLE lungsql.image_feature_failures (
+        image_id    bigint NOT NULL
+            CONSTRAINT fk_image_feature_failures_image REFERENCES lungsql.radiographs (image_id) ON DELETE CASCADE,
+        cnn_id      int NOT NULL CONSTRAINT fk_image_feature_failures_cnn REFERENCES lungsql.cnn_models (cnn_id),
+        run_id      bigint NULL,
+        reason      nvarchar(1000) NOT NULL,
+        failed_at   datetime2(3) NOT NULL CONSTRAINT df_image_feature_failures_failed DEFAULT SYSUTCDATETIME(),
+        CONSTRAINT pk_image_feature_failures PRIMARY KEY (image_id, cnn_id)
+    );
+GO

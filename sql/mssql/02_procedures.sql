@@ -441,7 +441,8 @@ END;
 GO
 
 -- The model that answers for a registry name (NULL: the most recently deployed
--- one): the latest deployment row wins. Used by both scoring procedures.
+-- one) among the lung cancer models: the latest deployment row wins. Used by
+-- both scoring procedures.
 CREATE OR ALTER FUNCTION lungsql.DeployedModel (@ModelName nvarchar(100))
 RETURNS TABLE
 AS
@@ -449,7 +450,7 @@ RETURN (
     SELECT TOP (1) m.model_id, m.cnn_id, m.sha256, m.model_text
     FROM lungsql.deployments AS d
     JOIN lungsql.models AS m ON m.model_id = d.model_id
-    WHERE @ModelName IS NULL OR d.name = @ModelName
+    WHERE (@ModelName IS NULL OR d.name = @ModelName) AND m.task = N'lung_cancer'
     ORDER BY d.deployment_id DESC
 );
 GO
@@ -582,5 +583,85 @@ WHERE f.cnn_id = @cnn_id
     INSERT INTO lungsql.predictions (patient_id, model_id, probability)
     SELECT patient_id, @model_id, probability FROM #scores;
     SELECT patient_id, probability FROM #scores ORDER BY patient_id;
+END;
+GO
+
+-- The probability of each of the 14 findings on one radiograph, most probable
+-- first, from the model deployed as @ModelName (default 'chest_xray14'); each
+-- recorded in lungsql.finding_predictions. The image must have been featurized
+-- with the model's CNN (on PostgreSQL: CALL lungsql.generate_features(task =>
+-- 'chest_xray14')). This is a research tool, not a diagnosis.
+--
+--   EXEC dbo.PredictFindings @ImageId = 42;
+CREATE OR ALTER PROCEDURE dbo.PredictFindings
+    @ImageId   bigint,                              -- lungsql.radiographs.image_id
+    @ModelName nvarchar(100) = N'chest_xray14'      -- a registry name of the chest_xray14 task
+AS
+BEGIN
+    SET NOCOUNT ON;
+    SET XACT_ABORT ON;
+    DECLARE @message nvarchar(2048);
+    IF @ImageId IS NULL
+        THROW 50001, N'lungsql: @ImageId is NULL
+Hint: EXEC dbo.PredictFindings @ImageId = 42', 1;
+
+    DECLARE @model_id int, @cnn_id int, @model_sha256 char(64), @manifest nvarchar(max);
+    SELECT TOP (1) @model_id = m.model_id, @cnn_id = m.cnn_id, @model_sha256 = m.sha256, @manifest = m.model_text
+    FROM lungsql.deployments AS d
+    JOIN lungsql.models AS m ON m.model_id = d.model_id
+    WHERE d.name = COALESCE(@ModelName, N'chest_xray14') AND m.task = N'chest_xray14'
+    ORDER BY d.deployment_id DESC;
+    IF @model_id IS NULL
+    BEGIN
+        SET @message = CONCAT(N'lungsql: no radiograph model is deployed as ''', COALESCE(@ModelName, N'chest_xray14'),
+                              N'''', NCHAR(10), N'Hint: train one on PostgreSQL: SELECT * FROM lungsql.train_findings()');
+        THROW 50002, @message, 1;
+    END;
+
+    DECLARE @features varbinary(max), @features_sha256 char(64), @dim int;
+    SELECT @features = f.data, @features_sha256 = f.sha256, @dim = f.dim
+    FROM lungsql.image_features AS f
+    WHERE f.image_id = @ImageId AND f.cnn_id = @cnn_id;
+    IF @features IS NULL
+    BEGIN
+        SET @message = CONCAT(N'lungsql: radiograph ', @ImageId, N' has no features from the CNN of model ', @model_id,
+                              NCHAR(10), N'Hint: check the image id, or featurize it on PostgreSQL: CALL lungsql.generate_features(task => ''chest_xray14'')');
+        THROW 50002, @message, 1;
+    END;
+
+    DECLARE @error nvarchar(max), @findings nvarchar(max);
+    EXEC sp_execute_external_script
+        @language = N'Python',
+        @script = N'
+from lungsql.server import mssql
+error, findings = mssql.predict_findings(InputDataSet, features, features_sha256, dim, model_id, model_sha256, manifest)
+',
+        @input_data_1 = N'
+SELECT b.finding, b.model_text, b.sha256
+FROM lungsql.model_boosters AS b
+WHERE b.model_id = @model_id',
+        @params = N'@features varbinary(max), @features_sha256 char(64), @dim int, @model_id int,
+            @model_sha256 char(64), @manifest nvarchar(max), @error nvarchar(max) OUTPUT, @findings nvarchar(max) OUTPUT',
+        @features = @features,
+        @features_sha256 = @features_sha256,
+        @dim = @dim,
+        @model_id = @model_id,
+        @model_sha256 = @model_sha256,
+        @manifest = @manifest,
+        @error = @error OUTPUT,
+        @findings = @findings OUTPUT;
+    IF @error IS NOT NULL
+    BEGIN
+        SET @error = LEFT(@error, 2000);
+        THROW 50000, @error, 1;
+    END;
+
+    CREATE TABLE #findings (finding nvarchar(64) NOT NULL PRIMARY KEY, probability float NOT NULL);
+    INSERT INTO #findings (finding, probability)
+    SELECT s.finding, s.probability
+    FROM OPENJSON(@findings) WITH (finding nvarchar(64) '$.finding', probability float '$.probability') AS s;
+    INSERT INTO lungsql.finding_predictions (image_id, model_id, finding, probability)
+    SELECT @ImageId, @model_id, finding, probability FROM #findings;
+    SELECT finding, probability FROM #findings ORDER BY probability DESC, finding;
 END;
 GO
