@@ -22,7 +22,8 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         markdown: Path | None = None, say: Callable[[str], None] = print) -> dict:
     """Run every benchmark; write the JSON to `out` (quick: a temporary file when None) and, unless
     `quick`, the table into `markdown` (default BENCHMARKS.md). Returns the results."""
-    from lungsql.bench import explain, featurize, gpu, machine, pacs, report, scoring, spark, training, upload, web
+    from lungsql.bench import (explain, featurize, gpu, machine, pacs, radiographs, report, scoring, spark,
+                               training, upload, web)
     from lungsql.bench.database import throwaway
 
     sizes = QUICK if quick else FULL
@@ -48,6 +49,8 @@ def run(out: Path | None = None, quick: bool = False, keep: bool = False, provid
         results["scoring"] = scoring.run(db, sizes)
         say("explanations: lungsql.explain_prediction, lungsql.slice_heatmap and the exported model")
         results["explain"] = explain.run(db)
+        say("radiographs: ChestX-ray14-sized PNGs uploaded, featurized, trained on and scored")
+        results["radiographs"] = radiographs.run(db, patients=sizes.xray_patients)
         say(f"web app: {sizes.web_clients} clients for {sizes.web_seconds:g} s")
         results["web"] = web.run(db, sizes)
     results["gpu"] = gpu.status()

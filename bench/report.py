@@ -20,6 +20,24 @@ def _row(section: str, figure: str, value: str, target: str = "", met: str = "")
     return f"| {section} | {figure} | {value} | {target} | {met} |"
 
 
+def _radiograph_rows(x: dict | None) -> list[str]:
+    if not x:
+        return []
+    where = f"{x['images']} synthetic radiographs, {x['side']} x {x['side']} PNG"
+    return [
+        _row("Radiographs", f"`lungsql ingest --task chest_xray14`, {where}", f"{x['upload_s_per_1000']:.1f} s per 1,000"),
+        _row("Radiographs", f"`CALL lungsql.generate_features(task => 'chest_xray14')` ({x['provider']})",
+             f"{x['featurize_s_per_1000']:.1f} s per 1,000 ({x['featurize_images_per_s']:.0f} images/s)"),
+        _row("Radiographs", "`lungsql.train_findings()`, 14 boosters",
+             f"{x['train_s']:.1f} s, mean validation AUC {x['mean_auc']:.3f}" if x.get("mean_auc") is not None
+             else f"{x['train_s']:.1f} s"),
+        _row("Radiographs", "`lungsql.predict_findings`, one image, warm p50 / p99",
+             f"{x['score_one_p50_ms']:.1f} / {x['score_one_p99_ms']:.1f} ms (14 findings)"),
+        _row("Radiographs", "`lungsql.predict_findings_batch`, every image",
+             f"{x['score_batch_s_per_1000']:.2f} s per 1,000"),
+    ]
+
+
 def _pacs_rows(pacs: dict | None) -> list[str]:
     if not pacs:
         return []
@@ -91,6 +109,7 @@ def render_table(r: dict) -> str:
         _row("Scoring", "first call in a new session", f"{sc['first_call_ms']:.0f} ms"),
         _row("Scoring", "`predict_lung_cancer_batch`", f"{sc['batch_patients_per_s']:.0f} patients/s"),
         *_explain_rows(r.get("explain")),
+        *_radiograph_rows(r.get("radiographs")),
         _row("Web app", f"prediction API, {web['clients']} clients (wrk), {web['seconds']:.0f} s; {web['server']}",
              f"{web['requests_per_s']:.0f} requests/s, {web['errors']} errors"),
         _row("Web app", "p50", f"{web['p50_ms']:.1f} ms"),

@@ -19,6 +19,7 @@ class Sizes:
     web_warmup_seconds: float
     web_sweep_clients: tuple[int, ...]  # the same load with fewer clients: latency without queueing
     web_sweep_seconds: float
+    xray_patients: int = 80     # synthetic radiograph patients (about 3 images each, 1024 x 1024)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -31,4 +32,4 @@ QUICK = Sizes(patients=8, slices=(4, 6), shard_sessions=(1, 2), training_patient
               groups_per_patient=4, scoring_calls=50, batch_repeats=2, web_clients=4, web_seconds=2.0,
               # A worker warms its pool's connections one by one (most of a second each) as it starts:
               # long enough a warm-up that the 1-client run meets warm ones.
-              web_warmup_seconds=2.0, web_sweep_clients=(1,), web_sweep_seconds=2.0)
+              web_warmup_seconds=2.0, web_sweep_clients=(1,), web_sweep_seconds=2.0, xray_patients=12)

@@ -22,6 +22,7 @@ ARCHIVES = (1_000, 100_000, 1_000_000)
 
 
 def run(db: BenchDatabase, in_database_slices_per_s: float) -> dict:
+    from lungsql.bench import spark_reading
     from lungsql.spark import featurize as on_spark
 
     runs = []
@@ -29,7 +30,7 @@ def run(db: BenchDatabase, in_database_slices_per_s: float) -> dict:
         with db.connect() as conn:
             conn.execute("DELETE FROM lungsql.features")
         started = time.perf_counter()
-        spark = on_spark.session(f"local[{cores}]", app_name=f"lungsql-bench-{cores}")
+        spark = on_spark.session(f"local[{cores}]", app_name=f"lungsql-bench-{cores}", conf=spark_reading.conf())
         startup = time.perf_counter() - started
         try:
             result = on_spark.run(spark, partitions=cores, url=db.url)
@@ -50,7 +51,5 @@ def run(db: BenchDatabase, in_database_slices_per_s: float) -> dict:
                "core_hours": round(n * SLICES_PER_STUDY / per_core / 3600, 1),
                "cores_for_a_day": max(1, round(n * SLICES_PER_STUDY / per_core / 86400 + 0.499))}
               for n in ARCHIVES]
-    from lungsql.bench import spark_reading
-
     return {"runs": runs, "slices_per_s_per_core": round(per_core, 1), "sizing": sizing,
             "in_database_slices_per_s": in_database_slices_per_s, "reading": spark_reading.run(db)}

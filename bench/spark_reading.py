@@ -19,6 +19,12 @@ ROLE = "lungsql_bench_reader"
 PARTITIONS = 2
 
 
+def conf() -> dict[str, str]:
+    """Spark settings that put the JDBC driver on the classpath; the first session of the process
+    must have them (a later one shares its JVM), so the Spark benchmark starts every session so."""
+    return {"spark.jars": str(JDBC_JAR)} if JDBC_JAR.exists() else {}
+
+
 def run(db: BenchDatabase) -> dict:
     if not JDBC_JAR.exists():
         return {"skipped": f"{JDBC_JAR} is missing (Debian's libpostgresql-jdbc-java)"}
@@ -34,8 +40,7 @@ def run(db: BenchDatabase) -> dict:
         conn.execute(f"GRANT USAGE ON SCHEMA lungsql TO {ROLE}")
         conn.execute(f"GRANT SELECT ON lungsql.scans TO {ROLE}")
         total = conn.execute("SELECT sum(length(dicom)) FROM lungsql.scans").fetchone()[0]
-    spark = on_spark.session(f"local[{PARTITIONS}]", app_name="lungsql-bench-reading",
-                             conf={"spark.jars": str(JDBC_JAR)})
+    spark = on_spark.session(f"local[{PARTITIONS}]", app_name="lungsql-bench-reading", conf=conf())
     try:
         url = f"postgresql://{ROLE}:{quote(password, safe='')}@127.0.0.1:{port}/{DBNAME}"
         context = spark.sparkContext

@@ -47,6 +47,14 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert ex["patients"] > 0 and ex["explain_p50_ms"] > 0 and ex["heatmap_warm_p50_s"] > 0
     assert ex["export"]["max_abs_difference"] < 1e-5 and ex["export"]["bytes"] > 0
     assert "| PACS |" in result.output and "| Explanations |" in result.output
+    xr = results["radiographs"]
+    assert xr["images"] > 0 and xr["featurize_images_per_s"] > 0 and xr["score_one_p50_ms"] > 0
+    assert set(xr["auc"]) == {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
+                              "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
+                              "Pneumonia", "Pneumothorax"}
+    assert "| Radiographs |" in result.output
+    reading = sp["reading"]
+    assert reading.get("skipped") or (reading["jdbc_mb_per_s"] > 0 and reading["connection_per_partition_mb_per_s"] > 0)
     web = results["web"]
     assert web["client"] == "wrk" and web["requests"] > 0 and web["requests_per_s"] > 0 and web["errors"] == 0
     assert web["warmup"]["requests"] > 0 and web["warmup"]["errors"] == 0, web["warmup"]["first_errors"]

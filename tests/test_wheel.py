@@ -99,12 +99,14 @@ def test_the_installed_package_runs_the_demo_with_a_cluster_of_its_own(installed
     lungsql = str(installed / "bin" / "lungsql")
     try:
         demo = subprocess.run([lungsql, "demo", "--no-serve", "--patients", "8", "--slices", "3:4",
-                               "--cnn", "efficientnet-lite0"],
+                               "--cnn", "efficientnet-lite0", "--xray-patients", "16"],
                               capture_output=True, text=True, env=env, cwd=state, timeout=900)
         assert demo.returncode == 0, demo.stderr[-2000:]
         for step in ("starting the local database", "applied migration 001_foundation.sql",
                      "CALL lungsql.generate_features(cnn_name => 'efficientnet-lite0')",
-                     "SELECT lungsql.predict_lung_cancer(...)", "==> done"):
+                     "SELECT lungsql.predict_lung_cancer(...)",
+                     "CALL lungsql.generate_features(cnn_name => 'efficientnet-lite0', task => 'chest_xray14')",
+                     "SELECT * FROM lungsql.train_findings(", "SELECT * FROM lungsql.predict_findings(", "==> done"):
             assert step in demo.stdout, step
     finally:
         subprocess.run([lungsql, "db", "stop"], capture_output=True, env=env, timeout=120)

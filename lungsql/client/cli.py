@@ -772,10 +772,12 @@ def settings() -> None:
 @click.option("--pacs", "from_pacs", is_flag=True,
               help="Run the demo from a PACS: an Orthanc started on loopback holds the cohort, lungsql pulls it "
                    "over DICOMweb and stores each result back in it as a DICOM SR.")
+@click.option("--xray-patients", default=40, show_default=True, type=click.IntRange(0),
+              help="Patients of the synthetic chest radiograph cohort (the chest_xray14 task); 0 leaves it out.")
 @click.pass_context
 @reports_errors
 def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool, from_pacs: bool = False,
-         demo_cnns: tuple[str, ...] = ()) -> None:
+         demo_cnns: tuple[str, ...] = (), xray_patients: int = 40) -> None:
     """Run the whole pipeline on a synthetic cohort, then serve the web app (until Ctrl+C)."""
     import json
 
@@ -812,10 +814,11 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
             _step(f"lungsql pacs pull --url {orthanc.dicomweb_url}: the cohort from the PACS into lungsql.scans")
             ctx.invoke(pacs_pull, url=orthanc.dicomweb_url, since=dt.datetime(1900, 1, 1),
                        labels_csv=cohort / "stage1_labels.csv")
-        _demo_pipeline(ctx, orthanc, no_serve, list(demo_cnns or BUILTIN_CNNS))
+        _demo_pipeline(ctx, orthanc, no_serve, list(demo_cnns or BUILTIN_CNNS), xray_patients, seed)
 
 
-def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool, cnns: list[str]) -> None:
+def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool, cnns: list[str], xray_patients: int = 0,
+                   seed: int = 2017) -> None:
     import sqlalchemy as sa
 
     model_ids = []
@@ -837,6 +840,8 @@ def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool, cnns: list[str])
     ctx.invoke(models)
     _step("SELECT lungsql.predict_lung_cancer(...) for a few patients")
     _demo_predictions(ctx)
+    if xray_patients:
+        _demo_radiographs(ctx, cnns[0], xray_patients, seed)
     if orthanc is not None:
         _step("lungsql pacs push-results: each patient's result into the PACS as a DICOM Structured Report")
         _push_results(ctx, None, None, orthanc.dicomweb_url, None, None)
@@ -870,6 +875,46 @@ def _demo_pacs(cohort: Path):
                     orthanc.upload(path.read_bytes())
                     bar.update(1)
         yield orthanc
+
+
+def _demo_radiographs(ctx: click.Context, cnn: str, patients: int, seed: int) -> None:
+    """The second task on a small synthetic ChestX-ray14 cohort: ingest, featurize, train, score."""
+    import json
+
+    import sqlalchemy as sa
+
+    from lungsql.client import calls
+    from lungsql.dicom.synth_xray import GENERATOR_VERSION
+
+    cohort = Path(config.get("LUNGSQL_DATA_PATH")) / "demo-xray14"
+    recipe = {"patients": patients, "seed": seed, "generator": GENERATOR_VERSION}
+    marker = cohort.with_name("demo-xray14.json")
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        _step(f"synthetic chest radiographs already in {cohort}")
+    else:
+        _step(f"writing synthetic chest radiographs of {patients} patients (the ChestX-ray14 layout) to {cohort}")
+        if cohort.exists():
+            import shutil
+
+            shutil.rmtree(cohort)
+        ctx.invoke(synth, out=cohort, patients=patients, slices="40:60", seed=seed, positive_fraction=0.5,
+                   task="chest_xray14", images_per_patient="1:5", size=256)
+        marker.write_text(json.dumps(recipe) + "\n")
+    _step("uploading the radiographs and Data_Entry_2017.csv into lungsql.radiographs and lungsql.image_labels")
+    ctx.invoke(ingest, directory=cohort, labels_csv=None, deidentify=False, batch_size=None, task="chest_xray14")
+    _step(f"CALL lungsql.generate_features(cnn_name => '{cnn}', task => 'chest_xray14'): one vector per radiograph")
+    ctx.invoke(featurize, cnn_name=cnn, redo=False, shard=0, shards=1, retry_failed=False, task="chest_xray14")
+    _step(f"SELECT * FROM lungsql.train_findings(cnn_name => '{cnn}'): one LightGBM booster per finding")
+    ctx.invoke(train, model_name="chest_xray14", params="{}", cnn_name=cnn, task="chest_xray14")
+    engine = _engine(ctx)
+    with engine.connect() as conn:
+        image = conn.execute(sa.text(
+            "SELECT r.image_id, r.image_index, l.findings FROM lungsql.radiographs r JOIN lungsql.image_labels l "
+            "USING (image_index) WHERE cardinality(l.findings) > 0 ORDER BY r.image_id LIMIT 1")).one()
+    _step(f"SELECT * FROM lungsql.predict_findings({image.image_id}): radiograph {image.image_index}, "
+          f"labelled {', '.join(image.findings)}")
+    rows = sorted(calls.predict_findings(engine, [image.image_id], None), key=lambda r: -r[2])
+    _table(["finding", "probability"], [(f, f"{p:.1%}") for _, f, p in rows[:5]])
 
 
 def _demo_users(ctx: click.Context) -> list[tuple[str, str, str]]:
