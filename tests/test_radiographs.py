@@ -117,11 +117,21 @@ def test_real_dicom_radiographs_ingest_featurize_and_score(with_cnn, xray_cohort
     assert len(found) == 14 and all(0 <= p <= 1 for _, p in found)
 
 
-def test_a_radiograph_model_never_answers_for_ct_and_names_stay_with_their_task(with_cnn, xray_cohort):
+def test_a_radiograph_model_never_answers_for_ct_and_names_stay_with_their_task(with_cnn, xray_cohort, db_env):
+    from click.testing import CliRunner
+
+    from lungsql.client.cli import main
+
     engine = with_cnn
     radiograph_ingest.ingest(engine, xray_cohort)
     call(engine, "CALL lungsql.generate_features(task => 'chest_xray14')")
     call(engine, "SELECT * FROM lungsql.train_findings()")
+    image_id = _count(engine, "SELECT min(image_id) FROM lungsql.radiographs")
+    result = CliRunner().invoke(main, ["predict", "--task", "chest_xray14", str(image_id)])
+    assert result.exit_code == 0, result.output
+    assert sum(finding in result.output for finding in CHEST_XRAY14_FINDINGS) == 14
+    result = CliRunner().invoke(main, ["predict", "--task", "chest_xray14", "1; DROP TABLE x"])
+    assert result.exit_code != 0 and "image_ids (whole numbers)" in result.output
     # CT scoring with no name takes the latest lung-cancer deployment: there is none.
     with pytest.raises(Exception, match="no model is deployed"):
         call(engine, "SELECT lungsql.predict_lung_cancer('nobody')")
@@ -142,7 +152,14 @@ def test_the_features_of_a_radiograph_are_those_of_its_image_through_the_cnn(wit
 
     engine = with_cnn
     radiograph_ingest.ingest(engine, xray_cohort)
-    call(engine, "CALL lungsql.generate_features(task => 'chest_xray14')")
+    images = _count(engine, "SELECT count(*) FROM lungsql.radiographs")
+    call(engine, "CALL lungsql.generate_features(task => 'chest_xray14', shard => 0, shards => 2)")  # a part
+    part = _count(engine, "SELECT count(*) FROM lungsql.image_features")
+    assert 0 < part < images
+    notices: list[str] = []
+    call(engine, "CALL lungsql.generate_features(task => 'chest_xray14')", notices=notices)  # the rest, once
+    assert _count(engine, "SELECT count(*) FROM lungsql.image_features") == images
+    assert any(f"featurizing {images - part} radiographs" in n for n in notices), notices
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT r.data AS image, f.data AS features, c.model, c.preprocessing "
                                    "FROM lungsql.radiographs r JOIN lungsql.image_features f USING (image_id) "

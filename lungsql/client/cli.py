@@ -580,16 +580,35 @@ def _fixed(value, digits: int) -> str:
               show_default=True, help="Score inside the database server, or (with --all) on Apache Spark.")
 @click.option("--master", help="With --engine spark: the Spark master (default local[*]).")
 @click.option("--partitions", type=click.IntRange(1), help="With --engine spark: tasks (default: Spark's cores).")
+@click.option("--task", type=click.Choice(["lung_cancer", "chest_xray14"]), default="lung_cancer", show_default=True,
+              help="chest_xray14: the arguments are radiographs' image_ids, scored by lungsql.predict_findings_batch.")
 @click.pass_context
 @reports_errors
 def predict(ctx, patient_ids: tuple[str, ...], model_name: str | None, push_results: bool = False,
             everyone: bool = False, engine_name: str = "database", master: str | None = None,
-            partitions: int | None = None) -> None:
-    """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID (or --all), recorded in lungsql.predictions."""
+            partitions: int | None = None, task: str = "lung_cancer") -> None:
+    """SELECT lungsql.predict_lung_cancer(...) for each PATIENT_ID (or --all), recorded in lungsql.predictions
+    (with --task chest_xray14, each radiograph's findings)."""
     from lungsql.client import calls
 
     if bool(patient_ids) == everyone:
         raise click.UsageError("give PATIENT_IDS or --all")
+    if task == "chest_xray14":
+        if push_results or engine_name != "database":
+            raise click.UsageError("radiographs are scored inside the database, without --push-results")
+        if everyone:
+            import sqlalchemy as sa
+
+            with _engine(ctx).connect() as conn:
+                image_ids = list(conn.execute(sa.text("SELECT image_id FROM lungsql.radiographs ORDER BY 1")).scalars())
+        else:
+            try:
+                image_ids = [int(i) for i in patient_ids]
+            except ValueError:
+                raise click.UsageError("with --task chest_xray14, give image_ids (whole numbers) or --all") from None
+        rows = calls.predict_findings(_engine(ctx), image_ids, model_name)
+        _table(["image_id", "finding", "probability"], [(i, f, f"{p:.1%}") for i, f, p in rows])
+        return
     if engine_name == "spark":
         if not everyone:
             raise click.UsageError("--engine spark scores a whole cohort: use --all")

@@ -33,6 +33,10 @@ VALID_FRACTION = 0.25
 EARLY_STOP_FRACTION = 0.15
 #: A finding is trained only with at least this many positive images in the training part.
 MIN_POSITIVES = 2
+#: Below this many training images LightGBM runs on one thread (unless the params say otherwise):
+#: OpenMP's threads cost more than they bring on small data, 20x more on a busy 2-core machine
+#: (100 rounds on 300 images of 1280 features: 0.33 s on 1 thread, 6.6 s on the default).
+ONE_THREAD_BELOW = 20_000
 
 
 @dataclass
@@ -158,6 +162,8 @@ def train(X: np.ndarray, Y: np.ndarray, patients: Sequence[str], findings: Seque
             continue
         effective = training.effective_params(params, seed=seed,
                                               scale_pos_weight=(fit_idx.size - positives) / positives)
+        if fit_idx.size < ONE_THREAD_BELOW and "num_threads" not in training._canonical_user_params(params):
+            effective["num_threads"] = 1
         sets = lgb.Dataset(X[fit_idx], label=y[fit_idx], feature_name=names, params=effective, free_raw_data=True)
         valid_sets = [lgb.Dataset(X[stop_idx], label=y[stop_idx], reference=sets)] if stop_idx.size else []
         try:
