@@ -68,15 +68,16 @@ def generate_features(data, cnn_name: str | None = None, only_missing: bool = Tr
         started = time.perf_counter()
 
         batches = [ids[i:i + IMAGES_PER_BATCH] for i in range(0, len(ids), IMAGES_PER_BATCH)]
-        # plpy is called from this thread only: the files of the next batch are read here, decoded there.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungsql-radiographs") as pool:
-            pending = None
+        # plpy is called from this thread only: it reads the files of the next batch, the pool's threads
+        # decode and resize them (OpenCV lets go of the GIL), while the CNN runs on the batch before.
+        workers = max(1, int(getattr(featurizer, "prepare_threads", 1)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungsql-radiographs") as pool:
+            pending: list = []
             for k in range(len(batches) + 1):
-                files = data.radiograph_files(batches[k]) if k < len(batches) else None
-                ready = pending.result() if pending is not None else None
-                pending = pool.submit(_prepare_files, files, preprocessing, decode_radiograph) if files else None
-                if ready is not None:
-                    _write_batch(data, cnn, featurizer, run, *ready)
+                files = data.radiograph_files(batches[k]) if k < len(batches) else []
+                submitted = [pool.submit(_prepare_one, row, preprocessing, decode_radiograph) for row in files]
+                if pending:
+                    _write_batch(data, cnn, featurizer, run, [f.result() for f in pending])
                     run.seconds = time.perf_counter() - started
                     data.update_feature_run(run.run_id, run.images, run.images, run.seconds, {}, finished=False,
                                             failed=run.failed)
@@ -84,33 +85,32 @@ def generate_features(data, cnn_name: str | None = None, only_missing: bool = Tr
                     data.notice(f"{run.images + run.failed}/{len(ids)} radiographs, "
                                 f"{run.images / run.seconds if run.seconds else 0:.0f} images/s"
                                 + (f", {run.failed} skipped" if run.failed else ""))
+                pending = submitted
         run.seconds = time.perf_counter() - started
         data.update_feature_run(run.run_id, run.images, run.images, run.seconds, {}, finished=True, failed=run.failed)
         data.commit()
     return run
 
 
-def _prepare_files(files: list[dict], preprocessing: Preprocessing, decode) -> tuple:
-    kept, images, failed = [], [], []
-    for row in files:
-        try:
-            images.append(decode(bytes(row["data"])))
-            kept.append(int(row["image_id"]))
-        except (LungSQLError, ValueError, MemoryError) as exc:
-            failed.append((int(row["image_id"]), pipeline.failure_reason(exc)))
-    return kept, (prepare_radiographs(images, preprocessing) if images else None), failed
+def _prepare_one(row: dict, preprocessing: Preprocessing, decode) -> tuple[int, np.ndarray | None, str | None]:
+    """(image_id, its CNN input, None), or (image_id, None, why it cannot be featurized)."""
+    try:
+        return int(row["image_id"]), prepare_radiographs([decode(bytes(row["data"]))], preprocessing)[0], None
+    except Exception as exc:  # a stored file whatever it holds: recorded, and the run goes on
+        return int(row["image_id"]), None, pipeline.failure_reason(exc)
 
 
-def _write_batch(data, cnn: dict, featurizer, run: ImageRun, kept: list[int], batch: np.ndarray | None,
-                 failed: list[tuple[int, str]]) -> None:
-    for image_id, reason in failed:
-        data.record_image_failure(image_id, cnn["cnn_id"], run.run_id, reason)
-        data.notice(f"skipped radiograph {image_id}: {reason}")
-    run.failed += len(failed)
-    if batch is None:
+def _write_batch(data, cnn: dict, featurizer, run: ImageRun, prepared: list[tuple]) -> None:
+    for image_id, _, reason in prepared:
+        if reason is not None:
+            data.record_image_failure(image_id, cnn["cnn_id"], run.run_id, reason)
+            data.notice(f"skipped radiograph {image_id}: {reason}")
+            run.failed += 1
+    kept = [(image_id, image) for image_id, image, reason in prepared if reason is None]
+    if not kept:
         return
-    vectors = featurizer.run(batch)
-    for image_id, vector in zip(kept, vectors):
+    vectors = featurizer.run(np.stack([image for _, image in kept]))
+    for (image_id, _), vector in zip(kept, vectors):
         data.write_image_features(image_id, cnn["cnn_id"], vector, run.run_id)
     run.images += len(kept)
 
@@ -213,12 +213,14 @@ def _featurize_now(data, cnn_id: int, image_ids: list[int], featurizer_for) -> d
 
     cnn = data.cnn_by_id(cnn_id)
     preprocessing = Preprocessing.from_json(pipeline.json_value(cnn["preprocessing"]))
-    kept, batch, failed = _prepare_files(data.radiograph_files(image_ids), preprocessing, decode_radiograph)
+    prepared = [_prepare_one(row, preprocessing, decode_radiograph) for row in data.radiograph_files(image_ids)]
+    failed = [(image_id, reason) for image_id, _, reason in prepared if reason is not None]
     if failed:
         raise LungSQLError(f"radiograph {failed[0][0]} cannot be read: {failed[0][1]}",
                            hint="upload the image again")
+    kept = [image_id for image_id, _, _ in prepared]
     with featurizer_for(cnn) as featurizer:
-        vectors = featurizer.run(batch)
+        vectors = featurizer.run(np.stack([image for _, image, _ in prepared]))
     for image_id, vector in zip(kept, vectors):
         data.write_image_features(image_id, cnn_id, vector, None)
     return dict(zip(kept, vectors))
