@@ -22,10 +22,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
-from lungsql.spark.featurize import ShardResult, describe_gpus, kept_featurizer, task_data, task_engine, task_gpu
+from lungsql.spark.featurize import (ShardResult, SparkRun, describe_gpus, kept_featurizer, task_data, task_engine,
+                                     task_gpu)
 
 
 @dataclass
@@ -36,19 +37,8 @@ class SourceShard(ShardResult):
 
 
 @dataclass
-class SourceRun:
-    source: str
-    shards: list[SourceShard]
-    seconds: float
-    file_errors: list[tuple[str, str]] = field(default_factory=list)  # too large to read: (path, reason)
-
-    @property
-    def patients(self) -> int:
-        return sum(s.patients for s in self.shards)
-
-    @property
-    def slices(self) -> int:
-        return sum(s.slices for s in self.shards)
+class SourceRun(SparkRun):
+    source: str = ""
 
     @property
     def files_seen(self) -> int:
@@ -60,9 +50,9 @@ class SourceRun:
 
     def describe(self) -> str:
         failed = sum(s.failed for s in self.shards)
-        rate = self.slices / self.seconds if self.seconds else 0.0
         return (f"{self.files_seen} files under {self.source}: {self.patients} patients, {self.slices} slices "
-                f"featurized in {self.seconds:.1f} s ({rate:.0f} slices/s) on {len(self.shards)} Spark tasks"
+                f"featurized in {self.seconds:.1f} s ({self.slices_per_s:.0f} slices/s) on {len(self.shards)} "
+                "Spark tasks"
                 + (f", {failed} patients skipped (lungsql.feature_failures)" if failed else "")
                 + (f", {self.errors} files not CT slices (lungsql.ingest_errors)" if self.errors else "")
                 + describe_gpus(self.shards))
@@ -106,7 +96,7 @@ def run(spark, source: str, partitions: int, cnn_name: str | None = None, only_m
                   .repartitionAndSortWithinPartitions(partitions, lambda key: _shard_of(key, partitions)))
     results = by_patient.mapPartitionsWithIndex(lambda shard, items: [_task(shard, items, *args)]).collect()
     shards = [SourceShard(**r) for r in sorted(results, key=lambda r: r["shard"])]
-    return SourceRun(root, shards, time.perf_counter() - started)
+    return SourceRun(shards, time.perf_counter() - started, source=root)
 
 
 def _load_labels(root: str, labels: str | None, deidentify: bool, url: str | None) -> int:
