@@ -41,6 +41,13 @@ REFUSED = [
     "CALL lungsql.generate_features()",
     "SELECT * FROM lungsql.train_model()",
     "SELECT lungsql._load_python()",
+    "SELECT data FROM lungsql.radiographs",
+    "SELECT * FROM lungsql.image_labels",
+    "SELECT * FROM lungsql.image_features",
+    "SELECT * FROM lungsql.model_boosters",
+    "SELECT * FROM lungsql.finding_predictions",
+    "SELECT * FROM lungsql.train_findings()",
+    "CALL lungsql.generate_features(task => 'chest_xray14')",
 ]
 
 
@@ -72,8 +79,11 @@ def test_the_web_role_executes_only_owner_rights_functions_on_a_fixed_search_pat
         SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'lungsql' AND has_function_privilege('lungsql_web', p.oid, 'EXECUTE')""")
     assert {f.proname for f in functions} == {
-        "web_search_patients", "web_patient", "web_slice_ref", "web_top_slices", "web_slice_heatmap", "slice_image", "sign_in", "audit_append",
-        "predict_lung_cancer", "predict_lung_cancer_batch", "predict_lung_cancer_detail", "warm_up", "deploy"}
+        "web_search_patients", "web_patient", "web_slice_ref", "web_top_slices", "web_slice_heatmap", "slice_image",
+        "sign_in", "audit_append", "predict_lung_cancer", "predict_lung_cancer_batch", "predict_lung_cancer_detail",
+        "warm_up", "deploy",
+        "web_patient_radiographs", "web_radiograph", "radiograph_image", "radiograph_heatmap", "predict_findings",
+        "predict_findings_batch"}
     assert all(f.prosecdef and f.proconfig == ["search_path=pg_catalog, pg_temp"] for f in functions), functions
 
 
@@ -87,7 +97,8 @@ def test_the_web_role_reads_models_deployments_and_users_names_and_roles(web):
 def test_the_search_function_returns_no_label(web, web_db, su):
     found = rows(web, "SELECT * FROM lungsql.web_search_patients('fern', 50)")
     assert [r.patient_id for r in found] == [web_db.ana_id]
-    assert set(found[0]._fields) == {"patient_id", "name", "sex", "age_years", "slices", "exact_id", "total"}
+    assert set(found[0]._fields) == {"patient_id", "name", "sex", "age_years", "slices", "exact_id", "total",
+                                     "radiographs"}
     slices = rows(su, "SELECT count(*) FROM lungsql.scans WHERE patient_id = :p", p=web_db.ana_id)[0][0]
     assert found[0].slices == slices
     # LIKE metacharacters match themselves; the limit caps the rows, not the total.
@@ -102,7 +113,7 @@ def test_the_search_function_returns_no_label(web, web_db, su):
 def test_the_patient_function_returns_no_label(web, web_db, su):
     (patient,) = rows(web, "SELECT * FROM lungsql.web_patient(:p)", p=web_db.ana_id)
     assert set(patient._fields) == {"patient_id", "name", "sex", "birth_date", "age_years", "slices", "rows",
-                                    "columns"}
+                                    "columns", "radiographs"}
     assert patient.name == "Ana Fernandez" and patient.slices >= 4 and (patient.rows, patient.columns) == (512, 512)
     assert rows(web, "SELECT * FROM lungsql.web_patient('nobody')") == []
 

@@ -1,7 +1,9 @@
 """The clinician web app against a real database, as its users see it.
 
 One database for the module (tests/webapp_fixtures.py): a synthetic cohort,
-CNN features, two models of one name, a clinician 'clin' and an admin 'boss'.
+CNN features, two models of one name, a clinician 'clin' and an admin 'boss',
+and a synthetic chest radiograph cohort with its findings' model (patients
+with an ID and no name, whose pages and radiograph pages are tested too).
 The app connects as the least-privileged role lungsql_web, as `lungsql serve`
 does; the tests check what they need as the superuser.
 """
@@ -23,10 +25,11 @@ from lungsql.client import users
 from lungsql.ml import preprocess
 from lungsql.errors import ConfigurationError
 from lungsql.webapp import create_app
+from lungsql.webapp import radiographs as radiograph_pages
 from lungsql.webapp.db import ENGINE
 from lungsql.webapp.scoring import band_of
-from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, csrf_token,
-                             login)
+from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, RADIOGRAPH_MODEL,
+                             RADIOGRAPH_SIZE, add_radiographs, csrf_token, login)
 
 WINDOW = "-1000:400"  # LUNGSQL_HU_WINDOW's default, part of every slice's ETag
 
@@ -38,6 +41,17 @@ SECURITY_HEADERS = {
 
 
 # -- fixtures ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def web_db(web_db, tmp_path_factory):
+    """The web app's database (conftest.py) with the chest radiograph task too."""
+    engine = web_db.engine()
+    try:
+        web_db.radiographs = add_radiographs(engine, tmp_path_factory.mktemp("radiographs"))
+    finally:
+        engine.dispose()
+    return web_db
+
+
 @pytest.fixture(scope="module")
 def app(web_db):
     app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True})
@@ -475,8 +489,8 @@ def test_patient_page_shows_details_viewer_probability_and_model(clinician, web_
         patient = conn.execute(sa.text("SELECT * FROM lungsql.patients WHERE patient_id = :p"), {"p": ana}).one()
         slices = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans WHERE patient_id = :p"), {"p": ana}).scalar()
         model = conn.execute(sa.text(
-            "SELECT m.* FROM lungsql.deployments d JOIN lungsql.models m USING (model_id) "
-            "ORDER BY d.deployment_id DESC LIMIT 1")).one()
+            "SELECT m.* FROM lungsql.deployments d JOIN lungsql.models m USING (model_id) WHERE d.name = :n "
+            "ORDER BY d.deployment_id DESC LIMIT 1"), {"n": MODEL_NAME}).one()
     assert "Ana Fernandez" in body and ana in body and "Female" in body
     assert f"{int(patient.age_years)} years" in body
     assert f"<dt>CT slices</dt><dd>{slices}</dd>" in body
@@ -620,6 +634,291 @@ def test_views_and_scores_are_audited(clinician, web_db, su):
     clinician.get(f"/api/patients/{ana}/prediction")
     assert len(audit_rows(su, "view_patient", patient_id=ana, address=address)) == 2
     assert [r.detail["via"] for r in audit_rows(su, "score_patient", patient_id=ana, address=address)] == ["web", "api"]
+
+
+# -- chest radiographs ------------------------------------------------------------------------
+FINDING_ROW = re.compile(r'<li class="finding band-(low|intermediate|high)" data-finding-name="(\w+)">.*?'
+                         r'<span class="finding-percent value">(\d+\.\d) %</span>\s*'
+                         r'<span class="finding-band band-label">(\w+) band \(([^)]*)\)</span>', re.S)
+
+
+@pytest.fixture(scope="module")
+def radiograph_app(web_db):
+    """An app of its own for the radiograph pages, with one database connection: a database session
+    takes seconds to load the findings' model the first time (lungsql.predict_findings checks each of
+    its 14 boosters in a child process), so one session serves every test."""
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True,
+                      "DATABASE_POOL_SIZE": 1})
+    yield app
+    app.extensions[ENGINE].dispose()
+
+
+@pytest.fixture
+def rx_clinician(radiograph_app):
+    """The clinician signed in to radiograph_app, from an address of its own."""
+    client = radiograph_app.test_client()
+    client.environ_base["REMOTE_ADDR"] = next(_addresses)
+    assert login(client, "clin").status_code == 302
+    return client
+
+
+def radiograph_patient(web_db, films: int = 2) -> tuple[str, list[int]]:
+    """A patient of the radiograph cohort with at least `films` radiographs, and their image ids."""
+    return next((p, ids) for p, ids in sorted(web_db.radiographs.images.items(), key=lambda i: int(i[0]))
+                if len(ids) >= films)
+
+
+def png(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image is not None, "not a PNG"
+    return image
+
+
+def test_the_web_app_knows_the_findings_the_database_lists(su):
+    with su.connect() as conn:
+        listed = conn.execute(sa.text("SELECT finding FROM lungsql.findings WHERE task = 'chest_xray14' "
+                                      "ORDER BY position")).scalars().all()
+    assert tuple(listed) == radiograph_pages.FINDINGS and len(listed) == 14
+
+
+def test_search_shows_ct_slices_and_radiographs_of_each_patient(rx_clinician, web_db, su):
+    with su.connect() as conn:
+        counts = {r.patient_id: (r.name, r.slices, r.radiographs) for r in conn.execute(sa.text(
+            "SELECT p.patient_id, p.name, (SELECT count(*) FROM lungsql.scans s WHERE s.patient_id = p.patient_id) "
+            "AS slices, (SELECT count(*) FROM lungsql.radiographs r WHERE r.patient_id = p.patient_id) AS radiographs "
+            "FROM lungsql.patients p"))}
+    rows = re.compile(r'<td><a href="/patients/([^"]+)">([^<]*)</a></td>\s*<td class="mono">[^<]*</td>\s*'
+                      r'<td>[^<]*</td>\s*<td>[^<]*</td>\s*<td class="num">(\d+)</td>\s*<td class="num">(\d+)</td>')
+    body = text(rx_clinician.get("/patients?q=1"))  # radiograph patients 1, 10 to 19, and CT IDs starting with 1
+    for column in ("CT slices", "Radiographs"):
+        assert f'<th scope="col" class="num">{column}</th>' in body
+    listed = {m.group(1): (m.group(2), int(m.group(3)), int(m.group(4))) for m in rows.finditer(body)}
+    assert {"1", "10", "19"} <= set(listed)
+    for patient_id, (name, slices, radiographs) in listed.items():
+        assert (slices, radiographs) == counts[patient_id][1:], patient_id
+        assert name == (counts[patient_id][0] or "(no name)")
+    assert listed["10"] == ("(no name)", 0, len(web_db.radiographs.images["10"]))
+    named = {m.group(1): m.groups()[1:] for m in rows.finditer(text(rx_clinician.get("/patients?q=an")))}
+    assert named and all(int(slices) > 0 and radiographs == "0" for _, slices, radiographs in named.values())
+    # An exact ID comes first; a unique one opens the patient's page, as for CT patients.
+    patient_id, _ = radiograph_patient(web_db)
+    response = rx_clinician.get("/patients", query_string={"q": patient_id}, follow_redirects=True)
+    assert response.request.path == f"/patients/{patient_id}" or re.search(
+        rf'<tbody>\s*<tr>\s*<td><a href="/patients/{patient_id}">', text(response))
+
+
+def test_the_patient_page_lists_radiographs_with_thumbnails_and_no_empty_ct_viewer(radiograph_app, rx_clinician,
+                                                                                    web_db, su):
+    patient_id, image_ids = radiograph_patient(web_db)
+    address = rx_clinician.environ_base["REMOTE_ADDR"]
+    body = text(rx_clinician.get(f"/patients/{patient_id}"))
+    assert "<h1>(no name)</h1>" in body and f"<dt>Radiographs</dt><dd>{len(image_ids)}</dd>" in body
+    assert "<dt>CT slices</dt><dd>0</dd>" in body
+    with su.connect() as conn:
+        films = conn.execute(sa.text("SELECT image_id, image_index, view_position, follow_up FROM lungsql.radiographs "
+                                     "WHERE patient_id = :p ORDER BY follow_up, image_id"), {"p": patient_id}).all()
+    rows = re.findall(r'<td class="mono"><a href="/radiographs/(\d+)">([^<]+)</a></td>\s*<td>([^<]+)</td>\s*'
+                      r'<td class="num">(\d+)</td>', body)
+    assert rows == [(str(f.image_id), f.image_index, f.view_position, str(f.follow_up)) for f in films]
+    for film in films:
+        assert (f'src="/radiographs/{film.image_id}/thumbnail.png" width="{RADIOGRAPH_SIZE}" '
+                f'height="{RADIOGRAPH_SIZE}"') in body
+    # Radiographs only: no CT viewer, nothing to say about CT, no lung-cancer scoring tried.
+    assert "data-viewer" not in body and "CT scan" not in body and "No CT slices" not in body
+    assert "Predicted probability of lung cancer" not in body and "viewer.js" not in body
+    assert audit_rows(su, "score_failed", patient_id=patient_id, address=address) == []
+    assert len(audit_rows(su, "view_patient", patient_id=patient_id, address=address)) == 1
+    # A thumbnail is the whole range at most RADIOGRAPH_THUMBNAIL_SIDE pixels on its longer side.
+    thumbnail = rx_clinician.get(f"/radiographs/{films[0].image_id}/thumbnail.png")
+    assert thumbnail.status_code == 200 and png(thumbnail.data).shape == (RADIOGRAPH_SIZE, RADIOGRAPH_SIZE)
+    radiograph_app.config["RADIOGRAPH_THUMBNAIL_SIDE"] = 48
+    try:
+        smaller = rx_clinician.get(f"/radiographs/{films[0].image_id}/thumbnail.png")
+        assert png(smaller.data).shape == (48, 48) and smaller.headers["ETag"] != thumbnail.headers["ETag"]
+        assert 'width="48" height="48"' in text(rx_clinician.get(f"/patients/{patient_id}"))
+    finally:
+        radiograph_app.config["RADIOGRAPH_THUMBNAIL_SIDE"] = 160
+    # A CT patient keeps the viewer and shows no radiograph list.
+    ana = text(rx_clinician.get(f"/patients/{web_db.ana_id}"))
+    assert "data-viewer" in ana and "<dt>Radiographs</dt><dd>0</dd>" in ana and "Chest radiographs" not in ana
+
+
+def test_the_radiograph_page_shows_the_14_findings_sorted_in_their_bands_and_is_audited(rx_clinician, web_db, su):
+    patient_id, (image_id, *_) = radiograph_patient(web_db)
+    address = rx_clinician.environ_base["REMOTE_ADDR"]
+    before = scalar(su, "SELECT coalesce(max(prediction_id), 0) FROM lungsql.finding_predictions")
+    response = rx_clinician.get(f"/radiographs/{image_id}")
+    assert response.status_code == 200
+    body = text(response)
+    with su.connect() as conn:
+        image = conn.execute(sa.text("SELECT * FROM lungsql.radiographs WHERE image_id = :i"), {"i": image_id}).one()
+        recorded = conn.execute(sa.text("SELECT * FROM lungsql.finding_predictions WHERE prediction_id > :b"),
+                                {"b": before}).all()
+    # What the page showed is what lungsql.predict_findings recorded (and committed), in its order.
+    assert {(r.image_id, r.model_id) for r in recorded} == {(image_id, web_db.radiographs.model_id)}
+    expected = sorted(recorded, key=lambda r: (-r.probability, radiograph_pages.FINDINGS.index(r.finding)))
+    assert f'Chest radiograph <span class="mono">{image.image_index}</span>' in body
+    assert f'<a href="/patients/{patient_id}">← Back to patient' in body
+    assert f'src="/radiographs/{image_id}/image.png"' in body and f"<dd>{image.view_position}</dd>" in body
+    assert "Research tool, not a diagnosis" in body and '<script src="/static/radiograph.js">' in body
+    # The 14 findings, most probable first, each as a percentage in the band of that percentage; a
+    # finding the model has no booster for (too few positive training films) last, without one.
+    assert len(expected) >= 12, "the radiograph cohort trains a booster for nearly every finding"
+    assert body.count('<li class="finding ') == 14
+    shown = FINDING_ROW.findall(body)
+    assert [name for _, name, *_ in shown] == [r.finding for r in expected]
+    percents = [float(percent) for _, _, percent, _, _ in shown]
+    assert percents == sorted(percents, reverse=True)
+    assert percents == [round(r.probability * 100, 1) for r in expected]
+    for band, _, percent, label, wording in shown:
+        assert (band, label.lower(), wording) == (band_of(float(percent))[0], band, band_of(float(percent))[2])
+    assert body.count('class="link-button finding-name" data-finding=') == len(expected)
+    assert body.count("Not estimated: too few training images showed it") == 14 - len(expected)
+    model_id = scalar(su, "SELECT model_id FROM lungsql.deployments WHERE name = :n ORDER BY deployment_id DESC "
+                          "LIMIT 1", n=RADIOGRAPH_MODEL)
+    assert model_id == web_db.radiographs.model_id and f"(model {model_id})" in body and "Mean validation AUC" in body
+    # The view is audited with what it showed; the probabilities are recorded, committed with it.
+    rows = [r for r in audit_rows(su, radiograph_pages.VIEW_ACTION, patient_id=patient_id, address=address)
+            if r.detail.get("image_id") == image_id]
+    assert len(rows) == 1 and rows[0].username == "clin"
+    detail = rows[0].detail
+    assert detail["image_id"] == image_id and detail["image_index"] == image.image_index
+    assert detail["model_id"] == model_id and detail["via"] == "web"
+    assert detail["probabilities"] == {r.finding: pytest.approx(r.probability) for r in expected}
+
+
+def test_radiograph_images_are_pngs_through_the_window_with_http_caching(rx_clinician, web_db, su):
+    _, (image_id, *_) = radiograph_patient(web_db)
+    stored = cv2.imread(str(web_db.radiographs.image_file(su, image_id)), cv2.IMREAD_UNCHANGED)
+    sha = scalar(su, "SELECT encode(sha256, 'hex') FROM lungsql.radiographs WHERE image_id = :i", i=image_id)
+    whole = rx_clinician.get(f"/radiographs/{image_id}/image.png")
+    assert whole.status_code == 200 and whole.mimetype == "image/png"
+    assert whole.headers["Cache-Control"].startswith("private, max-age=")
+    assert whole.headers["ETag"] == f'"radiograph-{sha}-full-1024"'
+    np.testing.assert_array_equal(png(whole.data), stored)  # the whole range is the file's own pixels
+    # Another window is another image: what the window maps, clipped to black and white.
+    narrow = rx_clinician.get(f"/radiographs/{image_id}/image.png?level=60&width=64")
+    assert narrow.headers["ETag"] == f'"radiograph-{sha}-60:64-1024"'
+    pixels = png(narrow.data)
+    expected = np.clip((stored.astype(np.float64) - (60 - 32)) * 255 / 64, 0, 255)
+    assert np.abs(pixels - expected).max() <= 1.0 and not np.array_equal(pixels, png(whole.data))
+    assert (pixels == 255).mean() > (stored == 255).mean()
+    # The browser asks again with the ETag: 304, no body; the page opens through a window too.
+    again = rx_clinician.get(f"/radiographs/{image_id}/image.png?level=60&width=64",
+                             headers={"If-None-Match": narrow.headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""
+    page = text(rx_clinician.get(f"/radiographs/{image_id}?level=60&width=64"))
+    assert f'src="/radiographs/{image_id}/image.png?level=60&amp;width=64"' in page and 'value="60"' in page
+
+
+def test_a_findings_heat_map_is_a_transparent_png_over_the_image(radiograph_app, rx_clinician, web_db, su):
+    _, (image_id, *_) = radiograph_patient(web_db)
+    model_id = web_db.radiographs.model_id
+    # Through the app's own connection, whose database session has the findings' model loaded already.
+    with radiograph_app.extensions[ENGINE].connect() as conn:
+        top, second = conn.execute(sa.text("SELECT finding FROM lungsql.predict_findings(:i) LIMIT 2"),
+                                   {"i": image_id}).scalars().all()
+        maps = {f: conn.execute(sa.text("SELECT * FROM lungsql.radiograph_heatmap(:i, :f)"),
+                                {"i": image_id, "f": f}).one() for f in (top, second)}
+    sha = scalar(su, "SELECT encode(sha256, 'hex') FROM lungsql.radiographs WHERE image_id = :i", i=image_id)
+    default = rx_clinician.get(f"/radiographs/{image_id}/heatmap.png")  # the most probable finding's
+    assert default.status_code == 200 and default.headers["ETag"] == f'"radiograph-heat-{sha}-{model_id}-{top}"'
+    assert png(default.data)[..., 3].max() > 0  # something raised the most probable finding
+    for finding, found in maps.items():
+        response = rx_clinician.get(f"/radiographs/{image_id}/heatmap.png", query_string={"finding": finding})
+        assert response.status_code == 200
+        assert response.headers["ETag"] == f'"radiograph-heat-{sha}-{model_id}-{finding}"'
+        overlay = png(response.data)
+        assert overlay.shape == (RADIOGRAPH_SIZE, RADIOGRAPH_SIZE, 4)  # the image's size, with an alpha channel
+        heat = np.frombuffer(bytes(found.heat), np.uint8).reshape(found.rows, found.columns)
+        np.testing.assert_array_equal(overlay[..., 3], (heat.astype(np.uint16) * 170 // 255).astype(np.uint8))
+    again = rx_clinician.get(f"/radiographs/{image_id}/heatmap.png?finding={second}",
+                             headers={"If-None-Match": response.headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""
+
+
+BAD_WINDOWS = ["-1", "256", "abc", "1e3", "nan", "inf", "12.5", "１２", " 12", "+12", "1_2", "0x10", "9" * 30,
+               "\x00", "<script>alert(1)</script>", "' OR '1'='1"]
+BAD_FINDINGS = ["mass", "MASS", "No Finding", "Pleural Thickening", "Mass'; DROP TABLE lungsql.radiographs; --",
+                "<script>alert(1)</script>", "Mass\x00", "Mass ", "😀", "x" * 5000]
+
+
+def test_bad_windows_and_findings_are_400_with_a_message(rx_clinician, web_db, su):
+    _, (image_id, *_) = radiograph_patient(web_db)
+    base = f"/radiographs/{image_id}"
+    for value in BAD_WINDOWS:
+        for query in ({"level": value, "width": "100"}, {"level": "100", "width": value}):
+            for path in (base, f"{base}/image.png"):
+                response = rx_clinician.get(path, query_string=query)
+                assert response.status_code == 400, (path, query)
+                body = text(response)
+                assert "must be a whole number from" in body and "<script>alert" not in body, (path, query)
+    for query in ({"width": "0"}, {"level": "0", "width": "0"}, {"level": "128"}, {"width": "100"}):
+        response = rx_clinician.get(f"{base}/image.png", query_string=query)
+        assert response.status_code == 400, query
+    assert "level and width together" in text(rx_clinician.get(f"{base}/image.png?level=128"))
+    for extreme in ({"level": "0", "width": "1"}, {"level": "255", "width": "255"}, {"level": "", "width": ""}):
+        assert rx_clinician.get(f"{base}/image.png", query_string=extreme).status_code == 200, extreme
+    for finding in BAD_FINDINGS:
+        response = rx_clinician.get(f"{base}/heatmap.png", query_string={"finding": finding})
+        assert response.status_code == 400, finding
+        assert "The finding must be one of Atelectasis," in text(response) and "<script>alert" not in text(response)
+    assert scalar(su, "SELECT count(*) FROM lungsql.radiographs") > 0
+
+
+def test_unknown_radiographs_are_404(rx_clinician):
+    for image_id in ("0", "999999999", str(2**63 - 1), str(2**63), "9" * 40, "-1", "abc", "1.0", "%00"):
+        for suffix in ("", "/image.png", "/thumbnail.png", "/heatmap.png", "/heatmap.png?finding=Mass"):
+            response = rx_clinician.get(f"/radiographs/{image_id}{suffix}")
+            assert response.status_code == 404, (image_id, suffix)
+    assert "There is no radiograph with this ID." in text(rx_clinician.get("/radiographs/999999999"))
+
+
+def test_radiograph_pages_need_a_session_and_have_no_inline_code(client, rx_clinician, web_db):
+    patient_id, (image_id, *_) = radiograph_patient(web_db)
+    paths = (f"/radiographs/{image_id}", f"/radiographs/{image_id}/image.png?level=10&width=20",
+             f"/radiographs/{image_id}/thumbnail.png", f"/radiographs/{image_id}/heatmap.png?finding=Mass")
+    for path in paths:
+        response = client.get(path)
+        assert response.status_code == 302 and response.headers["Location"].startswith("/login?next="), path
+    assert client.get("/static/radiograph.js").status_code == 200
+    for path in (f"/radiographs/{image_id}", f"/patients/{patient_id}", "/patients?q=1"):
+        response = rx_clinician.get(path)
+        assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+        for header, value in SECURITY_HEADERS.items():
+            assert response.headers[header] == value
+        body = text(response)
+        assert " style=" not in body and "<style" not in body
+        assert re.findall(r"<script(?![^>]*\bsrc=)", body) == []
+        assert not re.search(r"<[^>]+\son[a-z]+\s*=", body)
+        assert "http://" not in body and "https://" not in body
+
+
+def test_without_a_deployed_radiograph_model_the_page_says_so_and_shows_the_image(cluster, engine, tmp_path):
+    """A fresh database: two radiograph patients, a user, no model."""
+    films = add_radiographs(engine, tmp_path, patients=2, train=False)
+    users.add_user(engine, "clin", PASSWORDS["clin"], "clinician")
+    app = create_app({"DATABASE_URL": cluster.url(dbname=engine.url.database, user="lungsql_web"),
+                      "SECRET_KEY": "test-only-secret"})
+    try:
+        client = app.test_client()
+        login(client, "clin")
+        patient_id, (image_id, *_) = sorted(films.images.items())[0]
+        response = client.get(f"/radiographs/{image_id}")
+        body = text(response)
+        assert response.status_code == 200 and "No probabilities" in body
+        assert "No radiograph model is deployed as &#39;chest_xray14&#39;." in body
+        assert "For the database administrator:" in body and "lungsql.train_findings" in body
+        assert "heatmap-switch" not in body and 'class="finding ' not in body
+        image = client.get(f"/radiographs/{image_id}/image.png")
+        assert image.status_code == 200 and png(image.data).shape == (RADIOGRAPH_SIZE, RADIOGRAPH_SIZE)
+        assert client.get(f"/radiographs/{image_id}/heatmap.png").status_code == 404
+        assert f"/radiographs/{image_id}" in text(client.get(f"/patients/{patient_id}"))
+        rows = [r for r in audit_rows(engine, radiograph_pages.VIEW_ACTION, patient_id=patient_id)
+                if r.detail.get("image_id") == image_id]
+        assert len(rows) == 1 and rows[0].detail["error"] == "no radiograph model is deployed as 'chest_xray14'"
+    finally:
+        app.extensions[ENGINE].dispose()
 
 
 # -- the JSON API ---------------------------------------------------------------------------
@@ -950,6 +1249,124 @@ def test_in_a_browser_the_admin_sees_roc_curves(browser, live_server, output_dir
     charts = browser.find_elements(By.CSS_SELECTOR, "svg.roc")
     assert charts and all(c.is_displayed() and c.size["width"] > 200 for c in charts)
     browser.save_screenshot(str(output_dir / "webapp-models.png"))
+    problems = [entry["message"] for entry in browser.get_log("browser")
+                if entry["level"] == "SEVERE" or "Content Security Policy" in entry["message"]]
+    assert problems == []
+
+
+_FETCH_PNG = """
+var done = arguments[arguments.length - 1];
+fetch(arguments[0], {credentials: "same-origin"}).then(function (response) {
+  return response.arrayBuffer().then(function (buffer) {
+    var bytes = new Uint8Array(buffer), text = "";
+    for (var i = 0; i < bytes.length; i += 1) { text += String.fromCharCode(bytes[i]); }
+    done([response.status, btoa(text)]);
+  });
+}).catch(function (error) { done([0, String(error)]); });
+"""
+
+
+def _loaded(image):
+    return lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image)
+
+
+def test_in_a_browser_find_a_radiograph_patient_window_the_image_and_show_heat_maps(browser, live_server, web_db,
+                                                                                    output_dir):
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)  # a server process's first radiograph loads the findings' model
+    browser.set_script_timeout(30)
+    patient_id, image_ids = radiograph_patient(web_db)
+    _sign_in(browser, live_server, "clin")
+    wait.until(lambda d: d.find_elements(By.ID, "q"))
+    # Found by the first character of the ID and listed like any other patient, with the counts.
+    search = browser.find_element(By.ID, "q")
+    search.send_keys(patient_id[0])
+    search.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.results"))
+    row = browser.find_element(By.XPATH, f"//table[@class='results']//tr[td[2][normalize-space()='{patient_id}']]")
+    cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == "(no name)" and cells[4:] == ["0", str(len(image_ids))]
+    row.find_element(By.TAG_NAME, "a").click()
+    wait.until(lambda d: d.current_url.endswith(f"/patients/{patient_id}"))
+    # The patient page: the radiographs with their thumbnails, and no CT viewer.
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "img.radiograph-thumbnail")
+    assert len(thumbnails) == len(image_ids)
+    for thumbnail in thumbnails:
+        wait.until(_loaded(thumbnail))
+        assert 0 < browser.execute_script("return arguments[0].naturalWidth", thumbnail) <= 160
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-viewer], img.slice-image") == []
+    browser.save_screenshot(str(output_dir / "webapp-radiograph-patient.png"))
+    browser.find_element(By.CSS_SELECTOR, f"a[href='/radiographs/{image_ids[0]}']").click()
+    wait.until(lambda d: d.current_url.endswith(f"/radiographs/{image_ids[0]}"))
+
+    # The image, and the 14 findings sorted by probability, each in its band.
+    image = browser.find_element(By.CSS_SELECTOR, "img.radiograph-image")
+    wait.until(_loaded(image))
+    assert browser.execute_script("return arguments[0].naturalWidth", image) == RADIOGRAPH_SIZE
+    assert len(browser.find_elements(By.CSS_SELECTOR, "ol.findings li.finding")) == 14
+    findings = browser.find_elements(By.CSS_SELECTOR, "ol.findings li.finding:not(.not-modelled)")
+    percents = [float(f.find_element(By.CSS_SELECTOR, ".finding-percent").text.rstrip(" %")) for f in findings]
+    assert percents == sorted(percents, reverse=True)
+    for item, percent in zip(findings, percents):
+        band = band_of(percent)[0]
+        assert f"band-{band}" in item.get_attribute("class").split()
+        assert item.find_element(By.CSS_SELECTOR, ".finding-band").text.startswith(f"{band.capitalize()} band")
+    assert browser.find_element(By.LINK_TEXT, f"← Back to patient {patient_id}").get_attribute("href").endswith(
+        f"/patients/{patient_id}")
+
+    # Moving the window loads the image through it: another request, other pixels.
+    def fetch(url):
+        status, data = browser.execute_async_script(_FETCH_PNG, url)
+        assert status == 200, (url, status)
+        return png(base64.b64decode(data))
+
+    whole_src = image.get_attribute("src")
+    assert whole_src.endswith(f"/radiographs/{image_ids[0]}/image.png")
+    browser.execute_script("var s = arguments[0]; s.value = '60'; s.dispatchEvent(new Event('input'));",
+                           browser.find_element(By.ID, "level"))
+    width = browser.find_element(By.ID, "width")
+    browser.execute_script("var s = arguments[0]; s.value = '64'; s.dispatchEvent(new Event('change'));", width)
+    wait.until(lambda d: image.get_attribute("src").endswith("image.png?level=60&width=64"))
+    wait.until(_loaded(image))
+    assert browser.find_element(By.CSS_SELECTOR, "output[for=width]").text == "64"
+    assert browser.current_url.endswith(f"/radiographs/{image_ids[0]}?level=60&width=64")  # a reload keeps it
+    whole, narrow = fetch(whole_src), fetch(image.get_attribute("src"))
+    assert whole.shape == narrow.shape == (RADIOGRAPH_SIZE, RADIOGRAPH_SIZE) and not np.array_equal(whole, narrow)
+    width.send_keys(Keys.ARROW_RIGHT)  # the keyboard moves a slider too
+    wait.until(lambda d: image.get_attribute("src").endswith("image.png?level=60&width=65"))
+    # Reset: the whole range again.
+    browser.find_element(By.CSS_SELECTOR, "a.window-reset").click()
+    wait.until(lambda d: image.get_attribute("src") == whole_src)
+    assert browser.find_element(By.ID, "level").get_attribute("value") == "128"
+    assert browser.current_url.endswith(f"/radiographs/{image_ids[0]}")
+
+    # The heat map of the most probable finding, then of the finding clicked in the list.
+    overlay = browser.find_element(By.CSS_SELECTOR, "img.heatmap-overlay")
+    assert not overlay.is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "input.heatmap-switch").click()
+    wait.until(_loaded(overlay))
+    top = findings[0].get_attribute("data-finding-name")
+    assert overlay.is_displayed() and overlay.get_attribute("src").endswith(f"heatmap.png?finding={top}")
+    assert browser.execute_script("return arguments[0].naturalWidth", overlay) == RADIOGRAPH_SIZE
+    other = findings[3]
+    name = other.get_attribute("data-finding-name")
+    other.find_element(By.CSS_SELECTOR, "button.finding-name").click()
+    wait.until(lambda d: overlay.get_attribute("src").endswith(f"heatmap.png?finding={name}"))
+    wait.until(_loaded(overlay))
+    assert other.find_element(By.CSS_SELECTOR, "button").get_attribute("aria-pressed") == "true"
+    assert browser.find_element(By.CSS_SELECTOR, ".heatmap-finding").text == name.replace("_", " ")
+    browser.set_window_size(1280, 1400)  # the image, its heat map and every finding in one picture
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(output_dir / "webapp-radiograph.png"))
+    browser.set_window_size(1280, 1000)
+    browser.find_element(By.CSS_SELECTOR, "input.heatmap-switch").click()
+    assert not overlay.is_displayed()
+
     problems = [entry["message"] for entry in browser.get_log("browser")
                 if entry["level"] == "SEVERE" or "Content Security Policy" in entry["message"]]
     assert problems == []

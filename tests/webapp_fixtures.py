@@ -6,6 +6,12 @@ name (the first deployed) from ``lungsql.train_model``, and two users. A few
 patients are added by hand for the cases the cohort does not have: one
 without slices or features, one whose stored DICOM is damaged, one whose name
 holds LIKE metacharacters.
+
+``add_radiographs`` gives it the second task too: a synthetic chest radiograph
+cohort (lungsql.dicom.synth_xray) uploaded with ``lungsql.client.radiograph_ingest``,
+featurized with the same CNN by ``CALL lungsql.generate_features(task =>
+'chest_xray14')`` and trained by ``lungsql.train_findings`` (deployed as the
+first model of its name). Its patients have an ID and no name.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from databases import call, create_database
-from lungsql.client import cnns, ingest, migrations, users
-from lungsql.dicom import synth
+from lungsql.client import cnns, ingest, migrations, radiograph_ingest, users
+from lungsql.dicom import synth, synth_xray
 
 PATIENTS = 10
 PASSWORDS = {"clin": "clinician-password-1", "boss": "admin-password-12"}
@@ -39,6 +45,7 @@ class WebDatabase:
     ana_id: str               # 'Ana Fernandez', patient 0 of the cohort
     patient_ids: list[str]
     models: list[int] = field(default_factory=list)
+    radiographs: Radiographs | None = None  # after add_radiographs
 
     def engine(self) -> sa.Engine:
         return sa.create_engine(self.url)
@@ -86,6 +93,49 @@ def add_patients_by_hand(engine: sa.Engine) -> None:
             "z_position, rows, columns, modality, transfer_syntax_uid, dicom, sha256) "
             "VALUES ('1.2.3.999', :p, '1.2.3', '1.2.3.1', 0, 512, 512, 'CT', '1.2.840.10008.1.2.1', :d, :h)"),
             {"p": BROKEN_SCAN[0], "d": garbage, "h": hashlib.sha256(garbage).digest()})
+
+
+# -- chest radiographs --------------------------------------------------------------
+# 40 patients give every one of the 14 findings enough positive films for a booster; 25 trees each
+# keep the training to seconds.
+RADIOGRAPH_PATIENTS = 40
+RADIOGRAPH_SIZE = 128
+RADIOGRAPH_MODEL = "chest_xray14"
+FINDINGS_PARAMS = {"num_iterations": 25, "early_stopping_round": 0, "min_data_in_leaf": 2, "feature_fraction": 0.2,
+                   "num_threads": 1}  # a handful of images: threads cost more than they save
+
+
+@dataclass
+class Radiographs:
+    directory: Path                 # the cohort as written: images/<image_index>, Data_Entry_2017.csv
+    images: dict[str, list[int]]    # patient_id -> image_ids, oldest follow-up first
+    model_id: int | None            # the deployed radiograph model (None: not trained)
+
+    def image_file(self, engine: sa.Engine, image_id: int) -> Path:
+        with engine.connect() as conn:
+            index = conn.execute(sa.text("SELECT image_index FROM lungsql.radiographs WHERE image_id = :i"),
+                                 {"i": image_id}).scalar_one()
+        return self.directory / synth_xray.IMAGES_DIR / index
+
+
+def add_radiographs(engine: sa.Engine, directory: Path, patients: int = RADIOGRAPH_PATIENTS,
+                    train: bool = True) -> Radiographs:
+    """Write a synthetic radiograph cohort, upload it and (with `train`) featurize it with the newest
+    CNN and train the findings' boosters."""
+    synth_xray.write_cohort(directory, patients=patients, images_per_patient=(1, 3), size=RADIOGRAPH_SIZE, seed=23)
+    radiograph_ingest.ingest(engine, directory)
+    model_id = None
+    if train:
+        call(engine, "CALL lungsql.generate_features(task => 'chest_xray14')")
+        model_id = call(engine, "SELECT model_id FROM lungsql.train_findings(%s, %s::jsonb)",
+                        (RADIOGRAPH_MODEL, json.dumps(FINDINGS_PARAMS)))[0][0]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT patient_id, image_id FROM lungsql.radiographs "
+                                    "ORDER BY patient_id, follow_up, image_id")).all()
+    images: dict[str, list[int]] = {}
+    for row in rows:
+        images.setdefault(row.patient_id, []).append(row.image_id)
+    return Radiographs(directory, images, model_id)
 
 
 # -- the browser's side ------------------------------------------------------------

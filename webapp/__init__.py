@@ -3,13 +3,15 @@
 ``create_app(test_config)`` builds the Flask app; ``lungsql serve`` serves it
 (``webapp.server``), connected as the least-privileged role ``lungsql_web``. The
 app never loads a model: probabilities come from ``lungsql.predict_lung_cancer``
-in the database. It is a research tool; its output is not a diagnosis.
+(CT) and ``lungsql.predict_findings`` (chest radiographs) in the database. It is
+a research tool; its output is not a diagnosis.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
+import jinja2
 from flask import Flask, g, request
 from flask_wtf.csrf import CSRFProtect
 
@@ -30,6 +32,10 @@ FIXED = {
     "SESSION_COOKIE_SAMESITE": "Lax",
     "MAX_CONTENT_LENGTH": 64 * 1024,   # forms only: no uploads
     "QUERY_MAX_CHARS": 200,            # longer search input is cut, not refused
+    # A radiograph's longest side as its page shows it: lungsql.radiograph_heatmap draws its maps at
+    # this size, so the map lies exactly over the image. The patient page's thumbnails are smaller.
+    "RADIOGRAPH_MAX_SIDE": 1024,
+    "RADIOGRAPH_THUMBNAIL_SIDE": 160,
 }
 
 
@@ -56,7 +62,7 @@ def settings() -> dict:
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The app. `test_config` overrides the defaults, e.g. {"DATABASE_URL": ..., "SECRET_KEY": ...}."""
-    from lungsql.webapp import admin, api, auth, db, errors, patients
+    from lungsql.webapp import admin, api, auth, db, errors, patients, radiographs
     from lungsql.webapp.slices import PngCache
 
     app = Flask(__name__)
@@ -79,6 +85,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(patients.bp)
+    app.register_blueprint(radiographs.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(api.bp)
     errors.register(app)
@@ -126,7 +133,8 @@ def _when(value) -> str:
 
 
 def _number(value, digits: int = 3) -> str:
-    if value is None or isinstance(value, bool):
+    # Undefined: a metric this kind of model does not record (a radiograph model has no Brier score).
+    if value is None or isinstance(value, (bool, jinja2.Undefined)):
         return "–"
     try:
         return f"{float(value):.{digits}f}"

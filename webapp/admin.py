@@ -29,16 +29,19 @@ MODELS_SHOWN = 200
 def models():
     conn = get_db()
     rows = conn.execute(sa.text(
-        "SELECT model_id, name, version, algorithm, trained_at, metrics FROM lungsql.models "
+        "SELECT model_id, name, version, algorithm, task, trained_at, metrics FROM lungsql.models "
         "ORDER BY name, version DESC LIMIT :limit"), {"limit": MODELS_SHOWN}).mappings().all()
     current = {r["name"]: r for r in conn.execute(sa.text(
-        "SELECT DISTINCT ON (name) name, model_id, strategy, deployed_at, deployment_id "
-        "FROM lungsql.deployments ORDER BY name, deployment_id DESC")).mappings()}
+        "SELECT DISTINCT ON (d.name) d.name, d.model_id, d.strategy, d.deployed_at, d.deployment_id, m.task "
+        "FROM lungsql.deployments d JOIN lungsql.models m USING (model_id) "
+        "ORDER BY d.name, d.deployment_id DESC")).mappings()}
     history = conn.execute(sa.text(
         "SELECT d.deployment_id, d.name, d.model_id, m.version, d.strategy, d.deployed_at "
         "FROM lungsql.deployments d JOIN lungsql.models m ON m.model_id = d.model_id "
         "ORDER BY d.deployment_id DESC LIMIT 20")).mappings().all()
-    default = max(current.values(), key=lambda r: r["deployment_id"], default=None)
+    # Patient pages score CT with the latest lung-cancer deployment (radiographs have their own name).
+    default = max((r for r in current.values() if r["task"] == "lung_cancer"), key=lambda r: r["deployment_id"],
+                  default=None)
     names: dict[str, list[dict]] = {}
     for row in rows:
         model = dict(row)

@@ -17,7 +17,7 @@ from flask import g, request
 from lungsql.webapp.db import get_db
 
 # What lungsql.audit_append accepts (sign-in rows are lungsql.sign_in's alone).
-ACTIONS = ("logout", "view_patient", "score_patient", "score_failed", "deploy", "deploy_failed")
+ACTIONS = ("logout", "view_patient", "view_radiograph", "score_patient", "score_failed", "deploy", "deploy_failed")
 
 _APPEND = sa.text("SELECT lungsql.audit_append(:username, :action, :patient_id, :address, CAST(:detail AS jsonb))")
 

@@ -1,4 +1,4 @@
-"""Pages for clinicians: patient search, the patient page with its scan viewer and probability."""
+"""Pages for clinicians: patient search, the patient page with its scan viewer, probability and radiographs."""
 
 from __future__ import annotations
 
@@ -32,15 +32,20 @@ def search():
 
 @bp.get("/patients/<patient_id>")
 def patient(patient_id: str):
-    """The patient page; 404 for an unknown patient."""
+    """The patient page; 404 for an unknown patient. A patient with radiographs and no CT slices gets
+    the list of radiographs only: no CT viewer and no probability of lung cancer."""
     found = records.patient(patient_id)
     if found is None:
         abort(404, description="There is no patient with this ID.")
     audit.record("view_patient", patient_id=patient_id, detail={"via": "web"})
-    try:
-        result, failure = score(patient_id, via="web"), None
-    except ScoringUnavailable as exc:
-        result, failure = None, exc
+    radiographs = records.patient_radiographs(patient_id) if found["radiographs"] else []
+    ct = bool(found["slices"]) or not radiographs
+    result = failure = None
+    if ct:
+        try:
+            result = score(patient_id, via="web")
+        except ScoringUnavailable as exc:
+            failure = exc
     top = records.top_slices(patient_id) if result is not None else []
     groups: dict[int, list[int]] = {}
     for t in top:
@@ -49,7 +54,8 @@ def patient(patient_id: str):
               for rank, slices in sorted(groups.items())]
     start = ranked[0]["slices"][len(ranked[0]["slices"]) // 2] if ranked else found["slices"] // 2
     return render_template("patient.html", patient=found, score=result, failure=failure, top=ranked,
-                           marked=sorted({t["slice_index"] for t in top}), start=start)
+                           marked=sorted({t["slice_index"] for t in top}), start=start, ct=ct,
+                           radiographs=radiographs)
 
 
 @bp.get("/patients/<patient_id>/slices/<int:index>.png")
@@ -67,10 +73,10 @@ def slice_png(patient_id: str, index: int):
             abort(404, description="There is no such slice.")
         return encode_png(*pixels)
 
-    return _cached_png(f"{ref['sha256']}-{low:g}:{high:g}", render)  # a new window is a new image
+    return cached_png(f"{ref['sha256']}-{low:g}:{high:g}", render)  # a new window is a new image
 
 
-def _cached_png(etag: str, render) -> Response:
+def cached_png(etag: str, render) -> Response:
     """A PNG keyed by `etag`: 304 when the browser has it, else from the in-process cache, else
     `render()` (then cached)."""
     headers = {"Cache-Control": f"private, max-age={current_app.config['SLICE_MAX_AGE_S']}"}
@@ -94,5 +100,5 @@ def heatmap_png(patient_id: str, index: int):
     found = records.slice_heatmap(patient_id, index)
     if found is None:
         abort(404, description="There is no heat map for this slice.")
-    return _cached_png(f"heat-{found['sha256']}-{found['model_id']}",
+    return cached_png(f"heat-{found['sha256']}-{found['model_id']}",
                        lambda: encode_heatmap_png(found["rows"], found["columns"], bytes(found["heat"])))

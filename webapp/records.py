@@ -1,10 +1,12 @@
-"""Patients and their slices as the web app reads them: search, one patient, one slice.
+"""Patients, their slices and radiographs as the web app reads them: search, one patient, one slice,
+one radiograph.
 
 Shared by the pages and the JSON API, through the functions the web app's
 role may call (lungsql.web_search_patients, web_patient, web_slice_ref,
-slice_image). Input from the browser is cleaned here (control and invisible
-format characters removed: PostgreSQL refuses NUL in text) and always bound
-as a parameter.
+slice_image; web_patient_radiographs, web_radiograph, radiograph_image,
+radiograph_heatmap). Input from the browser is cleaned here (control and
+invisible format characters removed: PostgreSQL refuses NUL in text) and
+always bound as a parameter.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ _SLICE = sa.text("SELECT scan_id, sha256 FROM lungsql.web_slice_ref(:patient_id,
 _PIXELS = sa.text("SELECT rows, columns, pixels FROM lungsql.slice_image(CAST(:scan_id AS bigint), "
                   "CAST(:low AS real), CAST(:high AS real))")
 INDEX_MAX = 2**31 - 1  # slice numbers are PostgreSQL integers
+
+# Radiographs (040_radiographs.sql): a patient's, one by its image_id, its pixels through a window in
+# display units (0 black .. 255 white; NULL: the whole range) and a finding's heat map.
+_RADIOGRAPHS = sa.text("SELECT * FROM lungsql.web_patient_radiographs(:patient_id)")
+_RADIOGRAPH = sa.text("SELECT * FROM lungsql.web_radiograph(CAST(:image_id AS bigint))")
+_RADIOGRAPH_PIXELS = sa.text(
+    "SELECT rows, columns, pixels FROM lungsql.radiograph_image(CAST(:image_id AS bigint), "
+    "CAST(:level AS real), CAST(:width AS real), CAST(:max_side AS integer))")
+_RADIOGRAPH_HEAT = sa.text(
+    "SELECT rows, columns, heat, finding, probability, model_id, method "
+    "FROM lungsql.radiograph_heatmap(CAST(:image_id AS bigint), CAST(:finding AS text))")
+IMAGE_ID_MAX = 2**63 - 1  # image ids are PostgreSQL bigints
 
 
 @dataclass(frozen=True)
@@ -126,8 +140,12 @@ def _unless_lungsql_error(statement, params: dict, what: str) -> list | None:
 def slice_pixels(scan_id: int, window: tuple[float, float]) -> tuple[int, int, bytes] | None:
     """(rows, columns, uint8 pixels row by row) of a stored slice through `window`, decoded in the
     database; None for an unknown scan. InvalidScan (a 500 page saying why) when it cannot be decoded."""
+    return _pixels(_PIXELS, {"scan_id": scan_id, "low": window[0], "high": window[1]})
+
+
+def _pixels(statement, params: dict) -> tuple[int, int, bytes] | None:
     try:
-        row = get_db().execute(_PIXELS, {"scan_id": scan_id, "low": window[0], "high": window[1]}).first()
+        row = get_db().execute(statement, params).first()
     except (sa.exc.OperationalError, sa.exc.InterfaceError):
         raise  # the database is gone: 503
     except sa.exc.DBAPIError as exc:
@@ -136,6 +154,43 @@ def slice_pixels(scan_id: int, window: tuple[float, float]) -> tuple[int, int, b
         get_db().rollback()
         raise InvalidScan(*database_message(exc)) from None
     return None if row is None else (int(row.rows), int(row.columns), bytes(row.pixels))
+
+
+def patient_radiographs(patient_id: str) -> list[dict]:
+    """The patient's radiographs (image_id, image_index, modality, view_position, follow_up, rows,
+    columns, sha256 hex), oldest follow-up first."""
+    if not valid_patient_id(patient_id):
+        return []
+    return [dict(r) for r in get_db().execute(_RADIOGRAPHS, {"patient_id": patient_id}).mappings()]
+
+
+def radiograph(image_id: int) -> dict | None:
+    """One radiograph (image_id, patient_id, image_index, modality, view_position, follow_up, rows,
+    columns, sha256 hex), or None."""
+    if not 0 <= image_id <= IMAGE_ID_MAX:
+        return None
+    row = get_db().execute(_RADIOGRAPH, {"image_id": image_id}).mappings().first()
+    return None if row is None else dict(row)
+
+
+def radiograph_pixels(image_id: int, level: float | None, width: float | None,
+                      max_side: int) -> tuple[int, int, bytes] | None:
+    """(rows, columns, uint8 pixels row by row) of a stored radiograph through the window `level`
+    and `width` (None: the whole range), at most `max_side` pixels on its longer side, decoded in the
+    database; None for an unknown image. InvalidScan (a 500 page saying why) when it cannot be decoded."""
+    return _pixels(_RADIOGRAPH_PIXELS, {"image_id": image_id, "level": level, "width": width,
+                                        "max_side": max_side})
+
+
+def radiograph_heatmap(image_id: int, finding: str | None) -> dict | None:
+    """The heat map (rows, columns, heat bytes, finding, probability, model_id, method) of `finding`
+    (None: the most probable) on the radiograph, at the size radiograph_pixels gives with max_side
+    1024; None for an unknown image or when the database gives none (no radiograph model deployed...)."""
+    if not 0 <= image_id <= IMAGE_ID_MAX:
+        return None
+    rows = _unless_lungsql_error(_RADIOGRAPH_HEAT, {"image_id": image_id, "finding": finding},
+                                 f"the heat map of radiograph {image_id} for {finding or 'its most probable finding'}")
+    return dict(rows[0]) if rows else None
 
 
 def _patient(row) -> dict:
