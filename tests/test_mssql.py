@@ -368,7 +368,7 @@ def test_findings_script_gives_the_postgresql_findings(xray_db):
                       .scalars())
         pg = conn.connection.driver_connection
         for image_id in images:
-            expected = dict(call(xray_db, "SELECT * FROM lungsql.predict_findings(%s)", (image_id,)))
+            expected = dict(call(xray_db, "SELECT finding, probability FROM lungsql.predict_findings(%s)", (image_id,)))
             inputs = _findings_inputs(xray_db, image_id)
             out = harness.run_on(pg, "dbo.PredictFindings", {**inputs, "features": bytes(inputs["features"])}).outputs
             assert out["error"] is None

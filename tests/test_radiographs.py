@@ -81,17 +81,18 @@ def test_radiographs_are_ingested_featurized_trained_and_scored(with_cnn, xray_c
         image_id = conn.execute(sa.text("SELECT min(image_id) FROM lungsql.radiographs")).scalar()
     assert boosters == 14 and tuple(model) == ("chest_xray14", "official")
 
-    found = call(engine, "SELECT * FROM lungsql.predict_findings(%s)", (image_id,))
+    found = call(engine, "SELECT finding, probability FROM lungsql.predict_findings(%s)", (image_id,))
+    assert {m for (m,) in call(engine, "SELECT model_id FROM lungsql.predict_findings(%s)", (image_id,))} == {model_id}
     assert sorted(f for f, _ in found) == sorted(CHEST_XRAY14_FINDINGS)
     probabilities = [p for _, p in found]
     assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
     batch = call(engine, "SELECT * FROM lungsql.predict_findings_batch(ARRAY(SELECT image_id FROM "
                          "lungsql.radiographs ORDER BY image_id LIMIT 5))")
     assert len(batch) == 5 * 14
-    first = {f: p for i, f, p in batch if i == image_id}
+    first = {f: p for i, f, p, _ in batch if i == image_id}
     for finding, p in found:
         assert first[finding] == pytest.approx(p, abs=1e-12)
-    assert _count(engine, "SELECT count(*) FROM lungsql.finding_predictions") == 14 + 5 * 14
+    assert _count(engine, "SELECT count(*) FROM lungsql.finding_predictions") == 2 * 14 + 5 * 14
 
 
 def test_real_dicom_radiographs_ingest_featurize_and_score(with_cnn, xray_cohort, tmp_path):
@@ -113,7 +114,8 @@ def test_real_dicom_radiographs_ingest_featurize_and_score(with_cnn, xray_cohort
     assert len({r.transfer_syntax_uid for r in cr}) == 2  # uncompressed, and JPEG 2000 lossless
     call(engine, "CALL lungsql.generate_features(task => 'chest_xray14')")
     call(engine, "SELECT * FROM lungsql.train_findings()")
-    scored = [dict(call(engine, "SELECT * FROM lungsql.predict_findings(%s)", (r.image_id,))) for r in cr]
+    scored = [dict(call(engine, "SELECT finding, probability FROM lungsql.predict_findings(%s)", (r.image_id,)))
+              for r in cr]
     assert all(len(found) == 14 and all(0 <= p <= 1 for p in found.values()) for found in scored)
     # The same pixels, losslessly compressed or not: the same probabilities.
     assert all(scored[0][f] == pytest.approx(scored[1][f], abs=1e-5) for f in scored[0])

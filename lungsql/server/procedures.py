@@ -72,12 +72,21 @@ def train_findings(plpy, model_name, params, cnn_name) -> list[tuple]:
 
 @procedure
 def predict_findings(plpy, image_ids, model_name) -> list[tuple]:
+    """lungsql.predict_findings_batch: (image_id, finding, probability, model_id) rows."""
     from lungsql.server import radiographs
     from lungsql.server.radiograph_data import RadiographData
 
     if image_ids is None:
         return []
-    return radiographs.predict(RadiographData(plpy), [int(i) for i in image_ids if i is not None], model_name)
+    scored = radiographs.predict(RadiographData(plpy), [int(i) for i in image_ids if i is not None], model_name)
+    return [(i, f, p, scored.model_id) for i, f, p in scored.rows]
+
+
+@procedure
+def predict_findings_of_one(plpy, image_id, model_name) -> list[tuple]:
+    """lungsql.predict_findings: (finding, probability, model_id), the most probable first."""
+    rows = predict_findings.__wrapped__(plpy, [image_id] if image_id is not None else None, model_name)
+    return sorted(((f, p, m) for _, f, p, m in rows), key=lambda r: -r[1])
 
 
 @procedure
@@ -112,10 +121,14 @@ def predict_one(plpy, patient_id, model_name) -> float | None:
 
 @procedure
 def warm_up(plpy, model_name) -> int | None:
-    from lungsql.server import pipeline
-    from lungsql.server.plpy_data import PlpyData
+    from lungsql.server import pipeline, radiographs
+    from lungsql.server.radiograph_data import RadiographData
 
-    return pipeline.warm_up(PlpyData(plpy), model_name)
+    data = RadiographData(plpy)
+    model_id = pipeline.warm_up(data, model_name)
+    if model_name is None:  # the radiograph model too, when one is deployed: a web page's first image waits less
+        radiographs.warm_up(data)
+    return model_id
 
 
 @procedure

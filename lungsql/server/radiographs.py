@@ -187,11 +187,25 @@ def deployed_model(data, model_name: str | None) -> tuple[dict[str, Any], multil
     return deployed, _models[key]
 
 
+def warm_up(data, model_name: str | None = None) -> int | None:
+    """Load and check the deployed radiograph model into this process, scoring nothing; its id, or None."""
+    if data.deployed(model_name or TASK.default_model_name, task=TASK.name) is None:
+        return None
+    deployed, _ = deployed_model(data, model_name)
+    return int(deployed["model_id"])
+
+
+@dataclass
+class Findings:
+    model_id: int
+    rows: list[tuple[int, str, float]]  # (image_id, finding, probability)
+
+
 def predict(data, image_ids: Sequence[int], model_name: str | None = None,
-            featurizer_for: Callable[[dict[str, Any]], Any] = pipeline.load_featurizer) -> list[tuple[int, str, float]]:
+            featurizer_for: Callable[[dict[str, Any]], Any] = pipeline.load_featurizer) -> Findings:
     """(image_id, finding, probability) for each radiograph that exists, the findings in the task's
-    order; recorded in lungsql.finding_predictions. A radiograph not featurized yet with the model's
-    CNN is featurized first (and its features stored)."""
+    order, and the model that answered; recorded in lungsql.finding_predictions. A radiograph not
+    featurized yet with the model's CNN is featurized first (and its features stored)."""
     deployed, model = deployed_model(data, model_name)
     ids = [int(i) for i in dict.fromkeys(image_ids)]
     vectors = data.image_vectors(ids, deployed["cnn_id"])
@@ -199,13 +213,12 @@ def predict(data, image_ids: Sequence[int], model_name: str | None = None,
     if missing:
         vectors.update(_featurize_now(data, deployed["cnn_id"], missing, featurizer_for))
     scored = [i for i in ids if i in vectors]
-    if not scored:
-        return []
     rows = []
-    for image_id, probabilities in zip(scored, model.predict(np.stack([vectors[i] for i in scored]))):
-        rows += [(image_id, finding, p) for finding, p in probabilities.items() if p is not None]
-    data.record_finding_predictions(deployed["model_id"], rows)
-    return rows
+    if scored:
+        for image_id, probabilities in zip(scored, model.predict(np.stack([vectors[i] for i in scored]))):
+            rows += [(image_id, finding, p) for finding, p in probabilities.items() if p is not None]
+        data.record_finding_predictions(deployed["model_id"], rows)
+    return Findings(int(deployed["model_id"]), rows)
 
 
 def _featurize_now(data, cnn_id: int, image_ids: list[int], featurizer_for) -> dict[int, np.ndarray]:

@@ -152,8 +152,8 @@ $$;
 --   SELECT lungsql.audit_append('alice', 'view_patient', 'p1', '10.0.0.7', '{"via": "web"}');
 CREATE OR REPLACE FUNCTION lungsql.audit_append(
     username   text,                  -- the signed-in user (NULL: nobody)
-    action     text,                  -- 'logout' | 'view_patient' | 'score_patient' | 'score_failed'
-                                      -- | 'deploy' | 'deploy_failed'
+    action     text,                  -- 'logout' | 'view_patient' | 'view_radiograph' | 'score_patient'
+                                      -- | 'score_failed' | 'deploy' | 'deploy_failed'
     patient_id text  DEFAULT NULL,    -- the patient concerned, if any
     address    text  DEFAULT NULL,    -- the client's address
     detail     jsonb DEFAULT '{}'     -- a JSON object
@@ -165,11 +165,13 @@ DECLARE
     new_id bigint;
 BEGIN
     IF audit_append.action IS NULL OR audit_append.action NOT IN
-            ('logout', 'view_patient', 'score_patient', 'score_failed', 'deploy', 'deploy_failed') THEN
+            ('logout', 'view_patient', 'view_radiograph', 'score_patient', 'score_failed', 'deploy',
+             'deploy_failed') THEN
         RAISE EXCEPTION 'lungsql: % is not an audit action lungsql.audit_append records',
                         coalesce(quote_literal(audit_append.action), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'use logout, view_patient, score_patient, score_failed, deploy or deploy_failed; '
+                  HINT = 'use logout, view_patient, view_radiograph, score_patient, score_failed, deploy or '
+                         'deploy_failed; '
                          'sign-ins are audited by lungsql.sign_in';
     END IF;
     IF audit_append.detail IS NOT NULL AND jsonb_typeof(audit_append.detail) <> 'object' THEN

@@ -27,23 +27,23 @@ return procedures.train_findings(plpy, model_name, params, cnn_name)
 $$;
 
 -- The probability of each finding on one radiograph, most probable first, from
--- the deployed model; recorded in lungsql.finding_predictions. A radiograph not
--- featurized yet with the model's CNN is featurized first.
+-- the deployed model (model_id: the one that answered); recorded in
+-- lungsql.finding_predictions. A radiograph not featurized yet with the model's
+-- CNN is featurized first.
 --
---   SELECT * FROM lungsql.predict_findings(42);
+--   SELECT finding, probability FROM lungsql.predict_findings(42);
 CREATE OR REPLACE FUNCTION lungsql.predict_findings(
     image_id   bigint,               -- lungsql.radiographs.image_id
     model_name text DEFAULT NULL     -- NULL: the model deployed as 'chest_xray14'
 )
-RETURNS TABLE (finding text, probability double precision)
+RETURNS TABLE (finding text, probability double precision, model_id integer)
 LANGUAGE plpython3u
 AS $$
 import sys
 if "lungsql.server.procedures" not in sys.modules:
     plpy.execute("SELECT lungsql._load_python()")
 from lungsql.server import procedures
-rows = procedures.predict_findings(plpy, [image_id], model_name)
-return sorted(((f, p) for _, f, p in rows), key=lambda r: -r[1])
+return procedures.predict_findings_of_one(plpy, image_id, model_name)
 $$;
 
 -- The same for many radiographs at once (one row per image and finding).
@@ -53,7 +53,7 @@ CREATE OR REPLACE FUNCTION lungsql.predict_findings_batch(
     image_ids  bigint[],
     model_name text DEFAULT NULL
 )
-RETURNS TABLE (image_id bigint, finding text, probability double precision)
+RETURNS TABLE (image_id bigint, finding text, probability double precision, model_id integer)
 LANGUAGE plpython3u
 AS $$
 import sys
