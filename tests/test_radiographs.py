@@ -21,7 +21,7 @@ def xray_cohort(tmp_path_factory):
     from lungsql.dicom import synth_xray
 
     out = tmp_path_factory.mktemp("xray14")
-    synth_xray.write_cohort(out, patients=60, size=256, seed=7)
+    synth_xray.write_cohort(out, patients=80, size=256, seed=7)
     return out
 
 

@@ -33,6 +33,11 @@ VALID_FRACTION = 0.25
 EARLY_STOP_FRACTION = 0.15
 #: A finding is trained only with at least this many positive images in the training part.
 MIN_POSITIVES = 2
+#: Early stopping only with at least this many positive images among the stopping ones; else
+#: FIXED_ROUNDS rounds on every training image (on synthetic cohorts of 60 to 100 patients, a fixed
+#: 200 rounds gave a mean validation AUC 0.00 to 0.04 above early stopping on 15% of the patients).
+MIN_STOP_POSITIVES = 10
+FIXED_ROUNDS = 200
 #: Below this many training images LightGBM runs on one thread (unless the params say otherwise):
 #: OpenMP's threads cost more than they bring on small data, 20x more on a busy 2-core machine
 #: (100 rounds on 300 images of 1280 features: 0.33 s on 1 thread, 6.6 s on the default).
@@ -153,19 +158,29 @@ def train(X: np.ndarray, Y: np.ndarray, patients: Sequence[str], findings: Seque
     boosters, per_finding, skipped, effective = [], {}, {}, {}
     for j, finding in enumerate(findings):
         y = Y[:, j].astype(np.int64)
-        positives = int(y[fit_idx].sum())
         counts = {"train_positives": int(y[train_idx].sum()), "train_negatives": int(train_idx.size - y[train_idx].sum()),
                   "positives": int(y[valid_idx].sum()), "negatives": int(valid_idx.size - y[valid_idx].sum())}
-        if positives < MIN_POSITIVES or positives == fit_idx.size:
-            skipped[finding] = f"{positives} positive of {fit_idx.size} training images"
+        user = training._canonical_user_params(params)
+        # Early stopping needs enough positives to stop on; with fewer, a stop chosen on two or three
+        # images is noise: then every training image trains, for a fixed number of rounds.
+        stopping = int(y[stop_idx].sum()) >= MIN_STOP_POSITIVES and (
+            "num_iterations" not in user or "early_stopping_round" in user)
+        fit = fit_idx if stopping else train_idx
+        positives = int(y[fit].sum())
+        if positives < MIN_POSITIVES or positives == fit.size:
+            skipped[finding] = f"{positives} positive of {fit.size} training images"
             per_finding[finding] = {**counts, "auc": None, "skipped": skipped[finding]}
             continue
-        effective = training.effective_params(params, seed=seed,
-                                              scale_pos_weight=(fit_idx.size - positives) / positives)
-        if fit_idx.size < ONE_THREAD_BELOW and "num_threads" not in training._canonical_user_params(params):
+        effective = training.effective_params(params, seed=seed, scale_pos_weight=(fit.size - positives) / positives)
+        if not stopping:
+            effective["early_stopping_round"] = 0
+            if "num_iterations" not in user:
+                effective["num_iterations"] = FIXED_ROUNDS
+        if fit.size < ONE_THREAD_BELOW and "num_threads" not in user:
             effective["num_threads"] = 1
-        sets = lgb.Dataset(X[fit_idx], label=y[fit_idx], feature_name=names, params=effective, free_raw_data=True)
-        valid_sets = [lgb.Dataset(X[stop_idx], label=y[stop_idx], reference=sets)] if stop_idx.size else []
+        sets = lgb.Dataset(X[fit], label=y[fit], feature_name=names, params=effective, free_raw_data=True)
+        valid_sets = ([lgb.Dataset(X[stop_idx], label=y[stop_idx], reference=sets)]
+                      if stopping and stop_idx.size else [])
         try:
             booster = lgb.train(effective, sets, valid_sets=valid_sets, valid_names=["stop"] * len(valid_sets))
         except (lgb.basic.LightGBMError, ValueError, TypeError) as exc:
