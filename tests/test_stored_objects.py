@@ -399,3 +399,20 @@ def test_a_malformed_deployed_model_is_refused_and_the_backend_survives(engine, 
         with log.open("rb") as f:
             f.seek(log_start)
             assert b"terminated by signal" not in f.read()
+
+
+def test_texts_checked_together_clear_in_one_child_and_a_killing_one_is_still_named(good_text):
+    """model_check.check_many (a radiograph model's 14 boosters): good texts clear in one child process;
+    with a text that kills LightGBM among them, each is checked alone and the bad one is refused by name."""
+    model_check.checked_clear()
+    other = good_text.replace("[seed: 0]", "[seed: 1]", 1) if "[seed: 0]" in good_text else good_text + "\n"
+    good = [(t.encode(), hashlib.sha256(t.encode()).hexdigest(), f"booster {i}") for i, t in enumerate((good_text, other))]
+    model_check.check_many(good)
+    assert all(sha in model_check._checked for _, sha, _ in good)
+    model_check.checked_clear()
+    bad = truncated_in_the_parameters(good_text)
+    with pytest.raises(ConfigurationError, match=r"LightGBM cannot read booster B: the model text is malformed "
+                                                 r"\(the check process was killed by SIG[A-Z]+\)"):
+        model_check.check_many([*good, (bad.encode(), hashlib.sha256(bad.encode()).hexdigest(), "booster B")])
+    assert all(sha in model_check._checked for _, sha, _ in good)  # checked alone, and cleared
+    model_check.checked_clear()

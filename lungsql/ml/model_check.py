@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from lungsql.errors import ConfigurationError
 
-__all__ = ["CHECK_TIMEOUT_S", "MEMORY_LIMIT_BYTES", "Malformed", "Structure", "check", "checked_clear",
+__all__ = ["CHECK_TIMEOUT_S", "MEMORY_LIMIT_BYTES", "Malformed", "Structure", "check", "check_many", "checked_clear",
            "parse_in_child", "python_interpreter", "structure"]
 
 #: Seconds the check process may take (wall clock, and CPU through RLIMIT_CPU).
@@ -55,7 +55,8 @@ _NOT_NEEDED = ("pandas", "sklearn", "dask", "distributed", "matplotlib", "graphv
                "cffi", "psutil")
 _ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-              "from lungsql.ml.model_check import _child_main; _child_main(int(sys.argv[2]), int(sys.argv[3]))")
+              "from lungsql.ml.model_check import _child_main; "
+              "_child_main(int(sys.argv[2]), int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == 'many')")
 
 
 class Malformed(ValueError):
@@ -299,8 +300,8 @@ def python_interpreter() -> str:
     )
 
 
-def parse_in_child(data: bytes, timeout: float = CHECK_TIMEOUT_S, meanwhile: Callable[[], object] | None = None
-                   ) -> tuple[dict | None, str | None]:
+def parse_in_child(data: bytes, timeout: float = CHECK_TIMEOUT_S, meanwhile: Callable[[], object] | None = None,
+                   many: bool = False) -> tuple[dict | None, str | None]:
     """Parse the model text with LightGBM in a child process; (its report, None) or (None, why it failed).
 
     ``meanwhile`` is called while the child runs (`check` imports LightGBM
@@ -313,7 +314,7 @@ def parse_in_child(data: bytes, timeout: float = CHECK_TIMEOUT_S, meanwhile: Cal
     paths = [str(Path(lungsql.__file__).resolve().parent.parent)] + [p for p in sys.path if p]
     memory = MEMORY_LIMIT_BYTES + 8 * len(data)
     command = [python_interpreter(), "-I", "-S", "-c", _BOOTSTRAP, json.dumps(paths), str(memory),
-               str(max(1, math.ceil(timeout)))]
+               str(max(1, math.ceil(timeout)))] + (["many"] if many else [])
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -371,8 +372,9 @@ def _last_fatal(output: str) -> str | None:
     return fatal[-1].strip()[:160] if fatal else None
 
 
-def _child_main(memory: int, cpu_seconds: int) -> None:
-    """The check process: limits first, then parse stdin with LightGBM, score two rows, report one line."""
+def _child_main(memory: int, cpu_seconds: int, many: bool = False) -> None:
+    """The check process: limits first, then parse stdin with LightGBM, score two rows, report one line
+    (with `many`, stdin is a JSON list of texts and the line reports each in turn)."""
     try:
         import resource
     except ImportError:  # Windows (SQL Server Machine Learning Services): no rlimits
@@ -392,19 +394,26 @@ def _child_main(memory: int, cpu_seconds: int) -> None:
     except Exception as exc:
         print(_MARKER + json.dumps({"stage": "import", "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         sys.exit(3)
-    try:
-        booster = lightgbm.Booster(model_str=text)
-        num_feature, num_trees = int(booster.num_feature()), int(booster.num_trees())
-        booster.feature_name()  # as lungsql.ml.scoring.Model reads them
-        rows = np.zeros((2, num_feature), dtype=np.float64)
-        rows[1] = np.nan
-        predictions = np.asarray(booster.predict(rows, num_threads=1), dtype=np.float64).reshape(-1)
-        report = {"num_feature": num_feature, "num_trees": num_trees,
-                  "predictions": [float(p) for p in predictions]}
-    except Exception as exc:  # LightGBMError, or json errors in the parameters section
-        print(_MARKER + json.dumps({"stage": "parse", "error": " ".join(str(exc).split())[:300]}), flush=True)
-        sys.exit(2)
+    def parsed(one: str) -> dict:
+        try:
+            booster = lightgbm.Booster(model_str=one)
+            num_feature, num_trees = int(booster.num_feature()), int(booster.num_trees())
+            booster.feature_name()  # as lungsql.ml.scoring.Model reads them
+            rows = np.zeros((2, num_feature), dtype=np.float64)
+            rows[1] = np.nan
+            predictions = np.asarray(booster.predict(rows, num_threads=1), dtype=np.float64).reshape(-1)
+            return {"num_feature": num_feature, "num_trees": num_trees,
+                    "predictions": [float(p) for p in predictions]}
+        except Exception as exc:  # LightGBMError, or json errors in the parameters section
+            return {"stage": "parse", "error": " ".join(str(exc).split())[:300]}
+
+    if many:
+        print(_MARKER + json.dumps({"many": [parsed(one) for one in json.loads(text)]}), flush=True)
+        return
+    report = parsed(text)
     print(_MARKER + json.dumps(report), flush=True)
+    if "error" in report:
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- once per model per process
@@ -433,6 +442,34 @@ def check(data: bytes, sha256: str, name: str = "the model", timeout: float = CH
                 _refused[sha256] = why
     raise ConfigurationError(f"LightGBM cannot read {name}: the model text is malformed ({why}); nothing was scored",
                              hint=_HINT)
+
+
+def check_many(items: list[tuple[bytes, str, str]], timeout: float = CHECK_TIMEOUT_S) -> None:
+    """`check` for several model texts (data, sha256, name) at once: the texts not checked yet are
+    parsed by one child process (one start of Python and LightGBM instead of one per text: for a
+    radiograph model's 14 boosters, about 0.5 s instead of 3.7 s). A text that fails there, or a
+    child that dies, sends every text of the batch to `check` on its own, which says which and why."""
+    with _lock:
+        pending = [(data, sha, name) for data, sha, name in items if sha not in _checked]
+    if not pending:
+        return
+    try:
+        declared = [structure(data.decode("utf-8")) for data, _, _ in pending]
+        texts = json.dumps([data.decode("utf-8") for data, _, _ in pending]).encode("utf-8")
+    except (UnicodeDecodeError, Malformed):
+        declared = None
+    report, _ = parse_in_child(texts, timeout, many=True) if declared is not None else (None, None)
+    found = report.get("many") if isinstance(report, dict) else None
+    if isinstance(found, list) and len(found) == len(pending):
+        for (data, sha, name), want, got in zip(pending, declared, found):
+            fine = (isinstance(got, dict) and "error" not in got
+                    and Structure(got.get("num_feature"), got.get("num_trees")) == want
+                    and all(0.0 <= p <= 1.0 for p in got.get("predictions", [-1])))
+            if fine:
+                with _lock:
+                    _checked.add(sha)
+    for data, sha, name in pending:  # what the batch did not clear, one at a time (raises for a bad one)
+        check(data, sha, name, timeout)
 
 
 def _verdict(data: bytes, timeout: float, meanwhile: Callable[[], object] | None) -> tuple[str | None, bool]:

@@ -121,14 +121,10 @@ def predict_one(plpy, patient_id, model_name) -> float | None:
 
 @procedure
 def warm_up(plpy, model_name) -> int | None:
-    from lungsql.server import pipeline, radiographs
-    from lungsql.server.radiograph_data import RadiographData
+    from lungsql.server import pipeline
+    from lungsql.server.plpy_data import PlpyData
 
-    data = RadiographData(plpy)
-    model_id = pipeline.warm_up(data, model_name)
-    if model_name is None:  # the radiograph model too, when one is deployed: a web page's first image waits less
-        radiographs.warm_up(data)
-    return model_id
+    return pipeline.warm_up(PlpyData(plpy), model_name)
 
 
 @procedure
