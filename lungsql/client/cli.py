@@ -762,12 +762,20 @@ def serve(host: str, port: int, workers: int | None, threads: int, web_db: str |
 @click.option("--keep", is_flag=True, help="Keep the benchmark's throwaway PostgreSQL cluster for inspection.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]),
               help="ONNX Runtime provider of the bare featurization run (default: the best available).")
+@click.option("--only", "only", metavar="SECTION[,SECTION...]",
+              help="Run these sections and those they need (upload, pacs, featurization, spark, training, scoring, "
+                   "explain, web, radiographs); the JSON only, BENCHMARKS.md is left as it is.")
 @reports_errors
-def bench(quick: bool, out: Path | None, keep: bool, provider: str | None) -> None:
+def bench(quick: bool, out: Path | None, keep: bool, provider: str | None, only: str | None) -> None:
     """Benchmark upload, featurization, training, scoring and the web app; write BENCHMARKS.md."""
     from lungsql import bench as benchmarks
 
-    benchmarks.run(out=out, quick=quick, keep=keep, provider=provider, say=_step)
+    sections = [name.strip() for name in only.split(",") if name.strip()] if only else None
+    try:
+        benchmarks.selected(sections)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--only") from None
+    benchmarks.run(out=out, quick=quick, keep=keep, provider=provider, say=_step, only=sections)
 
 
 @main.command()
