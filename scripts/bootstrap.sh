@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 #   the connection per task that lungsql.spark uses.
 APT_PACKAGES=(postgresql-15 postgresql-plpython3-15 postgresql-contrib chromium chromium-driver fonts-dejavu-core
               unixodbc wrk orthanc orthanc-dicomweb openjdk-17-jre-headless libpostgresql-jdbc-java)
-EXTRAS="ml,codecs,export,mssql,pacs,spark,dev"
+EXTRAS="ml,openvino,codecs,export,mssql,pacs,spark,dev"
 
 say() { printf '==> %s\n' "$*"; }
 

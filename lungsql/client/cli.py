@@ -394,18 +394,25 @@ def model() -> None:
 @click.option("--name", help="Name in lungsql.cnn_models (default: the built-in's name).")
 @click.option("--output", "output", metavar="TENSOR", help="The ONNX output holding the pooled features.")
 @click.option("--replace", is_flag=True, help="Replace a different CNN of the same name (and its features).")
+@click.option("--variant", type=click.Choice(["fp32", "int8", "int8-openvino", "bf16"]), default="fp32",
+              show_default=True,
+              help="With --builtin: int8 is quantized on CT slices (QDQ) and run by ONNX Runtime, int8-openvino the "
+                   "same run by OpenVINO, bf16 the float model run by OpenVINO in bfloat16 (a CPU with AVX-512 "
+                   "BF16 or AMX). Each is a CNN of its own, named NAME-VARIANT; its models train on its features.")
 @click.pass_context
 @reports_errors
 def model_import(ctx, path: Path | None, builtin: str | None, name: str | None, output: str | None,
-                 replace: bool) -> None:
-    """Store a CNN: --builtin efficientnet-lite0, or PATH.onnx --name NAME."""
+                 replace: bool, variant: str) -> None:
+    """Store a CNN: --builtin efficientnet-lite0 [--variant int8], or PATH.onnx --name NAME."""
     from lungsql.client import cnns
 
     engine = _engine(ctx)
     if (path is None) == (builtin is None):
         raise click.UsageError("give either PATH.onnx or --builtin NAME")
+    if variant != "fp32" and not builtin:
+        raise click.UsageError("--variant applies to --builtin CNNs")
     if builtin:
-        cnn_id = cnns.import_builtin(engine, builtin, name, replace)
+        cnn_id = cnns.import_builtin(engine, builtin, name, replace, variant=variant)
     else:
         if not name:
             raise click.UsageError("--name is required with PATH")

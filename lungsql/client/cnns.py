@@ -62,19 +62,42 @@ def store(engine: sa.Engine, name: str, onnx_bytes: bytes, input_name: str, inpu
         return dialects.of(conn).insert_cnn(conn, row)
 
 
+#: The variants of a built-in CNN: how its weights are stored and which runtime runs it at which
+#: precision (lungsql.ml.runtimes). Each is a CNN of its own in lungsql.cnn_models, named
+#: NAME-VARIANT (fp32 keeps the built-in's own name), with features and models of its own.
+VARIANTS = {
+    "fp32": ("fp32", "onnxruntime", "fp32"),
+    "int8": ("int8", "onnxruntime", "fp32"),            # static QDQ, calibrated on CT (lungsql.ml.quantize)
+    "int8-openvino": ("int8", "openvino", "fp32"),      # the same file, run by OpenVINO
+    "bf16": ("fp32", "openvino", "bf16"),               # the float file, bfloat16 arithmetic (AVX-512 BF16, AMX)
+}
+
+
+def variant_name(builtin: str, variant: str) -> str:
+    return builtin if variant == "fp32" else f"{builtin}-{variant}"
+
+
 def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name: str | None = None,
-                   replace: bool = False) -> int:
-    """Export a built-in ImageNet CNN to ONNX (cached) and store it.
+                   replace: bool = False, variant: str = "fp32") -> int:
+    """Export a built-in ImageNet CNN to ONNX (cached) and store it, as the `variant` asks
+    (`VARIANTS`): fp32 as exported; int8 quantized on synthetic CT slices (cached too); bf16 and
+    int8-openvino run by OpenVINO.  A reduced-precision variant's `source` holds its recipe and the
+    cosine similarity of its features to fp32's on CT slices, measured here at import.
 
     Its preprocessing makes images of the CNN's own input size (224 for
     EfficientNet-Lite0, 240 for Lite1, 260 for Lite2), whatever
     LUNGSQL_IMAGE_SIZE says.
     """
-    from lungsql.ml import cnn_export
+    from lungsql.ml import cnn_export, runtimes
 
     if builtin not in cnn_export.BUILTIN_CNNS:
         raise ConfigurationError(f"unknown built-in CNN {builtin!r}",
                                  hint=f"choose one of {', '.join(cnn_export.BUILTIN_CNNS)}")
+    if variant not in VARIANTS:
+        raise ConfigurationError(f"unknown variant {variant!r}", hint=f"choose one of {', '.join(VARIANTS)}")
+    weights, engine_name, precision = VARIANTS[variant]
+    runtime = runtimes.Runtime(engine_name, precision)
+    runtimes.check_available(runtime)  # before minutes of work: OpenVINO missing, or no BF16 here
     try:
         exported = cnn_export.export_builtin(builtin, cache_dir=cnn_export.default_cache_dir())
     except ImportError as exc:
@@ -88,10 +111,63 @@ def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name:
               "normalization": exported.normalization_source}
     if exported.feature_map() is not None:
         source["feature_map"] = exported.feature_map()
+    onnx_bytes = exported.onnx_bytes
+    if weights == "int8":
+        onnx_bytes, source["quantization"] = int8_variant(exported, preprocessing)
+    if not runtime.default:
+        source["runtime"] = runtime.to_json()
+    if variant != "fp32":
+        source["variant"] = variant
+        source["float_sha256"] = exported.sha256
+        source["agreement"] = agreement(exported, onnx_bytes, runtime, preprocessing)
     return store(
-        engine, name or builtin, exported.onnx_bytes, exported.input_name, exported.input_size,
+        engine, name or variant_name(builtin, variant), onnx_bytes, exported.input_name, exported.input_size,
         exported.output_name, exported.feature_dim, preprocessing, source, replace=replace,
     )
+
+
+def int8_variant(exported, preprocessing: Preprocessing) -> tuple[bytes, dict]:
+    """The built-in's INT8 file (lungsql.ml.quantize), from the cache when the same float model,
+    recipe and quantizer made it before; and its recipe."""
+    from lungsql.ml import cnn_export, quantize
+
+    recipe = quantize.Recipe()
+    cached = Path(cnn_export.default_cache_dir()).expanduser() / f"{exported.name}-int8-{recipe.key(exported.sha256)}.onnx"
+    try:
+        onnx_bytes = cached.read_bytes()
+    except OSError:
+        images = quantize.synthetic_ct_images(preprocessing, recipe)
+        onnx_bytes = quantize.quantize(exported.onnx_bytes, exported.input_name, images, recipe)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_bytes(onnx_bytes)
+            tmp.replace(cached)
+        except OSError:
+            pass  # a cache is a convenience: a read-only home still imports
+    import onnxruntime
+
+    return onnx_bytes, {**recipe.to_json(), "tool": f"onnxruntime.quantization {onnxruntime.__version__}"}
+
+
+#: Held-out synthetic CT for the agreement of a variant with fp32 (not the calibration cohort).
+AGREEMENT_SEED, AGREEMENT_PATIENTS, AGREEMENT_SLICES = 31337, 2, 48
+
+
+def agreement(exported, onnx_bytes: bytes, runtime, preprocessing: Preprocessing) -> dict:
+    """Cosine similarity of the variant's features to fp32's (ONNX Runtime) on held-out synthetic CT."""
+    from lungsql.ml import devices, featurize, quantize
+
+    recipe = quantize.Recipe(calibration_patients=AGREEMENT_PATIENTS, calibration_slices=AGREEMENT_SLICES,
+                             seed=AGREEMENT_SEED)
+    images = quantize.synthetic_ct_images(preprocessing, recipe)
+    with featurize.Featurizer(exported.onnx_bytes, exported.input_name, exported.output_name, preprocessing,
+                              providers=[devices.CPU]) as reference, \
+            featurize.Featurizer(onnx_bytes, exported.input_name, exported.output_name, preprocessing,
+                                 providers=[devices.CPU], runtime=runtime) as variant:
+        figures = quantize.feature_agreement(reference.run(images), variant.run(images))
+    return {**{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()},
+            "on": f"lungsql.dicom.synth seed {AGREEMENT_SEED}, {AGREEMENT_PATIENTS} x {AGREEMENT_SLICES} slices"}
 
 
 def import_file(engine: sa.Engine, path: Path, name: str, output: str | None = None,

@@ -22,6 +22,7 @@ from lungsql.ml.cpu_clock import CpuClock
 from lungsql.ml.devices import CPU, choose_providers, default_threads
 from lungsql.ml.features import GroupFeatures
 from lungsql.ml.preprocess import Preprocessing, fits_input, prepare_volume
+from lungsql.ml.runtimes import OPENVINO_CPU, Runtime, check_available, open_session
 
 #: Series decoded, preprocessed or run through the CNN while the next one is read (`featurize_volumes`).
 PIPELINE_DEPTH = 2
@@ -48,9 +49,7 @@ class Featurizer:
     def __init__(self, onnx_bytes: bytes, input_name: str | None = None, output_name: str | None = None,
                  preprocessing: Preprocessing = Preprocessing(), providers: Sequence[str] | None = None,
                  threads: int | None = None, prepare_threads: int | None = None,
-                 batch_size: int | None = None) -> None:
-        import onnxruntime as ort
-
+                 batch_size: int | None = None, runtime: Runtime | None = None) -> None:
         import config_preprocessing as config
 
         #: Images per CNN run unless a call says otherwise: the setting LUNGSQL_BATCH_SIZE, read once here.
@@ -60,23 +59,19 @@ class Featurizer:
 
         self.preprocessing = preprocessing
         self.threads = int(threads) if threads else default_threads()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One thread per run, and `threads` runs at a time (`_submit`): batches
-        # need no barrier between the threads of each layer, so a core taken
-        # for a while by decoding or another backend slows one run, not all.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: no warnings in psql
-        check_self_contained(onnx_bytes)  # no external data, no custom operators, before ONNX Runtime reads it
+        #: The engine and precision the CNN runs in (lungsql.ml.runtimes): ONNX Runtime unless told.
+        self.runtime = runtime or Runtime()
+        check_self_contained(onnx_bytes)  # no external data, no custom operators, before a runtime reads it
+        check_available(self.runtime)  # a missing engine is the setup's problem, said as such
         try:
-            self.session = ort.InferenceSession(
-                bytes(onnx_bytes), options, providers=list(providers or choose_providers()))
+            self.session = open_session(onnx_bytes, self.runtime, self.threads, providers or choose_providers())
+        except ConfigurationError:
+            raise
         except Exception as exc:
-            raise ConfigurationError(f"ONNX Runtime cannot load the CNN: {str(exc).strip()[:300]}",
+            raise ConfigurationError(f"{self.runtime.describe()} cannot load the CNN: {str(exc).strip()[:300]}",
                                      "check that the stored bytes are an ONNX model (see describe_onnx)") from None
         self.provider = self.session.get_providers()[0]
-        on_cpu = self.provider == CPU
+        on_cpu = self.provider in (CPU, OPENVINO_CPU)
         #: CNN runs at once, and whether a series' images are split among them.
         self.runs, self._split = (self.threads, True) if on_cpu else (GPU_RUNS, False)
         self.prepare_threads = int(prepare_threads) if prepare_threads else (

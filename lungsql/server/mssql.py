@@ -119,7 +119,7 @@ def _featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
     the process already holds a session of the genuine CNN.
     """
     key = (hashlib.sha256(cnn["model"]).hexdigest(), cnn["input_name"], cnn["output_name"],
-           cnn["preprocessing"])
+           cnn["preprocessing"], str(cnn.get("source")))  # the source names the runtime
     with _featurizers_lock:
         found = _featurizers.get(key) if key[0] == cnn["sha256"] else None
     if found is None:

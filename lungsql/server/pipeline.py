@@ -17,7 +17,7 @@ import numpy as np
 from lungsql import registry
 from lungsql.ml import ensemble
 from lungsql.ml import explain as explanation
-from lungsql.ml import featurize, heatmap, scoring, training
+from lungsql.ml import devices, featurize, heatmap, runtimes, scoring, training
 from lungsql.ml import metrics as measures
 from lungsql.ml.features import FEATURE_SET as CNN_FEATURE_SET
 from lungsql.ml.features import GroupFeatures, patient_vector_names
@@ -108,8 +108,9 @@ def in_shard(patient_id: str, shard: int, shards: int) -> bool:
 
 def load_featurizer(cnn: dict[str, Any], threads: int | None = None,
                     providers: Sequence[Any] | None = None) -> featurize.Featurizer:
-    """The CNN's featurizer, once its bytes match their SHA-256; `threads` for ONNX Runtime (default:
-    the usable cores), `providers` as ONNX Runtime takes them (default: lungsql.ml.devices' choice)."""
+    """The CNN's featurizer, once its bytes match their SHA-256, on the runtime its row names
+    (lungsql.ml.runtimes); `threads` for the CNN (default: the usable cores), `providers` as ONNX
+    Runtime takes them (default: lungsql.ml.devices' choice)."""
     model = bytes(cnn["model"])
     if hashlib.sha256(model).hexdigest() != cnn["sha256"]:
         raise IntegrityError(
@@ -119,16 +120,25 @@ def load_featurizer(cnn: dict[str, Any], threads: int | None = None,
         )
     return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
                                 Preprocessing.from_json(json_value(cnn["preprocessing"])), providers=providers,
-                                threads=threads)
+                                threads=threads, runtime=runtimes.Runtime.from_source(json_value(cnn.get("source"))))
+
+
+def shard_threads(shards: int, cores: int | None = None) -> int:
+    """CNN threads for one of `shards` sessions featurizing at once on one server: the usable cores
+    shared among them (at least one each), so that N sessions never run more CNN threads than there
+    are cores."""
+    cores = cores or devices.default_threads()
+    return max(1, cores // max(1, shards))
 
 
 def generate_features(data: PipelineData, cnn_name: str | None = None, only_missing: bool = True,
                       shard: int = 0, shards: int = 1, retry_failed: bool = False,
-                      featurizer_for: Callable[[dict[str, Any]], Any] = load_featurizer) -> FeatureRun:
+                      featurizer_for: Callable[[dict[str, Any]], Any] | None = None) -> FeatureRun:
     """Featurize every patient of this shard, each one committed on its own.
 
     `featurizer_for(cnn)` gives the featurizer, as a context manager (a Spark worker keeps one
-    across tasks instead of opening a new one each time).
+    across tasks instead of opening a new one each time); by default `load_featurizer` with the
+    server's cores shared among the `shards` sessions (`shard_threads`).
 
     A patient that cannot be featurized is recorded (`record_feature_failure`)
     and skipped; later runs leave it out unless `retry_failed` (or its scans
@@ -141,6 +151,9 @@ def generate_features(data: PipelineData, cnn_name: str | None = None, only_miss
     cnn = data.cnn_model(cnn_name)
     for run_id in data.mark_killed_runs():
         data.notice(f"featurization run {run_id} ended before it finished (its session is gone): marked killed")
+    if featurizer_for is None:
+        def featurizer_for(cnn: dict[str, Any]) -> featurize.Featurizer:
+            return load_featurizer(cnn, threads=shard_threads(shards))
     with featurizer_for(cnn) as featurizer:
         patients = [p for p in data.patients_to_featurize(cnn["cnn_id"], only_missing, retry_failed)
                     if in_shard(p, shard, shards)]

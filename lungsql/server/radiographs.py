@@ -47,8 +47,9 @@ class ImageRun:
 
 def generate_features(data, cnn_name: str | None = None, only_missing: bool = True, shard: int = 0,
                       shards: int = 1, retry_failed: bool = False,
-                      featurizer_for: Callable[[dict[str, Any]], Any] = pipeline.load_featurizer) -> ImageRun:
-    """CNN features of every stored radiograph of this shard, a batch committed at a time."""
+                      featurizer_for: Callable[[dict[str, Any]], Any] | None = None) -> ImageRun:
+    """CNN features of every stored radiograph of this shard, a batch committed at a time (by default
+    on the server's cores shared among the `shards` sessions, as pipeline.generate_features)."""
     from lungsql.dicom.radiograph import decode_radiograph
 
     if shards < 1 or not 0 <= shard < shards:
@@ -57,6 +58,9 @@ def generate_features(data, cnn_name: str | None = None, only_missing: bool = Tr
     for run_id in data.mark_killed_runs():
         data.notice(f"featurization run {run_id} ended before it finished (its session is gone): marked killed")
     preprocessing = Preprocessing.from_json(pipeline.json_value(cnn["preprocessing"]))
+    if featurizer_for is None:
+        def featurizer_for(cnn: dict[str, Any]) -> Any:
+            return pipeline.load_featurizer(cnn, threads=pipeline.shard_threads(shards))
     with featurizer_for(cnn) as featurizer:
         ids = [i for i in data.radiographs_to_featurize(cnn["cnn_id"], only_missing, retry_failed)
                if pipeline.in_shard(str(i), shard, shards)]

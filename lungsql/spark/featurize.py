@@ -136,7 +136,7 @@ def kept_featurizer(threads: int, gpu: int | None = None):
     from lungsql.server import pipeline
 
     def kept(cnn: dict) -> Any:
-        key = (cnn["sha256"], threads, gpu)
+        key = (cnn["sha256"], cnn.get("name"), threads, gpu)  # variants of one ONNX file differ by runtime
         if key not in _featurizers:
             _featurizers[key] = pipeline.load_featurizer(cnn, threads=threads, providers=task_providers(gpu))
         return _Reused(_featurizers[key])
