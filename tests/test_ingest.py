@@ -244,3 +244,174 @@ def test_deidentified_upload_keeps_no_patient_name(engine, cohort, monkeypatch):
     # Stable pseudonyms: a rerun with the same key stores nothing new.
     assert ingest.ingest(engine, cohort, deidentify=True).stored == 0
 
+
+
+# -- several upload streams ------------------------------------------------------------------------
+def _contents(engine) -> dict:
+    """What an upload leaves in the database, in an order that does not depend on how it was written."""
+    with engine.connect() as conn:
+        return {
+            "scans": conn.execute(sa.text(
+                "SELECT sop_instance_uid, patient_id, study_instance_uid, series_instance_uid, instance_number, "
+                "z_position, rows, columns, pixel_spacing_row, pixel_spacing_col, slice_thickness, rescale_slope, "
+                "rescale_intercept, modality, transfer_syntax_uid, sha256, sha256(dicom) AS content, image_type, "
+                "series_description, convolution_kernel, tilt_degrees, frames, frame_z "
+                "FROM lungsql.scans ORDER BY sop_instance_uid")).all(),
+            "patients": conn.execute(sa.text("SELECT patient_id, name, sex, birth_date, age_years, label "
+                                             "FROM lungsql.patients ORDER BY patient_id")).all(),
+            "errors": conn.execute(sa.text("SELECT source_path, reason FROM lungsql.ingest_errors "
+                                           "ORDER BY source_path, reason")).all(),
+            "runs": conn.execute(sa.text("SELECT files_seen, stored, skipped, errors, bytes FROM lungsql.ingest_runs "
+                                         "ORDER BY run_id")).all(),
+        }
+
+
+def _empty(engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE lungsql.scans, lungsql.patients, lungsql.ingest_errors, "
+                             "lungsql.ingest_runs CASCADE"))
+
+
+def _counts(summary: ingest.IngestSummary) -> tuple:
+    return summary.files_seen, summary.stored, summary.skipped, summary.errors, summary.bytes
+
+
+def test_streams_store_what_one_stream_stores(engine, cohort, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cohort, mixed)
+    expected = _bad_files(cohort, mixed / "bad")
+    (mixed / "copies").mkdir()
+    for path in dicom_files(cohort)[::7]:  # the same instances again, byte for byte: skipped
+        shutil.copy(path, mixed / "copies" / path.name)
+    one = ingest.ingest(engine, mixed, jobs=1)
+    stored = _contents(engine)
+    _empty(engine)
+    rejected = []
+    several = ingest.ingest(engine, mixed, jobs=3, batch_size=5,
+                            on_error=lambda path, reason: rejected.append(path.name))
+    assert several.streams == 3 and "in 3 streams" in several.describe()
+    assert _counts(several) == _counts(one)
+    assert (several.stored, several.errors) == (len(dicom_files(cohort)), len(expected))
+    assert several.skipped == len(dicom_files(mixed / "copies"))
+    assert sorted(rejected) == sorted(expected)
+    assert _contents(engine) == stored
+    assert stored["runs"] == [_counts(one)]  # the run's row counts what the upload did
+    assert {Path(p).name for p, _ in stored["errors"]} == set(expected)
+
+
+def test_streams_rerun_stores_nothing_twice_and_counts_every_file(engine, cohort):
+    total = len(dicom_files(cohort))
+    first = ingest.ingest(engine, cohort, jobs=2, batch_size=4)
+    again = ingest.ingest(engine, cohort, jobs=2, batch_size=4)
+    assert (first.stored, again.stored, again.skipped) == (total, 0, total)
+    assert scalar(engine, "SELECT count(*) FROM lungsql.scans") == total
+    with engine.connect() as conn:
+        runs = conn.execute(sa.text("SELECT files_seen, stored, skipped, errors, bytes, finished_at IS NOT NULL "
+                                    "FROM lungsql.ingest_runs ORDER BY run_id")).all()
+    assert [tuple(r) for r in runs] == [(*_counts(first), True), (*_counts(again), True)]
+
+
+def test_two_uploads_with_streams_at_once_store_each_instance_once(engine, cohort):
+    import threading
+
+    total, summaries, failures = len(dicom_files(cohort)), [], []
+
+    def upload() -> None:
+        try:
+            summaries.append(ingest.ingest(engine, cohort, jobs=2, batch_size=2))
+        except Exception as exc:  # handed to the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=upload) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not failures
+    assert sum(s.stored for s in summaries) == total
+    assert all(s.stored + s.skipped == total and s.errors == 0 for s in summaries)
+    assert scalar(engine, "SELECT count(DISTINCT sop_instance_uid) FROM lungsql.scans") == total
+    assert scalar(engine, "SELECT count(*) FROM lungsql.scans") == total
+    with engine.connect() as conn:
+        runs = conn.execute(sa.text("SELECT files_seen, stored, skipped, errors, bytes FROM lungsql.ingest_runs")).all()
+    assert sorted(tuple(r) for r in runs) == sorted(_counts(s) for s in summaries)
+
+
+def test_streams_reject_a_second_content_under_one_uid(engine, cohort, tmp_path):
+    folder = tmp_path / "twins"
+    shutil.copytree(cohort, folder / "first")
+    originals = {}
+    for path in dicom_files(cohort)[:6]:
+        ds = pydicom.dcmread(path)
+        originals[ds.SOPInstanceUID] = hashlib.sha256(path.read_bytes()).digest()
+        pixels = ds.pixel_array.copy()
+        pixels[0, :8] += 1
+        ds.PixelData = pixels.tobytes()
+        (folder / "second").mkdir(exist_ok=True)
+        ds.save_as(folder / "second" / path.name, enforce_file_format=True)
+    summary = ingest.ingest(engine, folder, jobs=3, batch_size=3)
+    assert (summary.stored, summary.errors) == (len(dicom_files(cohort)), len(originals))
+    with engine.connect() as conn:
+        reasons = conn.execute(sa.text("SELECT reason FROM lungsql.ingest_errors")).scalars().all()
+        kept = dict(conn.execute(sa.text("SELECT sop_instance_uid, sha256 FROM lungsql.scans "
+                                         "WHERE sop_instance_uid = ANY(:uids)"), {"uids": list(originals)}).all())
+    assert all("is already stored with different content" in reason for reason in reasons)
+    assert set(kept) == set(originals)  # one of the two contents of each, whichever a stream read first
+
+
+def test_run_with_streams_killed_midway_resumes_without_loss_or_duplicates(engine, cohort, db_env):
+    # A stream, in its third transaction, after COPY and before COMMIT, kills the upload and all its
+    # streams (SIGKILL to the process group, as a machine's OOM killer or a lost terminal would).
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        from lungsql.client import db, ingest
+        from lungsql.client.dialects import postgres
+        original, calls = postgres.ScanStore._copy_scans, []
+        def copy_then_die(self, cur, scans):
+            already = original(self, cur, scans)
+            calls.append(1)
+            if len(calls) == 3:
+                os.killpg(0, signal.SIGKILL)
+            return already
+        postgres.ScanStore._copy_scans = copy_then_die
+        ingest.ingest(db.connect(), Path(sys.argv[1]), batch_size=3, jobs=2)
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script, str(cohort)], env=os.environ.copy(), timeout=120,
+                           start_new_session=True)
+    assert child.returncode == -9
+    total = len(dicom_files(cohort))
+    with engine.connect() as conn:
+        committed = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans")).scalar()
+        run = conn.execute(sa.text("SELECT stored, files_seen, finished_at FROM lungsql.ingest_runs")).one()
+    assert 0 < committed < total
+    assert (run.stored, run.files_seen, run.finished_at) == (committed, committed, None)  # what was committed
+    summary = ingest.ingest(engine, cohort, jobs=2)
+    assert (summary.skipped, summary.stored) == (committed, total - committed)
+    assert scalar(engine, "SELECT count(*) FROM lungsql.scans") == total
+    assert scalar(engine, "SELECT count(DISTINCT sop_instance_uid) FROM lungsql.scans") == total
+
+
+def test_ingest_command_takes_jobs(db_env, cohort):
+    from click.testing import CliRunner
+
+    from lungsql.client.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["init"]).exit_code == 0
+    result = runner.invoke(main, ["ingest", "--jobs", "2", str(cohort)])
+    assert result.exit_code == 0, result.output
+    total = len(dicom_files(cohort))
+    assert f"{total} stored" in result.output and "in 2 streams" in result.output
+    result = runner.invoke(main, ["ingest", "--jobs", "0", str(cohort)])
+    assert result.exit_code == 2 and "--jobs" in result.output
+
+
+def test_streams_default_to_the_usable_cores(engine, cohort):
+    assert ingest.usable_cores() == len(os.sched_getaffinity(0))
+    summary = ingest.ingest(engine, cohort, jobs=None)
+    assert summary.streams == min(ingest.usable_cores(), -(-len(dicom_files(cohort)) // ingest.CHUNK))
+    with pytest.raises(ConfigurationError, match="at least one stream"):
+        ingest.ingest(engine, cohort, jobs=0)

@@ -219,12 +219,16 @@ def synth(out: Path, patients: int, slices: str, seed: int, positive_fraction: f
               help="With --deidentify, also store slices whose BurnedInAnnotation is YES (their pixels may "
                    "show names; they are rejected by default).")
 @click.option("--batch-size", type=click.IntRange(1), help="Files per transaction (LUNGSQL_INGEST_BATCH).")
+@click.option("--jobs", type=click.IntRange(1), show_default="one per usable core",
+              help="Parallel upload streams: each reads, checks and COPYs its share of the files on a connection "
+                   "of its own (PostgreSQL; SQL Server uploads in one).")
 @click.option("--task", type=click.Choice(["lung_cancer", "chest_xray14"]), default="lung_cancer", show_default=True,
               help="lung_cancer: CT series; chest_xray14: chest radiographs with the 14 findings of ChestX-ray14.")
 @click.pass_context
 @reports_errors
 def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deidentify: bool,
-           batch_size: int | None, allow_burned_in: bool = False, task: str = "lung_cancer") -> None:
+           batch_size: int | None, allow_burned_in: bool = False, task: str = "lung_cancer",
+           jobs: int | None = None) -> None:
     """Upload every DICOM file under DIRECTORY into lungsql.scans (resumable); with --task chest_xray14,
     the radiographs (ChestX-ray14's images and Data_Entry_2017.csv, or DICOM CR/DX) into lungsql.radiographs."""
     from tqdm import tqdm
@@ -235,9 +239,9 @@ def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deident
     if task == "chest_xray14":
         from lungsql.client import radiograph_ingest
 
-        if labels_csv or deidentify or allow_burned_in:
-            raise click.UsageError("--labels, --deidentify and --allow-burned-in are for CT; radiographs take "
-                                   "their labels from DIRECTORY's Data_Entry_2017.csv")
+        if labels_csv or deidentify or allow_burned_in or jobs:
+            raise click.UsageError("--labels, --deidentify, --allow-burned-in and --jobs are for CT; radiographs "
+                                   "take their labels from DIRECTORY's Data_Entry_2017.csv")
         with _bar("uploading", total=None, unit=" files") as bar:
             summary = radiograph_ingest.ingest(
                 engine, directory, batch_size=batch_size, on_file=lambda path: bar.update(1),
@@ -250,7 +254,7 @@ def ingest(ctx: click.Context, directory: Path, labels_csv: Path | None, deident
     with _bar("uploading", total=len(files), unit=" files") as bar:
         summary = upload.ingest(
             engine, directory, labels_csv=labels_csv, deidentify=deidentify, batch_size=batch_size,
-            allow_burned_in=allow_burned_in, on_file=lambda path, size: bar.update(1),
+            allow_burned_in=allow_burned_in, jobs=jobs, on_file=lambda path, size: bar.update(1),
             on_error=lambda path, reason: tqdm.write(f"rejected {path}: {reason}", file=sys.stderr),
         )
     if summary.labels:

@@ -10,6 +10,13 @@ every instance already stored (by SOPInstanceUID) and duplicates nothing.
 Two uploads of one folder at once store each instance once, and each counts
 as stored only what it stored.
 
+With `jobs` above 1 (PostgreSQL), the files are read, checked and hashed by
+that many processes, each COPYing its batches on a connection of its own; the
+process that started them decides, file by file, what is stored, skipped or
+rejected, by the same rules as one stream, so the rows are the same. Every
+batch still writes the run's counters in its own transaction: a killed run
+loses at most its open batches, and a rerun duplicates nothing.
+
 Nothing in one file stops the upload: whatever a file raises (not DICOM, too
 large for the limits, a malformed value, a value the database refuses)
 becomes a one-line reason in lungsql.ingest_errors and on the console, and
@@ -22,14 +29,19 @@ pseudonym as the patient).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import io
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
+import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +51,25 @@ import sqlalchemy as sa
 import config_preprocessing as config
 from lungsql.client import dialects
 from lungsql.dicom import Limits, PatientInfo, ScanRecord, read_scan
-from lungsql.errors import ConfigurationError, LungSQLError
+from lungsql.errors import ConfigurationError, DatabaseUnavailable, LungSQLError
 
 LABELS_FILE = "stage1_labels.csv"
+#: Files a stream is handed at a time; it holds two such chunks, so it never waits for the next.
+CHUNK = 4
+#: The run's counters, in the order _Tally keeps them.
+COUNTERS = ("files_seen", "stored", "skipped", "errors", "bytes")
+#: PostgreSQL's SQLSTATE for a transaction it rolled back to break a deadlock, and how often a stream's
+#: batch is written again after one.
+DEADLOCK_DETECTED = "40P01"
+DEADLOCK_RETRIES = 3
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), the default number of upload streams."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -55,6 +83,7 @@ class IngestSummary:
     patients: set[str] = field(default_factory=set)
     labels: int = 0
     seconds: float = 0.0
+    streams: int = 1
 
     @property
     def counts(self) -> dict[str, int]:
@@ -68,19 +97,16 @@ class IngestSummary:
 
     def settled(self, written: dialects.Written) -> dict[str, int]:
         """The counters once a batch's `written` (what it did not store after all) is taken into account."""
-        counts = self.counts
-        for record in written.already:
-            counts["stored"] -= 1
-            counts["skipped"] += 1
-            counts["bytes"] -= len(record.data)
-        for record, _ in written.rejected:
-            counts["stored"] -= 1
-            counts["errors"] += 1
-            counts["bytes"] -= len(record.data)
-        return counts
+        return _less_stored(self.counts, [len(r.data) for r in written.already],
+                            [len(r.data) for r, _ in written.rejected])
 
     def settle(self, written: dialects.Written) -> None:
-        counts = self.settled(written)
+        self.settle_sizes([len(r.data) for r in written.already], [len(r.data) for r, _ in written.rejected])
+
+    def settle_sizes(self, already: list[int], rejected: list[int]) -> None:
+        """Take back from `stored` the slices of these sizes that another upload stored meanwhile
+        (`already`) or that the database refused (`rejected`)."""
+        counts = _less_stored(self.counts, already, rejected)
         self.stored, self.skipped, self.errors, self.bytes = (counts[k] for k in ("stored", "skipped", "errors",
                                                                                   "bytes"))
 
@@ -97,7 +123,19 @@ class IngestSummary:
             f"{self.files_seen} files in {self.seconds:.1f} s: {self.stored} stored, "
             f"{self.skipped} already there, {self.errors} rejected; {len(self.patients)} patients, "
             f"{self.bytes / 1e6:.1f} MB stored; {self.files_per_s:.0f} files/s, {self.mb_per_s:.1f} MB/s"
+            + (f" in {self.streams} streams" if self.streams > 1 else "")
         )
+
+
+def _less_stored(counts: dict[str, int], already: list[int], rejected: list[int]) -> dict[str, int]:
+    """`counts` less the stored slices of these sizes, counted instead as skipped (`already` stored by another
+    upload) or as errors (`rejected` by the database)."""
+    counts = dict(counts)
+    for moved, sizes in (("skipped", already), ("errors", rejected)):
+        counts["stored"] -= len(sizes)
+        counts[moved] += len(sizes)
+        counts["bytes"] -= sum(sizes)
+    return counts
 
 
 def find_files(root: Path) -> list[Path]:
@@ -207,6 +245,25 @@ def site_deidentifier(allow_burned_in: bool = False):
     return Deidentifier(key, allow_burned_in=True) if allow_burned_in else Deidentifier(key)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What deciding about a slice needs of it (not its bytes): who it is, its content's hash, the shape of
+    its series, its patient and its size. A stream sends this to the process that decides."""
+
+    sop_instance_uid: str
+    sha256: bytes
+    series_instance_uid: str
+    rows: int
+    columns: int
+    patient: PatientInfo
+    size: int
+
+    @classmethod
+    def of(cls, record: ScanRecord) -> Claim:
+        return cls(record.sop_instance_uid, record.sha256, record.series_instance_uid, record.rows, record.columns,
+                   record.patient, len(record.data))
+
+
 class _Batch:
     def __init__(self) -> None:
         self.patients: dict[str, PatientInfo] = {}
@@ -215,6 +272,12 @@ class _Batch:
 
     def __len__(self) -> int:
         return len(self.scans) + len(self.errors)
+
+    def in_order(self) -> tuple[list[PatientInfo], list[ScanRecord], list[tuple[str, str]]]:
+        """Patients, slices and errors sorted by their keys, as streams write them: two streams that meet on
+        a row then wait for each other one way only, never in a deadlock."""
+        return (sorted(self.patients.values(), key=lambda p: p.patient_id),
+                sorted(self.scans, key=lambda s: s.sop_instance_uid), sorted(self.errors))
 
 
 class Upload:
@@ -281,35 +344,50 @@ class Upload:
         """Whether the instance is in the database (or in the open batch): a pull need not fetch it."""
         return sop_instance_uid in self._stored
 
+    def decide(self, claim: Claim | None, reason: str | None, origin: Any) -> tuple[str, str | None]:
+        """('stored' | 'skipped' | 'rejected', the reason when rejected) for one instance, counted.
+
+        The one place the rules live, for one stream and for several: an instance already stored (or
+        decided to be) is skipped, one whose SOPInstanceUID is stored with other content, or whose shape
+        differs from its series', is rejected."""
+        summary = self.summary
+        summary.files_seen += 1
+        if claim is not None:
+            reason = _conflict(claim, self._stored, self._shapes)
+        if reason is not None:
+            summary.errors += 1
+            if self.on_error:
+                self.on_error(origin, reason)
+            return "rejected", reason
+        summary.patients.add(claim.patient.patient_id)
+        if claim.sop_instance_uid in self._stored:
+            summary.skipped += 1
+            return "skipped", None
+        self._stored[claim.sop_instance_uid] = claim.sha256
+        self._shapes.setdefault(claim.series_instance_uid, (claim.rows, claim.columns))
+        summary.stored += 1
+        summary.bytes += claim.size
+        return "stored", None
+
+    def refused(self, sop_instance_uid: str, origin: Any, reason: str) -> None:
+        """The database refused a slice decided 'stored': it is not stored (a rerun tries it again)."""
+        self._stored.pop(sop_instance_uid, None)
+        if self.on_error:
+            self.on_error(origin, reason)
+
     def offer(self, name: str, record: ScanRecord | None, reason: str | None = None, origin: Any = None) -> str:
         """Take one instance (its record, or the reason it has none); 'stored', 'skipped' or 'rejected'.
 
         'stored' means batched: it is in the database once `commit` (called every batch_size
         instances, and at the end) returns without naming it."""
-        summary, origin = self.summary, name if origin is None else origin
-        summary.files_seen += 1
-        if record is not None:
-            reason = _conflict(record, self._stored, self._shapes)
-        if reason is not None:
-            summary.errors += 1
+        origin = name if origin is None else origin
+        outcome, reason = self.decide(None if record is None else Claim.of(record), reason, origin)
+        if outcome == "rejected":
             self._batch.errors.append((stored_text(name), stored_text(reason)))
-            if self.on_error:
-                self.on_error(origin, reason)
-            outcome = "rejected"
-        elif record.sop_instance_uid in self._stored:
-            summary.skipped += 1
-            summary.patients.add(record.patient.patient_id)
-            outcome = "skipped"
-        else:
-            self._stored[record.sop_instance_uid] = record.sha256
-            self._shapes.setdefault(record.series_instance_uid, (record.rows, record.columns))
+        elif outcome == "stored":
             self._batch.patients.setdefault(record.patient.patient_id, record.patient)
             self._batch.scans.append(record)
             self._origins[record.sop_instance_uid] = (stored_text(name), origin)
-            summary.stored += 1
-            summary.bytes += len(record.data)
-            summary.patients.add(record.patient.patient_id)
-            outcome = "stored"
         if len(self._batch) >= self.batch_size:
             self.commit()
         return outcome
@@ -325,10 +403,8 @@ class Upload:
         self.summary.settle(written)
         refused = {}
         for record, reason in written.rejected:
-            self._stored.pop(record.sop_instance_uid, None)
             refused[record.sop_instance_uid] = reason
-            if self.on_error:
-                self.on_error(origins[record.sop_instance_uid][1], reason)
+            self.refused(record.sop_instance_uid, origins[record.sop_instance_uid][1], reason)
         return refused
 
 
@@ -341,11 +417,17 @@ def ingest(
     on_file: Callable[[Path, int], None] | None = None,
     on_error: Callable[[Path, str], None] | None = None,
     allow_burned_in: bool = False,
+    jobs: int | None = 1,
 ) -> IngestSummary:
     """Upload the DICOM files under root. `on_file(path, bytes)` and `on_error(path, reason)` report progress.
 
     With `deidentify`, slices whose BurnedInAnnotation is YES are rejected unless `allow_burned_in`.
+    `jobs` is the number of upload streams (None: one per usable core); on PostgreSQL each reads, checks
+    and COPYs its share of the files in a process of its own. SQL Server uploads in one stream.
     """
+    if jobs is not None and jobs < 1:
+        raise ConfigurationError(f"jobs is {jobs}: an upload needs at least one stream",
+                                 hint="give --jobs 1 or more (the default is one per usable core)")
     root = Path(root).resolve()
     files = find_files(root)
     labels_path = labels_csv or default_labels(root)
@@ -355,7 +437,12 @@ def ingest(
     labels_source = "" if labels_path is None else labels_path.name if deidentify else str(labels_path)
     upload = Upload(engine, recorded.source_dir, deidentifier=deidentifier, labels=labels,
                     labels_source=labels_source, batch_size=batch_size, on_error=on_error)
+    streams = _streams(engine, usable_cores() if jobs is None else jobs, len(files))
     with upload:
+        upload.summary.streams = streams
+        if streams > 1:
+            _Streams(upload, streams, recorded, on_file).run(files)
+            return upload.summary
         # Files are read and parsed in a thread while this one writes to the database.
         for path, record, reason in prefetch(read_files(files, upload.transform, upload.limits),
                                              depth=2 * upload.batch_size):
@@ -363,6 +450,14 @@ def ingest(
             if on_file:
                 on_file(path, len(record.data) if record is not None else 0)
     return upload.summary
+
+
+def _streams(engine: sa.Engine, jobs: int, files: int) -> int:
+    """How many streams upload `files` files: `jobs`, no more than there are chunks of files to hand out;
+    one on SQL Server, and where processes cannot be forked."""
+    if engine.dialect.name != "postgresql" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(jobs, -(-files // CHUNK)))
 
 
 def read_instance(data: bytes, transform: Callable | None, limits: Limits) -> tuple[ScanRecord | None, str | None]:
@@ -395,7 +490,11 @@ def read_files(files: list[Path], transform: Callable | None, limits: Limits
                                    "LUNGSQL_MAX_DECODED_BYTES)")
                 continue
             with open(path, "rb") as handle:
-                data = handle.read(limits.file_bytes + 1)  # no more, should it grow meanwhile
+                # The size stat() gave and one byte more, to see whether the file grew meanwhile (asking for
+                # the largest size allowed would have Python set that much memory aside for every file).
+                data = handle.read(status.st_size + 1)
+                if len(data) > status.st_size:  # it grew: read on, no more than the limit and one byte
+                    data += handle.read(limits.file_bytes + 1 - len(data))
         except OSError as exc:
             yield path, None, f"cannot read file: {exc.strerror or exc}"
             continue
@@ -432,6 +531,241 @@ def prefetch(items: Iterator, depth: int) -> Iterator:
                 ahead.get_nowait()
             except queue.Empty:
                 worker.join(0.05)
+
+
+# -- several streams -------------------------------------------------------------------------------------
+class _Tally:
+    """The run's counters as committed, shared by its streams (each in a process of its own).
+
+    A batch's transaction writes these plus its own counts. The lock is taken when the batch's counters
+    are asked for, just before they are written, and held until that transaction has ended, so no two
+    streams write the same total and the row always holds what is committed."""
+
+    def __init__(self, context) -> None:
+        self._lock = context.Lock()
+        self._values = context.Array("q", len(COUNTERS), lock=False)
+
+    @contextlib.contextmanager
+    def batch(self, delta: Callable[[dialects.Written], dict[str, int]]) -> Iterator[Callable]:
+        """Yields the `counts` of a write_batch whose own counts are `delta(written)`; they join the total
+        once the block ends without an exception (the batch committed)."""
+        state: dict[str, Any] = {"held": False, "delta": None}
+
+        def counts(written: dialects.Written) -> dict[str, int]:
+            if not state["held"]:
+                self._lock.acquire()
+                state["held"] = True
+            state["delta"] = delta(written)
+            return {name: self._values[i] + state["delta"][name] for i, name in enumerate(COUNTERS)}
+
+        try:
+            yield counts
+            if state["held"]:
+                for i, name in enumerate(COUNTERS):
+                    self._values[i] += state["delta"][name]
+        finally:
+            if state["held"]:
+                self._lock.release()
+
+
+class _StreamBatch:
+    """What one stream writes in its next transaction: the slices decided 'stored', the errors, and the
+    count of those skipped, with the names the run's records give them."""
+
+    def __init__(self) -> None:
+        self.batch = _Batch()
+        self.names: dict[str, str] = {}  # SOPInstanceUID -> recorded name
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.batch) + self.skipped
+
+    def take(self, outcome: str, record: ScanRecord | None, name: str, reason: str | None) -> None:
+        if outcome == "stored":
+            self.batch.patients.setdefault(record.patient.patient_id, record.patient)
+            self.batch.scans.append(record)
+            self.names[record.sop_instance_uid] = name
+        elif outcome == "skipped":
+            self.skipped += 1
+        else:
+            self.batch.errors.append((name, reason))
+
+    def delta(self, written: dialects.Written) -> dict[str, int]:
+        """This batch's counts, once `written` (what it did not store after all) is taken into account."""
+        counts = {"files_seen": len(self), "stored": len(self.batch.scans), "skipped": self.skipped,
+                  "errors": len(self.batch.errors), "bytes": sum(len(s.data) for s in self.batch.scans)}
+        return _less_stored(counts, [len(r.data) for r in written.already],
+                            [len(r.data) for r, _ in written.rejected])
+
+
+def _stream(conn: multiprocessing.connection.Connection, engine: sa.Engine, run_id: int,
+            transform: Callable | None, limits: Limits, batch_size: int, tally: _Tally) -> None:
+    """One upload stream, in a process of its own: reads and checks the files it is handed, sends what
+    deciding needs to the process that started it, and COPYs the slices it is told to store, a batch per
+    transaction, on a connection of its own.
+
+    From the starter: ('go', decisions of the stream's last 'read' or None, paths to read: [] means none
+    are left). To it: ('read', [(key, Claim or None, reason)]), ('wrote', uids, already, rejected) after
+    each transaction, then ('done',); or ('failed', kind, message, lost connection?) and nothing more."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is for the starter, which stops the streams
+    store = None
+    try:
+        engine.dispose(close=False)  # this process's own connections; the starter's are left alone
+        store = dialects.scan_store(engine)
+        pending: dict[int, ScanRecord] = {}  # key -> record of a file read, awaiting its decision
+        batch, unanswered = _StreamBatch(), 0
+        while True:
+            _, decisions, paths = conn.recv()
+            if decisions is not None:
+                unanswered -= 1
+                for key, outcome, name, reason in decisions:
+                    batch.take(outcome, pending.pop(key, None), name, reason)
+                if len(batch) >= batch_size:
+                    _write(conn, store, run_id, batch, tally)
+                    batch = _StreamBatch()
+            if paths:
+                keys = [key for key, _ in paths]
+                read = []
+                for key, (_, record, reason) in zip(keys, read_files([p for _, p in paths], transform, limits)):
+                    if record is not None:
+                        pending[key] = record
+                    read.append((key, None if record is None else Claim.of(record), reason))
+                conn.send(("read", read))
+                unanswered += 1
+            elif not unanswered:
+                break
+        if len(batch):
+            _write(conn, store, run_id, batch, tally)
+        conn.send(("done",))
+    except BaseException as exc:  # told to the starter, which stops the run
+        with contextlib.suppress(Exception):
+            conn.send(("failed", type(exc).__name__, _first_line(exc), _lost_connection(exc)))
+    finally:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
+
+
+def _write(conn: multiprocessing.connection.Connection, store, run_id: int, batch: _StreamBatch,
+           tally: _Tally) -> None:
+    for attempt in range(1, DEADLOCK_RETRIES + 1):
+        try:
+            with tally.batch(batch.delta) as counts:
+                written = store.write_batch(run_id, *batch.batch.in_order(), counts,
+                                            path_of=lambda r: batch.names[r.sop_instance_uid])
+            break
+        except Exception as exc:
+            # Another upload wrote some of the same rows in another order (an upload in one stream writes
+            # them in the order of its files) and the database undid this batch to end the deadlock:
+            # written again, it waits for the other's transaction instead.
+            if getattr(exc, "sqlstate", None) != DEADLOCK_DETECTED or attempt == DEADLOCK_RETRIES:
+                raise
+    conn.send(("wrote", [s.sop_instance_uid for s in batch.batch.scans],
+               [(r.sop_instance_uid, len(r.data)) for r in written.already],
+               [(r.sop_instance_uid, len(r.data), reason) for r, reason in written.rejected]))
+
+
+def _first_line(exc: BaseException) -> str:
+    from lungsql.client.db import redact_url
+
+    text = str(exc).strip()
+    return redact_url(text.splitlines()[0][:300]) if text else ""
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether the database connection failed (not a statement: those carry a SQLSTATE of their own)."""
+    import psycopg
+
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.OperationalError) and (sqlstate is None or sqlstate[:2] in ("08", "57"))
+
+
+class _Streams:
+    """Several upload streams and the decisions they ask for: files are handed out a few at a time to
+    whichever stream asks, and every decision is the upload's (`Upload.decide`), in this process."""
+
+    def __init__(self, upload: Upload, count: int, recorded: RecordedPaths,
+                 on_file: Callable[[Path, int], None] | None) -> None:
+        self.upload, self.count, self.recorded, self.on_file = upload, count, recorded, on_file
+        self._paths: dict[int, Path] = {}
+        self._origins: dict[str, Path] = {}  # SOPInstanceUID -> path of a slice decided 'stored', until written
+
+    def run(self, files: list[Path]) -> None:
+        context = multiprocessing.get_context("fork")
+        tally = _Tally(context)
+        todo = collections.deque(enumerate(files))
+        upload, workers = self.upload, {}
+        try:
+            for _ in range(self.count):
+                mine, theirs = context.Pipe()
+                worker = context.Process(
+                    target=_stream, name="lungsql-upload", daemon=True,
+                    args=(theirs, upload.engine, upload.summary.run_id, upload.transform, upload.limits,
+                          upload.batch_size, tally))
+                worker.start()
+                theirs.close()
+                workers[mine] = worker
+            for _ in range(2):  # two chunks each: one to read while the other is decided
+                for conn in workers:
+                    conn.send(("go", None, self._chunk(todo)))
+            running = set(workers)
+            while running:
+                for conn in multiprocessing.connection.wait(running):
+                    message = self._receive(conn, workers[conn])
+                    if message[0] == "read":
+                        conn.send(("go", [self._decide(*item) for item in message[1]], self._chunk(todo)))
+                    elif message[0] == "wrote":
+                        self._written(*message[1:])
+                    elif message[0] == "done":
+                        running.discard(conn)
+        except BaseException:
+            for worker in workers.values():
+                if worker.is_alive():  # stopped early: its open batch is rolled back
+                    worker.terminate()
+            raise
+        finally:
+            for conn, worker in workers.items():
+                conn.close()
+                worker.join()
+
+    def _chunk(self, todo: collections.deque) -> list[tuple[int, Path]]:
+        chunk = [todo.popleft() for _ in range(min(CHUNK, len(todo)))]
+        self._paths.update(chunk)
+        return chunk
+
+    def _receive(self, conn: multiprocessing.connection.Connection, worker) -> tuple:
+        try:
+            message = conn.recv()
+        except EOFError:
+            worker.join(timeout=5)
+            raise LungSQLError(f"an upload stream stopped (exit code {worker.exitcode}); what it committed "
+                               "is stored", hint="run the same upload again: it resumes where it stopped") from None
+        if message[0] == "failed":
+            _, kind, text, lost = message
+            if lost:
+                raise DatabaseUnavailable(f"an upload stream lost its database connection: {text}",
+                                          hint="run the same upload again once the database is back: it "
+                                               "resumes where it stopped")
+            raise LungSQLError(f"an upload stream failed: {kind}" + (f": {text}" if text else ""),
+                               hint="run the same upload again: it resumes where it stopped")
+        return message
+
+    def _decide(self, key: int, claim: Claim | None, reason: str | None) -> tuple[int, str, str, str | None]:
+        path = self._paths.pop(key)
+        outcome, reason = self.upload.decide(claim, reason, path)
+        if outcome == "stored":
+            self._origins[claim.sop_instance_uid] = path
+        if self.on_file:
+            self.on_file(path, claim.size if claim is not None else 0)
+        return key, outcome, stored_text(self.recorded(path)), None if reason is None else stored_text(reason)
+
+    def _written(self, uids: list[str], already: list[tuple[str, int]],
+                 rejected: list[tuple[str, int, str]]) -> None:
+        self.upload.summary.settle_sizes([size for _, size in already], [size for _, size, _ in rejected])
+        for uid, _, reason in rejected:
+            self.upload.refused(uid, self._origins.get(uid), reason)
+        for uid in uids:
+            self._origins.pop(uid, None)
 
 
 def _conflict(record: ScanRecord, stored: dict[str, bytes], shapes: dict[str, tuple[int, int]]) -> str | None:
