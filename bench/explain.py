@@ -24,9 +24,11 @@ from lungsql.client import model_export
 TARGET_MAP_S = 1.0
 
 
-def run(db: BenchDatabase) -> dict:
+def run(db: BenchDatabase, patients_at_most: int | None = None) -> dict:
     with db.connect() as conn:
         patients = [r[0] for r in conn.execute("SELECT patient_id FROM lungsql.features ORDER BY patient_id")]
+    patients = patients[:patients_at_most] if patients_at_most else patients
+    with db.connect() as conn:
         model_id = conn.execute("SELECT lungsql.warm_up()").fetchone()[0]
         conn.execute("SELECT count(*) FROM lungsql.explain_prediction(%s)", (patients[0],)).fetchone()
         explain_ms, top = [], {}

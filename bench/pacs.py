@@ -25,9 +25,12 @@ from lungsql.client.pacs.orthanc import LocalOrthanc
 EVERYTHING = dicomweb.Query(since=dt.date(1900, 1, 1))
 
 
-def run(db: BenchDatabase, cohort: Path, folder: dict) -> dict:
-    """Figures of the three ways in; `folder` is the upload benchmark's figures (files/s of ingest)."""
-    files = ingest.find_files(cohort)
+def run(db: BenchDatabase, cohort: Path, folder: dict, patients: int | None = None) -> dict:
+    """Figures of the three ways in, over the files of the first `patients` patients of the cohort
+    (all by default); `folder` is the upload benchmark's figures (files/s of ingest)."""
+    chosen = sorted(p.name for p in cohort.iterdir() if p.is_dir())[:patients] if patients else None
+    files = [f for f in ingest.find_files(cohort)
+             if chosen is None or f.relative_to(cohort).parts[0] in chosen]
     home = Path(tempfile.mkdtemp(prefix="lungsql-bench-orthanc-"))
     try:
         return _run(home, db, files, folder)

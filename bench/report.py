@@ -67,9 +67,53 @@ def _explain_rows(ex: dict | None) -> list[str]:
     ]
 
 
+def _shard_runs(fe: dict) -> dict[str, list[dict]]:
+    return fe.get("shards_of_variant") or {"fp32": fe["shards"]}
+
+
+def _featurization_rows(fe: dict) -> list[str]:
+    """Each variant of the CNN end to end, bare and the ratio, its features against fp32's, and the
+    targets of fp32 and of the fastest variant."""
+    ft = fe["targets"]
+    variants = fe.get("variants") or {"fp32": {"cnn": fe.get("cnn", "fp32"), "runtime": "ONNX Runtime",
+                                               "end_to_end": fe["end_to_end"], "bare": fe["bare_onnxruntime"],
+                                               "efficiency": fe["efficiency"]}}
+    fastest = fe.get("fastest", "fp32")
+    rows = []
+    for name, v in variants.items():
+        e2e, bare = v["end_to_end"], v["bare"]
+        runs = e2e.get("runs_slices_per_s")
+        spread = f" (runs {min(runs):.0f}-{max(runs):.0f})" if runs else ""
+        if name == "fp32":
+            target, met = f">= {ft['end_to_end_slices_per_s']['at_least']:.0f}", _met(ft["end_to_end_slices_per_s"])
+        elif name == fastest and "fastest_end_to_end_slices_per_s" in ft:
+            target = f">= {ft['fastest_end_to_end_slices_per_s']['at_least']:.0f} (fastest)"
+            met = _met(ft["fastest_end_to_end_slices_per_s"])
+        else:
+            target = met = ""
+        rows.append(_row("Featurization", f"{v['cnn']} ({v['runtime']}): `CALL lungsql.generate_features`, "
+                                          f"{e2e['slices']} slices, {e2e['provider']}",
+                         f"{e2e['slices_per_s']:.0f} slices/s{spread}", target, met))
+        bare_runs = bare.get("passes_slices_per_s")
+        rows.append(_row("Featurization", f"{v['cnn']}: the bare CNN, batches in memory",
+                         f"{bare['slices_per_s']:.0f} slices/s ({bare['images_per_s']:.0f} images/s)"
+                         + (f" (passes {min(bare_runs):.0f}-{max(bare_runs):.0f})" if bare_runs else "")))
+        key = "efficiency" if name == "fp32" else ("fastest_efficiency" if name == fastest else None)
+        target = ft.get(key) if key else None
+        rows.append(_row("Featurization", f"{v['cnn']}: efficiency (end to end / bare)", f"{v['efficiency']:.2f}",
+                         f">= {target['at_least']}" if target else "", _met(target)))
+        agreement = v.get("agreement")
+        if agreement:
+            target = (ft.get("cosine") or {}).get(name)
+            rows.append(_row("Featurization", f"{v['cnn']}: features' cosine similarity to fp32 on the stored CT "
+                                              f"({agreement['images']} images), mean and least",
+                             f"{agreement['cosine_mean']:.4f}, {agreement['cosine_min']:.4f}",
+                             f">= {target['at_least']}" if target else "", _met(target)))
+    return rows
+
+
 def render_table(r: dict) -> str:
     up, fe, tr, sc, web = r["upload"], r["featurization"], r["training"], r["scoring"], r["web"]
-    e2e, bare, ft = fe["end_to_end"], fe["bare_onnxruntime"], fe["targets"]
     rows = [
         "| Section | Figure | Value | Target | Met |",
         "| --- | --- | --- | --- | --- |",
@@ -78,21 +122,19 @@ def render_table(r: dict) -> str:
         _row("Upload", "pydicom alone (dcmread + PixelData), same files", f"{up['pydicom_files_per_s']:.0f} files/s"),
         _row("Upload", "ingest / pydicom", f"{up['ratio_to_pydicom']:.2f}"),
         *_pacs_rows(r.get("pacs")),
-        _row("Featurization", f"`CALL lungsql.generate_features` ({e2e['slices']} slices, {e2e['provider']})",
-             f"{e2e['slices_per_s']:.0f} slices/s", f">= {ft['end_to_end_slices_per_s']['at_least']:.0f}",
-             _met(ft["end_to_end_slices_per_s"])),
-        _row("Featurization", "bare ONNX Runtime session, batches in memory",
-             f"{bare['slices_per_s']:.0f} slices/s ({bare['images_per_s']:.0f} images/s)"),
-        _row("Featurization", "efficiency (end to end / bare)", f"{fe['efficiency']:.2f}",
-             f">= {ft['efficiency']['at_least']}", _met(ft["efficiency"])),
+        *_featurization_rows(fe),
         *[_row("Featurization", f"on Spark, local[{run['cores']}], {run['cores']} task(s)",
                f"{run['in_run_slices_per_s']:.0f} slices/s in the run (x{run['ratio_to_database']:.2f} of the "
                f"database), {run['slices_per_s']:.0f} for the whole job; Spark starts in {run['startup_s']:.1f} s") for run in (r.get("spark") or {}).get("runs", [])],
     ]
-    for s in fe["shards"]:
-        rows.append(_row("Featurization", f"{s['sessions']} `shard` session(s) in parallel",
-                         f"{s['in_run_slices_per_s']:.0f} slices/s (x{s['speedup']:.2f}); "
-                         f"{s['slices_per_s']:.0f} counting the sessions' start"))
+    for variant, runs in _shard_runs(fe).items():
+        target = (fe["targets"].get("shards") or {}).get(variant)
+        for s in runs:
+            last = s is runs[-1] and target is not None
+            rows.append(_row("Featurization", f"{s['sessions']} `shard` session(s) in parallel, {s.get('cnn', variant)}",
+                             f"{s['in_run_slices_per_s']:.0f} slices/s (x{s['speedup']:.2f}); "
+                             f"{s['slices_per_s']:.0f} counting the sessions' start",
+                             f">= x{target['at_least']:.2f}" if last else "", _met(target) if last else ""))
     target = tr.get("target")
     for p in tr["points"]:
         is_target = target and p["patients"] == target["patients"]
@@ -140,20 +182,44 @@ def render_machine(m: dict) -> str:
 
 def render_details(r: dict) -> str:
     fe, tr = r["featurization"], r["training"]
-    split = fe["time_split"]
-    lines = [f"Where the cores went during `CALL lungsql.generate_features` ({split['slices']} slices, "
-             f"batch size {fe['batch_size']}, {fe['threads']} CNN threads): CPU time per step, summed over the "
-             f"threads that ran it ({split['cores_busy']:.2f} cores busy on average). The steps overlap in time, "
-             "so on a machine whose cores are all busy every millisecond outside the CNN comes from it.", "",
-             "| Step | CPU ms per slice | Share |", "| --- | --- | --- |"]
-    for step, s in split["steps"].items():
-        lines.append(f"| {step} | {s['ms_per_slice']:.2f} | {s['share']:.0%} |")
-    lines += ["", "Shard sessions in parallel (`CALL lungsql.generate_features(shard => i, shards => N)`):", "",
-              "| Sessions | Patients per session | Wall s (with start) | Slices/s (with start) | Slices/s (in run) | "
-              "Speed-up (in run) |", "| --- | --- | --- | --- | --- | --- |"]
-    for s in fe["shards"]:
-        lines.append(f"| {s['sessions']} | {', '.join(map(str, s['patients_per_session']))} | "
-                     f"{s['wall_seconds']:.1f} | {s['slices_per_s']:.0f} | {s['in_run_slices_per_s']:.0f} | x{s['speedup']:.2f} |")
+    lines: list[str] = []
+    variants = fe.get("variants") or {}
+    if variants:
+        lines += ["Each variant of the CNN, its runs and passes in turns (median, and the lowest and highest of "
+                  f"the {len(variants['fp32']['end_to_end']['runs_slices_per_s'])} of each):", "",
+                  "| CNN | Runs on | End to end, slices/s | Spread | Bare, slices/s | Efficiency of each turn | "
+                  "Cosine to fp32 (mean, least) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, v in variants.items():
+            e2e, bare, agreement = v["end_to_end"], v["bare"], v.get("agreement")
+            lines.append(
+                f"| {v['cnn']} | {v['runtime']} | {e2e['slices_per_s']:.0f} ({min(e2e['runs_slices_per_s']):.0f}-"
+                f"{max(e2e['runs_slices_per_s']):.0f}) | {e2e['spread']['relative']:.0%} | {bare['slices_per_s']:.0f} "
+                f"({bare['spread']['min']:.0f}-{bare['spread']['max']:.0f}) | "
+                f"{', '.join(f'{x:.2f}' for x in v['efficiency_of_each_turn'])} | "
+                + (f"{agreement['cosine_mean']:.4f}, {agreement['cosine_min']:.4f} |" if agreement else "1 |"))
+        lines.append("")
+    shown = {"fp32": {"end_to_end": fe["end_to_end"], "time_split": fe["time_split"], "cnn": fe.get("cnn", "")}}
+    if fe.get("fastest") and fe["fastest"] != "fp32":
+        shown[fe["fastest"]] = variants[fe["fastest"]]
+    for name, v in shown.items():
+        split = v["time_split"]
+        lines += [f"Where the cores went during `CALL lungsql.generate_features` with {v.get('cnn') or name} "
+                  f"({split['slices']} slices, batch size {fe['batch_size']}, {fe['threads']} CNN threads): CPU time "
+                  f"per step, summed over the threads that ran it ({split['cores_busy']:.2f} cores busy on average). "
+                  "The steps overlap in time, so on a machine whose cores are all busy every millisecond outside the "
+                  "CNN comes from it.", "", "| Step | CPU ms per slice | Share |", "| --- | --- | --- |"]
+        for step, st in split["steps"].items():
+            lines.append(f"| {step} | {st['ms_per_slice']:.2f} | {st['share']:.0%} |")
+        lines.append("")
+    lines += ["Shard sessions in parallel (`CALL lungsql.generate_features(shard => i, shards => N)`, each "
+              "session's CNN on its share of the cores):", "",
+              "| CNN | Sessions | Patients per session | Wall s (with start) | Slices/s (with start) | Slices/s (in run) | "
+              "Speed-up (in run) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, runs in _shard_runs(fe).items():
+        for s in runs:
+            lines.append(f"| {s.get('cnn', variant)} | {s['sessions']} | {', '.join(map(str, s['patients_per_session']))} | "
+                         f"{s['wall_seconds']:.1f} | {s['slices_per_s']:.0f} | {s['in_run_slices_per_s']:.0f} | "
+                         f"x{s['speedup']:.2f} |")
     sp = r.get("spark")
     if sp:
         lines += ["", "Featurization on Apache Spark (`lungsql featurize --engine spark`, a local master of N cores, "
@@ -186,26 +252,35 @@ def render_details(r: dict) -> str:
     return "\n".join(lines)
 
 
-def render_limits(r: dict) -> str:
-    """What bounds the featurization and web figures, computed from this run's own measurements."""
-    fe, web, cores = r["featurization"], r["web"], r["machine"]["cores_usable"]
-    bare, e2e, steps = fe["bare_onnxruntime"], fe["end_to_end"], fe["time_split"]["steps"]
+def _featurization_bound(v: dict, cores: int, fastest: bool) -> str:
+    """The end-to-end rate a variant could reach with every core busy, from the CPU it spent outside
+    the CNN per slice and the bare CNN's CPU per slice."""
+    bare, e2e, steps = v["bare"], v["end_to_end"], v["time_split"]["steps"]
     cnn_bare = 1000 * cores / bare["slices_per_s"]  # ms of CPU per slice with every core on the CNN
     other = sum(s["ms_per_slice"] for name, s in steps.items() if name != "cnn")
     ceiling = bare["slices_per_s"] * cnn_bare / (cnn_bare + other)
     others = ", ".join(f"{name} {step['ms_per_slice']:.2f}" for name, step in steps.items() if name != "cnn")
-    lines = [
-        "What bounds the figures (computed from this run):", "",
-        f"- **Featurization.** The bare CNN needs {cnn_bare:.2f} ms of CPU per slice ({cores} cores at "
-        f"{bare['slices_per_s']:.0f} slices/s). Inside the run, reading, decoding, preprocessing and writing took "
-        f"{other:.2f} ms more per slice ({others}). With every core busy the end to end rate is at most "
-        f"bare x {cnn_bare:.2f} / ({cnn_bare:.2f} + {other:.2f}) = {ceiling:.0f} slices/s (efficiency "
-        f"{ceiling / bare['slices_per_s']:.2f}); it ran at {e2e['slices_per_s']:.0f}, the CNN itself taking "
-        f"{steps['cnn']['ms_per_slice']:.2f} ms per slice beside the other threads. An efficiency of "
+    return (
+        f"- **Featurization, {v['cnn']}{' (the fastest variant)' if fastest else ''}.** The bare CNN needs "
+        f"{cnn_bare:.2f} ms of CPU per slice ({cores} cores at {bare['slices_per_s']:.0f} slices/s). Inside the run, "
+        f"reading, decoding, preprocessing and writing took {other:.2f} ms more per slice ({others}). With every core "
+        f"busy the end to end rate is at most bare x {cnn_bare:.2f} / ({cnn_bare:.2f} + {other:.2f}) = {ceiling:.0f} "
+        f"slices/s (efficiency {ceiling / bare['slices_per_s']:.2f}); it ran at {e2e['slices_per_s']:.0f}, the CNN "
+        f"itself taking {steps['cnn']['ms_per_slice']:.2f} ms per slice beside the other threads. An efficiency of "
         f"{TARGET_EFFICIENCY} needs the other steps under {cnn_bare * (1 - TARGET_EFFICIENCY) / TARGET_EFFICIENCY:.2f} "
-        f"ms per slice; reading alone takes {steps['reading']['ms_per_slice']:.2f} (PL/Python detoasting and copying "
-        "about 0.5 MB per slice). Every millisecond of CPU outside the CNN is taken from it when all cores are busy.",
-    ]
+        f"ms per slice.")
+
+
+def render_limits(r: dict) -> str:
+    """What bounds the featurization and web figures, computed from this run's own measurements."""
+    fe, web, cores = r["featurization"], r["web"], r["machine"]["cores_usable"]
+    lines = ["What bounds the figures (computed from this run):", ""]
+    shown = {"fp32": {"cnn": fe.get("cnn", "fp32"), "bare": fe["bare_onnxruntime"], "end_to_end": fe["end_to_end"],
+                      "time_split": fe["time_split"]}}
+    if fe.get("fastest") and fe["fastest"] != "fp32":
+        shown[fe["fastest"]] = fe["variants"][fe["fastest"]]
+    for name, v in shown.items():
+        lines.append(_featurization_bound(v, cores, fastest=name != "fp32"))
     if "cpu_ms_per_request" in web and web.get("fewer_clients"):
         cpu, one = web["cpu_ms_per_request"], web["fewer_clients"][0]
         lines.append(

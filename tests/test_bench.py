@@ -31,6 +31,14 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert set(fe["time_split"]["steps"]) == {"reading", "decoding", "preprocessing", "cnn", "writing"}
     assert all(step["cpu_seconds"] >= 0 for step in fe["time_split"]["steps"].values())
     assert fe["time_split"]["steps"]["cnn"]["cpu_seconds"] > 0 and fe["time_split"]["cores_busy"] > 0
+    assert {"fp32", "int8"} <= set(fe["variants"]) and fe["fastest"] in fe["variants"]
+    for name, variant in fe["variants"].items():
+        assert variant["end_to_end"]["slices"] == up["files"] and len(variant["end_to_end"]["runs_slices_per_s"]) == 3
+        assert variant["bare"]["slices_per_s"] > 0 and variant["efficiency"] > 0
+        if name != "fp32":  # each reduced-precision variant measured against fp32 on the stored CT
+            assert variant["agreement"]["images"] > 0 and variant["agreement"]["cosine_mean"] >= 0.98
+    assert set(fe["shards_of_variant"]) == {"fp32", fe["fastest"]}
+    assert "efficiency (end to end / bare)" in result.output and "cosine similarity to fp32" in result.output
     assert [s["sessions"] for s in fe["shards"]] == [1, 2]
     assert all(s["slices"] == up["files"] and s["slices_per_s"] > 0 for s in fe["shards"])
     assert all(p["seconds"] > 0 and 0 <= p["auc"] <= 1 for p in results["training"]["points"])

@@ -8,6 +8,7 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import click
 
@@ -807,6 +808,9 @@ def settings() -> None:
 @click.option("--cnn", "demo_cnns", multiple=True, type=click.Choice(BUILTIN_CNNS),
               help="A built-in CNN to featurize and train on (repeatable; default: all of them, and an ensemble "
                    "of their models is deployed).")
+@click.option("--variant", "demo_variants", multiple=True, type=click.Choice(["int8", "int8-openvino", "bf16"]),
+              help="A reduced-precision variant of the first CNN to featurize and train on as well, compared with "
+                   "it on the same validation patients (repeatable; default: int8).")
 @click.option("--pacs", "from_pacs", is_flag=True,
               help="Run the demo from a PACS: an Orthanc started on loopback holds the cohort, lungsql pulls it "
                    "over DICOMweb and stores each result back in it as a DICOM SR.")
@@ -815,7 +819,7 @@ def settings() -> None:
 @click.pass_context
 @reports_errors
 def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bool, from_pacs: bool = False,
-         demo_cnns: tuple[str, ...] = (), xray_patients: int = 40) -> None:
+         demo_cnns: tuple[str, ...] = (), xray_patients: int = 40, demo_variants: tuple[str, ...] = ()) -> None:
     """Run the whole pipeline on a synthetic cohort, then serve the web app (until Ctrl+C)."""
     import json
 
@@ -852,11 +856,12 @@ def demo(ctx: click.Context, patients: int, slices: str, seed: int, no_serve: bo
             _step(f"lungsql pacs pull --url {orthanc.dicomweb_url}: the cohort from the PACS into lungsql.scans")
             ctx.invoke(pacs_pull, url=orthanc.dicomweb_url, since=dt.datetime(1900, 1, 1),
                        labels_csv=cohort / "stage1_labels.csv")
-        _demo_pipeline(ctx, orthanc, no_serve, list(demo_cnns or BUILTIN_CNNS), xray_patients, seed)
+        _demo_pipeline(ctx, orthanc, no_serve, list(demo_cnns or BUILTIN_CNNS), xray_patients, seed,
+                       list(demo_variants or ["int8"]))
 
 
 def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool, cnns: list[str], xray_patients: int = 0,
-                   seed: int = 2017) -> None:
+                   seed: int = 2017, variants: Sequence[str] = ()) -> None:
     import sqlalchemy as sa
 
     model_ids = []
@@ -871,6 +876,18 @@ def _demo_pipeline(ctx: click.Context, orthanc, no_serve: bool, cnns: list[str],
         with _engine(ctx).connect() as conn:
             model_ids.append(conn.execute(sa.text("SELECT max(model_id) FROM lungsql.models WHERE name = :n"),
                                           {"n": name}).scalar())
+    for variant in variants:  # the first CNN in reduced precision: a CNN of its own, with a model of its own
+        from lungsql.client.cnns import variant_name
+
+        cnn = variant_name(cnns[0], variant)
+        _step(f"lungsql model import --builtin {cnns[0]} --variant {variant}: {cnn}, quantized or run in reduced "
+              "precision, a CNN of its own")
+        ctx.invoke(model_import, path=None, builtin=cnns[0], name=None, output=None, replace=False, variant=variant)
+        _step(f"CALL lungsql.generate_features(cnn_name => '{cnn}')")
+        ctx.invoke(featurize, cnn_name=cnn, redo=False, shard=0, shards=1, retry_failed=False)
+        name = cnn.replace("efficientnet-", "")
+        _step(f"SELECT * FROM lungsql.train_model('{name}', cnn_name => '{cnn}'): trained on its own CNN's features")
+        ctx.invoke(train, model_name=name, params="{}", cnn_name=cnn)
     if len(model_ids) > 1:
         _step("SELECT lungsql.deploy_ensemble('ensemble', ...): the models of every CNN, deployed as one")
         ctx.invoke(deploy_ensemble, name="ensemble", model_ids=tuple(model_ids), method="mean", weights=None)

@@ -36,7 +36,7 @@ from lungsql.errors import ConfigurationError
 from lungsql.ml.preprocess import Preprocessing, prepare_volume
 
 #: Bumped when the same inputs would give another file.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: EfficientNet-Lite (lungsql.ml.cnn_export): the nodes of the first block keep float32.
 LITE_FLOAT_NODES = ("/_blocks.0/",)
 
@@ -125,7 +125,12 @@ def quantize(onnx_bytes: bytes, input_name: str, images: np.ndarray, recipe: Rec
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Clip", "Add"],
                         nodes_to_exclude=excluded)
         quantized = onnx.load(str(out))
-    # Stamped like the float export, and serialized deterministically: the same inputs, the same bytes.
+    # Only the opsets its nodes use (the quantizer lists every domain it knows), stamped like the float
+    # export, and serialized deterministically: the same inputs, the same bytes.
+    used = {n.domain for n in quantized.graph.node} | {""}
+    keep = [o for o in quantized.opset_import if o.domain in used]
+    del quantized.opset_import[:]
+    quantized.opset_import.extend(keep)
     quantized.producer_name = "lungsql.ml.quantize"
     quantized.producer_version = str(RECIPE_VERSION)
     del quantized.metadata_props[:]
