@@ -60,7 +60,8 @@ def _row(engine, sql, **params):
 
 def _cnn(engine) -> dict:
     return dict(_row(engine, "SELECT cnn_id, name AS cnn_name, model AS cnn_model, sha256 AS cnn_sha256, input_name, "
-                             "output_name, preprocessing::text AS preprocessing FROM lungsql.cnn_models"))
+                             "output_name, preprocessing::text AS preprocessing, source::text AS cnn_source "
+                             "FROM lungsql.cnn_models ORDER BY cnn_id LIMIT 1"))
 
 
 def _deployed(engine) -> dict:
@@ -109,6 +110,21 @@ def test_featurize_script_gives_the_features_postgresql_stored(pg_db, pg):
         theirs = GroupFeatures.from_bytes(row.data, (row.n_groups, row.dim), row.sha256, n_slices=row.n_slices)
         assert ours.shape == theirs.shape == (-(-row.n_slices // 3), 1280)
         np.testing.assert_allclose(ours.array, theirs.array, rtol=1e-4, atol=1e-5)
+
+
+def test_featurize_script_runs_a_variant_on_the_runtime_its_source_names(pg_db, pg):
+    cnn = _cnn(pg_db)
+    source = {**json.loads(cnn["cnn_source"]), "runtime": {"engine": "openvino", "precision": "fp32"}}
+    out = harness.run_on(pg, "dbo.GenerateFeatures", {**cnn, "cnn_name": "efficientnet-lite0-openvino",
+                                                      "cnn_source": json.dumps(source),
+                                                      "patient_id": _patients(pg_db)[0], "chosen_series": None,
+                                                      "chosen_by": None}).outputs
+    assert out["error"] is None and out["provider"] == "OpenVINO:CPU"
+    source["runtime"]["precision"] = "fp16"
+    out = harness.run_on(pg, "dbo.GenerateFeatures", {**cnn, "cnn_name": "odd", "cnn_source": json.dumps(source),
+                                                      "patient_id": _patients(pg_db)[0], "chosen_series": None,
+                                                      "chosen_by": None}).outputs
+    assert "openvino runs a CNN in fp32, bf16, not 'fp16'" in out["error"] and out["data"] is None
 
 
 def test_featurize_script_refuses_a_tampered_cnn(pg_db, pg):

@@ -134,11 +134,13 @@ def _featurizer(cnn: dict[str, Any]) -> featurize.Featurizer:
 @_reports_errors(lambda error: Featurized(error))
 def featurize_patient(scans, cnn_name: str, cnn_model: bytes, cnn_sha256: str, input_name: str,
                       output_name: str, preprocessing: str, chosen_series: str | None = None,
-                      chosen_by: str | None = None) -> Featurized:
+                      chosen_by: str | None = None, cnn_source: str | None = None) -> Featurized:
     """CNN features of one patient's chosen series (lungsql.dicom.series), from its scans rows
-    (dicom and the columns the choice reads; frame_z as JSON) and a DBA's choice, if any."""
+    (dicom and the columns the choice reads; frame_z as JSON) and a DBA's choice, if any; the CNN's
+    `source` (JSON) names the runtime a reduced-precision variant runs in (lungsql.ml.runtimes)."""
     cnn = {"name": cnn_name, "model": bytes(cnn_model), "sha256": str(cnn_sha256).strip(),
-           "input_name": input_name, "output_name": output_name, "preprocessing": preprocessing}
+           "input_name": input_name, "output_name": output_name, "preprocessing": preprocessing,
+           "source": _plain(cnn_source) or None}
     featurizer = _featurizer(cnn)
     rows = _records(scans)
     for row in rows:

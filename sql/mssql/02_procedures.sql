@@ -79,10 +79,12 @@ Hint: run EXEC dbo.GenerateFeatures on its own, outside BEGIN TRANSACTION ... CO
 
     -- The CNN, checked against its SHA-256 before anything runs.
     DECLARE @cnn_id int, @cnn_name nvarchar(100), @cnn_model varbinary(max), @cnn_sha256 char(64),
-            @input_name nvarchar(256), @output_name nvarchar(256), @preprocessing nvarchar(max);
+            @input_name nvarchar(256), @output_name nvarchar(256), @preprocessing nvarchar(max),
+            @cnn_source nvarchar(max);  -- names the runtime and precision a reduced-precision variant runs in
     SELECT TOP (1)
         @cnn_id = cnn_id, @cnn_name = name, @cnn_model = model, @cnn_sha256 = sha256,
-        @input_name = input_name, @output_name = output_name, @preprocessing = preprocessing
+        @input_name = input_name, @output_name = output_name, @preprocessing = preprocessing,
+        @cnn_source = source
     FROM lungsql.cnn_models
     WHERE @CnnName IS NULL OR name = @CnnName
     ORDER BY created_at DESC, cnn_id DESC;
@@ -160,7 +162,7 @@ WHERE EXISTS (SELECT 1 FROM lungsql.scans AS s WHERE s.patient_id = p.patient_id
 from lungsql.server import mssql
 (error, provider, n_slices, n_groups, dim, data, sha256, skipped, series_uid, series_reason) = \
     mssql.featurize_patient(InputDataSet, cnn_name, cnn_model, cnn_sha256, input_name, output_name,
-                            preprocessing, chosen_series, chosen_by)
+                            preprocessing, chosen_series, chosen_by, cnn_source)
 ',
             @input_data_1 = N'
 SELECT s.dicom, s.z_position, s.series_instance_uid, s.modality, s.frame_z, s.frames, s.slice_thickness,
@@ -172,7 +174,8 @@ WHERE s.patient_id = @patient_id',
                 @preprocessing nvarchar(max), @error nvarchar(max) OUTPUT, @provider nvarchar(100) OUTPUT,
                 @n_slices int OUTPUT, @n_groups int OUTPUT, @dim int OUTPUT, @data varbinary(max) OUTPUT,
                 @sha256 char(64) OUTPUT, @skipped nvarchar(2000) OUTPUT, @chosen_series varchar(64),
-                @chosen_by nvarchar(128), @series_uid varchar(64) OUTPUT, @series_reason nvarchar(400) OUTPUT',
+                @chosen_by nvarchar(128), @series_uid varchar(64) OUTPUT, @series_reason nvarchar(400) OUTPUT,
+                @cnn_source nvarchar(max)',
             @patient_id = @patient_id,
             @cnn_name = @cnn_name,
             @cnn_model = @cnn_model,
@@ -191,7 +194,8 @@ WHERE s.patient_id = @patient_id',
             @chosen_series = @chosen_series,
             @chosen_by = @chosen_by,
             @series_uid = @series_uid OUTPUT,
-            @series_reason = @series_reason OUTPUT;
+            @series_reason = @series_reason OUTPUT,
+            @cnn_source = @cnn_source;
         IF @error IS NOT NULL
         BEGIN
             SET @message = LEFT(CONCAT(@error, NCHAR(10), N'(patient ''', @patient_id, N''')'), 2048);
