@@ -193,6 +193,53 @@ def test_a_dbas_choice_must_be_a_stored_series():
         choose_series([_series("a")], override="gone")
 
 
+# -- reading the stored pixels ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_slices_are_read_past_every_kind_of_element_before_their_pixels(tmp_path, syntax):
+    # read_slices walks each file's elements up to its pixels (lungsql.dicom.fast): private groups,
+    # group 0028 elements it does not need, values of long VRs and sequences of undefined length,
+    # nested, must all be stepped over to the same pixels and rescale as pydicom finds.
+    import io
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from lungsql.dicom import synth
+    from lungsql.dicom.fast import stored_from_bytes
+    from lungsql.dicom.series import read_slices
+
+    synth.write_cohort(tmp_path, patients=1, slices=(3, 3), seed=5)
+    scans, expected = [], []
+    for path in sorted(tmp_path.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelSpacing, ds.WindowCenter, ds.WindowWidth = [0.7, 0.7], "-600", "1500"  # (0028,xxxx) unread
+        ds.add_new(0x00290010, "LO", "LUNGSQL TEST")
+        ds.add_new(0x00291010, "OB", bytes(range(11)) + b"\x00")
+        code = Dataset()
+        code.CodeValue, code.CodeMeaning = "113100", "Basic Application Confidentiality Profile"
+        code.is_undefined_length_sequence_item = True
+        outer = Dataset()
+        outer.DeidentificationMethodCodeSequence = Sequence([code])
+        outer["DeidentificationMethodCodeSequence"].is_undefined_length = True  # a sequence inside an item
+        outer.is_undefined_length_sequence_item = True
+        ds.add_new(0x00400260, "SQ", Sequence([outer]))  # PerformedProtocolCodeSequence, before the pixels
+        ds[0x00400260].is_undefined_length = True
+        ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-1000"
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        scans.append((out.getvalue(), float(ds.ImagePositionPatient[2])))
+        expected.append((float(ds.ImagePositionPatient[2]), ds.pixel_array))
+    assert all(stored_from_bytes(data) is not None for data, _ in scans)  # read without pydicom
+    slices, rescale = read_slices(scans[::-1])
+    expected.sort(key=lambda e: e[0])
+    assert len(slices) == 3
+    for got, (_, pixels) in zip(slices, expected):
+        np.testing.assert_array_equal(got, pixels)
+    np.testing.assert_array_equal(rescale, [[0.5, -1000.0]] * 3)
+
+
 # -- hostile Enhanced CT: every way the functional groups can lie is one clear reason -------------------------
 def _enhanced_bytes(study, change) -> bytes:
     import io

@@ -22,11 +22,13 @@ IMPLICIT_LE = b"1.2.840.10008.1.2"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_PIXEL_DATA = 0x7FE00010
 # The image attributes read on the way to the pixel data.
 _ROWS, _COLUMNS, _SAMPLES, _FRAMES = 0x00280010, 0x00280011, 0x00280002, 0x00280008
 _BITS, _SIGNED, _INTERCEPT, _SLOPE = 0x00280100, 0x00280103, 0x00281052, 0x00281053
 _WANTED = {_ROWS, _COLUMNS, _SAMPLES, _FRAMES, _BITS, _SIGNED, _INTERCEPT, _SLOPE}
+_WANTED_ELEMENTS = {tag & 0xFFFF for tag in _WANTED}  # all of group 0x0028
+# Tag, VR and short length of an explicit VR element; tag and length of an implicit one.
+_EXPLICIT_HEADER, _IMPLICIT_HEADER, _UINT32 = struct.Struct("<HH2sH"), struct.Struct("<HHI"), struct.Struct("<I")
 
 
 class _Unsupported(Exception):
@@ -97,12 +99,24 @@ def _file_meta(data: bytes) -> tuple[bytes, int]:
 
 def _image_elements(data: bytes, offset: int, explicit: bool) -> tuple[dict[int, bytes], tuple[int, int] | None]:
     """The wanted attributes of the top-level dataset, and (offset, length) of its pixel data."""
+    # One struct call per element on the way: this loop runs for every slice featurized.
     values: dict[int, bytes] = {}
     end = len(data)
+    header_at = (_EXPLICIT_HEADER if explicit else _IMPLICIT_HEADER).unpack_from
+    long_at = _UINT32.unpack_from
     while offset + 8 <= end:
-        tag, vr, length, header = _element_header(data, offset, explicit)
-        start = offset + header
-        if tag == _PIXEL_DATA:
+        if explicit:
+            group, element, vr, length = header_at(data, offset)
+            if group == 0xFFFE:  # item and delimiters have no VR
+                vr, (length,), start = None, long_at(data, offset + 4), offset + 8
+            elif vr in _LONG_VRS:
+                (length,), start = long_at(data, offset + 8), offset + 12
+            else:
+                start = offset + 8
+        else:
+            group, element, length = header_at(data, offset)
+            vr, start = None, offset + 8
+        if group == 0x7FE0 and element == 0x0010:  # (7FE0,0010) PixelData
             if length == _UNDEFINED:  # encapsulated: compressed
                 return values, None
             return values, (start, length)
@@ -111,8 +125,8 @@ def _image_elements(data: bytes, offset: int, explicit: bool) -> tuple[dict[int,
                 raise _Unsupported
             offset = _skip_undefined_sequence(data, start, explicit)
             continue
-        if tag in _WANTED:
-            values[tag] = data[start:start + length]
+        if group == 0x0028 and element in _WANTED_ELEMENTS:
+            values[0x00280000 | element] = data[start:start + length]
         offset = start + length
     return values, None
 
