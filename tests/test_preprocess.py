@@ -196,6 +196,28 @@ def test_stored_values_with_their_rescale_give_the_hu_result() -> None:
     np.testing.assert_allclose(prepare_volume(stored, p, [(0.5, b) for b in intercepts]), expected, atol=1e-4)
 
 
+def test_stored_slices_with_their_own_rescale_and_channel_means_give_the_step_by_step_numbers() -> None:
+    # Every part of the fused computation at once: stored integers with a rescale of their own, a
+    # square reaching outside the image, a mean and std per channel, and a last image completed
+    # with copies of the last slice, each copy normalized as its own channel.
+    rng = np.random.default_rng(11)
+    hu = _disc_volume(7, 90, 120, [36, 38, 40, 42, 44, 46, 48])
+    hu += rng.normal(0, 40, hu.shape).astype(np.float32)
+    slopes = [1.0, 0.5, 1.0, 2.0, 1.0, 0.5, 1.0]
+    intercepts = [-1024.0, -1000.0, -1024.0, -990.0, 0.0, -1024.0, -1024.0]
+    stored = [np.rint((h - b) / a).astype(np.int16) for h, a, b in zip(hu, slopes, intercepts)]
+    exact_hu = np.stack([s.astype(np.float32) * np.float32(a) + np.float32(b)
+                         for s, a, b in zip(stored, slopes, intercepts)])
+    p = Preprocessing(image_size=40, mean=(120.0, 127.5, 135.0), std=(60.0, 70.0, 80.0))
+    out = prepare_volume(stored, p, list(zip(slopes, intercepts)))
+    assert out.shape == (3, 3, 40, 40) and out.dtype == np.float32
+    assert body_crop(exact_hu).side > 90  # the square reaches outside the 90 rows of the image
+    np.testing.assert_allclose(out, _reference(exact_hu, p), atol=1e-4)
+    # The last image is slice 6 three times, in each channel's units.
+    np.testing.assert_allclose(out[2, 1] * 70.0 + 127.5, out[2, 0] * 60.0 + 120.0, atol=1e-3)
+    np.testing.assert_allclose(out[2, 2] * 80.0 + 135.0, out[2, 0] * 60.0 + 120.0, atol=1e-3)
+
+
 def test_air_outside_a_narrow_image_follows_each_slice_rescale() -> None:
     stored = [np.full((40, 100), v, np.int16) for v in (1064, 90)]  # 40 HU body in both slices
     out = prepare_volume(stored, Preprocessing(image_size=50, body_margin=0.0), [(1.0, -1024.0), (1.0, -50.0)])

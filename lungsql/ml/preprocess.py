@@ -379,14 +379,14 @@ def prepare_volume(slices: Sequence[np.ndarray] | np.ndarray, p: Preprocessing =
     square = np.full((crop.side, crop.side), lows[0], np.float32)
     inner = square[dst_r, dst_c]
     air = lows[0]  # what the part of the square outside the image holds
-    clipped = np.empty(inner.shape, slices[0].dtype) if slices[0].dtype.kind in "iu" else None
     for i, image in enumerate(slices):
         if lows[i] != air and inner.size != square.size:
             square.fill(lows[i])
             air = lows[i]
-        if clipped is not None and image.dtype == clipped.dtype and _integral_within(lows[i], highs[i], image.dtype):
-            np.clip(image[src_r, src_c], int(lows[i]), int(highs[i]), out=clipped)  # twice as fast as into float32
-            np.copyto(inner, clipped)
+        if image.dtype.kind in "iu" and _integral_within(lows[i], highs[i], image.dtype):
+            # Clipped as the stored integers and cast to float32 on the way out, in one pass over the
+            # slice (no integer copy to cast afterwards): the same numbers as clipping in float32, faster.
+            np.clip(image[src_r, src_c], int(lows[i]), int(highs[i]), out=inner)
         else:
             np.clip(image[src_r, src_c], np.float32(lows[i]), np.float32(highs[i]), out=inner)
         resize(square, out[i])
