@@ -16,6 +16,10 @@ from lungsql.ml.features import GroupFeatures
 
 _PLANS: dict[str, Any] = {}
 SCANS_PER_FETCH = 4
+#: What the malloc of a backend that featurizes keeps (`keep_freed_memory`): allocations up to this
+#: size come from its heap, and up to `HEAP_KEPT` of free heap is not given back to the kernel.
+HEAP_ALLOCATION_MAX, HEAP_KEPT = 32 << 20, 256 << 20
+_heap_kept = False
 
 
 class PlpyData:
@@ -147,6 +151,7 @@ class PlpyData:
         return rows[0]["preprocessing"]
 
     def start_feature_run(self, cnn_id: int, provider: str, shard: int, shards: int, task: str = "lung_cancer") -> int:
+        keep_freed_memory()  # this backend featurizes: before the run starts its threads
         return self._run(
             "INSERT INTO lungsql.feature_runs (cnn_id, provider, shard, shards, task, backend_pid, backend_start) "
             "SELECT $1, $2, $3, $4, $5, pg_backend_pid(), "
@@ -279,3 +284,39 @@ class PlpyData:
                 ["text[]", "integer", "double precision[]"],
                 [[p for p, _ in rows], model_id, [prob for _, prob in rows]],
             )
+
+
+def keep_freed_memory() -> None:
+    """Let this backend's malloc keep the memory featurization frees, for the next series.
+
+    Featurization holds a series' files as Python bytes (0.5 MB a 512 x 512 slice) until the series
+    is preprocessed, then frees them together, and each series' CNN input (12 MB for 60 slices) is
+    made in a thread of its own and freed in another. glibc gives such memory back to the kernel (a
+    free heap top above M_TRIM_THRESHOLD, a few MB by default; a thread's arena heap once it is
+    empty), and the next series faults every page in again, zeroed by the kernel. Measured on a
+    2-core machine, reading took 0.37 ms of CPU a slice against 0.31 with the memory kept, and
+    preprocessing spent 0.05 to 0.09 ms a slice zeroing pages against 0.02.
+
+    Once per process, as a feature run starts and before it starts its threads (a backend that
+    only serves the web app or scoring is left as it is): large allocations stay on the heap
+    up to HEAP_ALLOCATION_MAX (M_MMAP_THRESHOLD), up to HEAP_KEPT of free heap is kept
+    (M_TRIM_THRESHOLD) until the backend exits, and the threads allocate from the main arena
+    (M_ARENA_MAX 1; they allocate little but large blocks). Any other C library is left alone.
+    """
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, HEAP_ALLOCATION_MAX)
+    libc.mallopt(m_trim_threshold, HEAP_KEPT)
+    libc.mallopt(m_arena_max, 1)
