@@ -178,7 +178,7 @@ def featurize_patients(data: PipelineData, cnn: dict[str, Any], featurizer: feat
     data.notice(f"featurizing {total if total is not None else 'the'} patients with CNN {cnn['name']!r} on "
                 f"{featurizer.provider} (shard {shard} of {shards})")
     started = time.perf_counter()
-    clock = featurizer.cpu
+    clock = featurizer.new_clock()  # this run's CPU only, when the featurizer is kept across runs
 
     choices: dict[str, Choice] = {}
 
