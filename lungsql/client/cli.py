@@ -450,6 +450,10 @@ def model_export(ctx, model_id: int, out: Path) -> None:
                  for side in ("inputs", "outputs")}
     click.echo(f"wrote {summary['path']} in {summary['seconds']:.1f} s; inputs {described['inputs']}; "
                f"output {described['outputs']}")
+    if summary["cnn_runtime_in_database"] != "ONNX Runtime":
+        click.echo(f"note: the database runs the CNN {summary['cnn']!r} on {summary['cnn_runtime_in_database']}; "
+                   "the file runs it in ONNX Runtime's float32, so its probabilities differ slightly from the "
+                   "database's", err=True)
 
 
 @main.command()

@@ -35,7 +35,7 @@ def export_model(engine: sa.Engine, model_id: int, out: Path) -> dict[str, Any]:
     the portable model cannot compute, and `IntegrityError` when the stored model text or
     CNN bytes do not match their SHA-256.
     """
-    from lungsql.ml import portable, scoring
+    from lungsql.ml import portable, runtimes, scoring
     from lungsql.ml.preprocess import Preprocessing
 
     started = time.perf_counter()
@@ -52,7 +52,7 @@ def export_model(engine: sa.Engine, model_id: int, out: Path) -> dict[str, Any]:
         if model is None:
             raise ConfigurationError(f"there is no model with id {model_id}", hint=_MODELS_HINT)
         cnn = conn.execute(
-            sa.text("SELECT cnn_id, name, model, sha256, input_name, output_name, feature_dim, preprocessing "
+            sa.text("SELECT cnn_id, name, model, sha256, input_name, output_name, feature_dim, preprocessing, source "
                     "FROM lungsql.cnn_models WHERE cnn_id = :cnn_id"),
             {"cnn_id": model["cnn_id"]}).mappings().first()
     label = f"model {model_id} ({model['name']!r} version {model['version']})"
@@ -98,6 +98,8 @@ def export_model(engine: sa.Engine, model_id: int, out: Path) -> dict[str, Any]:
         "name": model["name"],
         "version": model["version"],
         "cnn": cnn["name"],
+        # The file runs the CNN in ONNX Runtime; the database may run it elsewhere (OpenVINO's variants).
+        "cnn_runtime_in_database": runtimes.Runtime.from_source(_json(cnn["source"])).describe(),
         **portable.signature(data),
         "seconds": round(time.perf_counter() - started, 3),
     }
