@@ -72,6 +72,17 @@ def test_stored_file_is_byte_identical(engine, cohort):
     assert bytes(row.sha256) == hashlib.sha256(original).digest()
 
 
+def test_slices_are_stored_out_of_line_uncompressed(engine, cohort):
+    # 010_scan_storage.sql: no compression to pay on the way in and on every read.
+    ingest.ingest(engine, cohort, jobs=2)
+    with engine.connect() as conn:
+        storage = conn.execute(sa.text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'lungsql.scans'::regclass "
+                                       "AND attname = 'dicom'")).scalar_one()
+        compressed = conn.execute(sa.text("SELECT count(*) FROM lungsql.scans "
+                                          "WHERE pg_column_compression(dicom) IS NOT NULL")).scalar_one()
+    assert (storage, compressed) == ("e", 0)
+
+
 def test_rerun_skips_everything_already_stored(engine, cohort):
     first = ingest.ingest(engine, cohort)
     second = ingest.ingest(engine, cohort)

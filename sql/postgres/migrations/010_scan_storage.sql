@@ -1,0 +1,18 @@
+-- A slice's DICOM bytes are kept out of line and uncompressed (STORAGE EXTERNAL) from now on.
+--
+-- lz4 (001_foundation.sql) kept about 30 % of 512 x 512 CT files off the disk, at the price of
+-- compressing every file on the way in and decompressing it on every read. Measured on a 2-core
+-- machine with 960 synthetic slices (505 MB), per slice:
+--   upload (COPY):                 lz4 1.8 ms of the server's CPU, uncompressed 1.5 ms (LZ4 compression
+--                                  was 38 % of the server's samples during COPY), 420 against 460-490
+--                                  files/s with lungsql ingest --jobs 2
+--   SELECT dicom, in the server:   lz4 0.33 ms, uncompressed 0.22 ms (PL/Python, a patient at a time, as
+--                                  featurization reads)
+--   SELECT dicom, from a client:   lz4 0.72 ms, uncompressed 0.67 ms
+--   disk:                          lz4 368 MB, uncompressed 526 MB (x1.43)
+-- Both the upload and the read are CPU-bound here; disk is the cheaper of the two.
+--
+-- Rows already stored keep their lz4 compression and read as before; only new values are affected.
+-- To compress new values again (an archive read rarely, a disk that is short):
+--   ALTER TABLE lungsql.scans ALTER COLUMN dicom SET STORAGE EXTENDED;
+ALTER TABLE lungsql.scans ALTER COLUMN dicom SET STORAGE EXTERNAL;
