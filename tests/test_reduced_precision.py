@@ -164,6 +164,7 @@ def test_an_int8_variant_is_a_cnn_of_its_own_featurized_in_the_database_and_trai
                  ["model", "import", "--builtin", "efficientnet-lite0", "--variant", "int8"]):
         result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
+    assert "cosine similarity to fp32:" in result.output  # the import says how close the variant is
     source = scalar(engine, "SELECT source FROM lungsql.cnn_models WHERE name = 'efficientnet-lite0-int8'")
     assert source["variant"] == "int8" and source["quantization"]["format"] == "QDQ"
     assert source["quantization"]["float_nodes"] == ["/_blocks.0/"] and source["agreement"]["cosine_mean"] >= 0.99

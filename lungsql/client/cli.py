@@ -417,7 +417,8 @@ def model_import(ctx, path: Path | None, builtin: str | None, name: str | None, 
     if variant != "fp32" and not builtin:
         raise click.UsageError("--variant applies to --builtin CNNs")
     if builtin:
-        cnn_id = cnns.import_builtin(engine, builtin, name, replace, variant=variant)
+        cnn_id = cnns.import_builtin(engine, builtin, name, replace, variant=variant,
+                                     progress=lambda message: click.echo(message, err=True))
     else:
         if not name:
             raise click.UsageError("--name is required with PATH")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
 import sqlalchemy as sa
 
@@ -78,11 +80,12 @@ def variant_name(builtin: str, variant: str) -> str:
 
 
 def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name: str | None = None,
-                   replace: bool = False, variant: str = "fp32") -> int:
+                   replace: bool = False, variant: str = "fp32", progress: Callable[[str], None] | None = None) -> int:
     """Export a built-in ImageNet CNN to ONNX (cached) and store it, as the `variant` asks
     (`VARIANTS`): fp32 as exported; int8 quantized on synthetic CT slices (cached too); bf16 and
     int8-openvino run by OpenVINO.  A reduced-precision variant's `source` holds its recipe and the
     cosine similarity of its features to fp32's on CT slices, measured here at import.
+    `progress(message)` hears about the steps that take seconds.
 
     Its preprocessing makes images of the CNN's own input size (224 for
     EfficientNet-Lite0, 240 for Lite1, 260 for Lite2), whatever
@@ -112,21 +115,26 @@ def import_builtin(engine: sa.Engine, builtin: str = "efficientnet-lite0", name:
     if exported.feature_map() is not None:
         source["feature_map"] = exported.feature_map()
     onnx_bytes = exported.onnx_bytes
+    say = progress or (lambda message: None)
     if weights == "int8":
-        onnx_bytes, source["quantization"] = int8_variant(exported, preprocessing)
+        onnx_bytes, source["quantization"] = int8_variant(exported, preprocessing, say)
     if not runtime.default:
         source["runtime"] = runtime.to_json()
     if variant != "fp32":
         source["variant"] = variant
         source["float_sha256"] = exported.sha256
+        say(f"measuring the {variant} variant's features against fp32's on held-out synthetic CT")
         source["agreement"] = agreement(exported, onnx_bytes, runtime, preprocessing)
+        say(f"cosine similarity to fp32: {source['agreement']['cosine_mean']:.4f} on average, "
+            f"{source['agreement']['cosine_min']:.4f} at least, over {source['agreement']['images']} images")
     return store(
         engine, name or variant_name(builtin, variant), onnx_bytes, exported.input_name, exported.input_size,
         exported.output_name, exported.feature_dim, preprocessing, source, replace=replace,
     )
 
 
-def int8_variant(exported, preprocessing: Preprocessing) -> tuple[bytes, dict]:
+def int8_variant(exported, preprocessing: Preprocessing, say: Callable[[str], None] = lambda message: None
+                 ) -> tuple[bytes, dict]:
     """The built-in's INT8 file (lungsql.ml.quantize), from the cache when the same float model,
     recipe and quantizer made it before; and its recipe."""
     from lungsql.ml import cnn_export, quantize
@@ -136,8 +144,13 @@ def int8_variant(exported, preprocessing: Preprocessing) -> tuple[bytes, dict]:
     try:
         onnx_bytes = cached.read_bytes()
     except OSError:
+        started = time.perf_counter()
+        say(f"quantizing {exported.name} to int8, calibrated on {recipe.calibration_patients * recipe.calibration_slices} "
+            "synthetic CT slices (once: the file is cached)")
         images = quantize.synthetic_ct_images(preprocessing, recipe)
         onnx_bytes = quantize.quantize(exported.onnx_bytes, exported.input_name, images, recipe)
+        say(f"quantized in {time.perf_counter() - started:.1f} s: {len(onnx_bytes) / 1e6:.1f} MB "
+            f"(fp32 {len(exported.onnx_bytes) / 1e6:.1f} MB)")
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".tmp")
