@@ -426,3 +426,14 @@ def test_streams_default_to_the_usable_cores(engine, cohort):
     assert summary.streams == min(ingest.usable_cores(), -(-len(dicom_files(cohort)) // ingest.CHUNK))
     with pytest.raises(ConfigurationError, match="at least one stream"):
         ingest.ingest(engine, cohort, jobs=0)
+
+
+def test_streams_deidentify_as_one_stream_does(engine, cohort, monkeypatch):
+    monkeypatch.setenv("LUNGSQL_DEID_KEY", "test-site-secret")
+    one = ingest.ingest(engine, cohort, deidentify=True, jobs=1)
+    stored = _contents(engine)
+    _empty(engine)
+    several = ingest.ingest(engine, cohort, deidentify=True, jobs=3, batch_size=4)
+    assert _counts(several) == _counts(one) and several.stored == len(dicom_files(cohort))
+    assert _contents(engine) == stored  # the same pseudonyms, UIDs and bytes, whichever process wrote them
+    assert ingest.ingest(engine, cohort, deidentify=True, jobs=2).stored == 0

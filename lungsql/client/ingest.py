@@ -13,9 +13,11 @@ as stored only what it stored.
 With `jobs` above 1 (PostgreSQL), the files are read, checked and hashed by
 that many processes, each COPYing its batches on a connection of its own; the
 process that started them decides, file by file, what is stored, skipped or
-rejected, by the same rules as one stream, so the rows are the same. Every
-batch still writes the run's counters in its own transaction: a killed run
-loses at most its open batches, and a rerun duplicates nothing.
+rejected, by the same rules as one stream, so the rows are the same (of two
+files that claim one SOPInstanceUID with different contents, the one read
+first is kept, which with several streams need not be the first in the
+folder). Every batch still writes the run's counters in its own transaction:
+a killed run loses at most its open batches, and a rerun duplicates nothing.
 
 Nothing in one file stops the upload: whatever a file raises (not DICOM, too
 large for the limits, a malformed value, a value the database refuses)
@@ -41,7 +43,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
