@@ -10,6 +10,8 @@ does; the tests check what they need as the superuser.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import itertools
 import json
 import re
@@ -27,7 +29,7 @@ from lungsql.errors import ConfigurationError
 from lungsql.webapp import create_app
 from lungsql.webapp import radiographs as radiograph_pages
 from lungsql.webapp.db import ENGINE
-from lungsql.webapp.scoring import band_of
+from lungsql.webapp.scoring import DeployedModel, band_of
 from webapp_fixtures import (BROKEN_SCAN, METACHARACTERS, MODEL_NAME, NO_FEATURES, PASSWORDS, RADIOGRAPH_MODEL,
                              RADIOGRAPH_SIZE, add_radiographs, csrf_token, login)
 
@@ -386,6 +388,171 @@ def test_a_disabled_user_loses_the_session_at_the_next_click(app, su):
         conn.execute(sa.text("UPDATE lungsql.users SET disabled = true WHERE username = 'temp'"))
     assert client.get("/patients").status_code == 302
     assert client.get("/api/patients?q=ana").status_code == 401
+
+
+def test_a_disabled_user_gets_no_prediction_and_nothing_is_recorded_in_their_name(app, web_db, su):
+    """The prediction API reads the user's row in its scoring statement (auth.checks_user_itself): a
+    user disabled since the last click is refused there, before anyone is scored, and signed out."""
+    users.add_user(su, "temp-api", "temporary-password", "clinician")
+    client = _browser(app)
+    assert login(client, "temp-api", "temporary-password").status_code == 302
+    ana = f"/api/patients/{web_db.ana_id}/prediction"
+    assert client.get(ana).status_code == 200
+    predictions = scalar(su, "SELECT count(*) FROM lungsql.predictions")
+    with su.begin() as conn:
+        conn.execute(sa.text("UPDATE lungsql.users SET disabled = true WHERE username = 'temp-api'"))
+    user_id = scalar(su, "SELECT user_id FROM lungsql.users WHERE username = 'temp-api'")
+    for path in (ana, f"/api/patients/{NO_FEATURES[0]}/prediction", f"/api/patients/{'x' * 65}/prediction"):
+        with client.session_transaction() as session:  # the session signed while the user was enabled
+            session["user_id"] = user_id
+        response = client.get(path)
+        assert response.status_code == 401 and response.is_json and response.json["status"] == 401, path
+        assert client.get("/api/patients?q=ana").status_code == 401, path  # the session was ended
+    assert scalar(su, "SELECT count(*) FROM lungsql.predictions") == predictions
+    scored = [r.action for r in _audit_of(su, "temp-api") if r.action.startswith("score")]
+    assert scored == ["score_patient"]  # the one before the user was disabled
+
+
+def _audit_of(su, username: str) -> list:
+    with su.connect() as conn:
+        return conn.execute(sa.text("SELECT * FROM lungsql.audit_log WHERE username = :u ORDER BY audit_id"),
+                            {"u": username}).all()
+
+
+def test_a_prediction_is_one_statement_in_the_database(app, web_db, clinician, monkeypatch):
+    """The user's row, the score, the prediction row and the audit row: one statement, committed as it
+    ends (the app's connections are in autocommit: no BEGIN, no COMMIT)."""
+    import psycopg
+
+    statements = []
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor, query, *args, **kwargs):
+        statements.append(query)
+        return execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+    response = clinician.get(f"/api/patients/{web_db.ana_id}/prediction")
+    monkeypatch.undo()
+    assert response.status_code == 200
+    assert len(statements) == 1 and "lungsql.predict_lung_cancer_detail" in statements[0], statements
+    with app.extensions[ENGINE].connect() as conn:
+        assert conn.connection.driver_connection.autocommit
+
+
+def test_a_session_lasts_its_hours_from_the_sign_in_not_from_the_last_click(web_db):
+    """The cookie is signed at sign-in (and when the session changes), not again with every answer:
+    clicking does not stretch a sign-in beyond LUNGSQL_WEB_SESSION_HOURS."""
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True,
+                      "PERMANENT_SESSION_LIFETIME": dt.timedelta(seconds=3)})
+    try:
+        client = _browser(app)
+        signed_in = time.monotonic()
+        assert login(client, "clin").status_code == 302
+        prediction = f"/api/patients/{web_db.ana_id}/prediction"
+        while time.monotonic() - signed_in < 2.0:
+            response = client.get(prediction)
+            assert response.status_code == 200 and "Set-Cookie" not in response.headers
+            time.sleep(0.2)
+        time.sleep(max(0.0, signed_in + 4.5 - time.monotonic()))
+        assert client.get(prediction).status_code == 401  # 4.5 s after the sign-in, whatever the clicks
+    finally:
+        app.extensions[ENGINE].dispose()
+
+
+def test_a_session_cookie_the_app_did_not_sign_is_refused(app, clinician, web_db, su):
+    """Also once the genuine cookie has been seen: the app keeps the cookies it verified
+    (webapp.sessions), by their exact text."""
+    import base64
+
+    from flask import Flask
+    from flask.sessions import SecureCookieSessionInterface
+
+    genuine = clinician.get_cookie("lungsql_session").value
+    assert clinician.get("/api/patients?q=ana").status_code == 200  # verified, and kept
+    payload, stamp, signature = genuine.split(".")
+    boss = {"_permanent": True, "user_id": scalar(su, "SELECT user_id FROM lungsql.users WHERE username = 'boss'")}
+    other = Flask("elsewhere")
+    other.secret_key = "another-secret"
+    forged = {
+        "altered payload": base64.urlsafe_b64encode(json.dumps(boss).encode()).decode().rstrip("=")
+                           + f".{stamp}.{signature}",
+        "altered signature": f"{payload}.{stamp}.{'B' if signature[0] == 'A' else 'A'}{signature[1:]}",
+        "another key": SecureCookieSessionInterface().get_signing_serializer(other).dumps(boss),
+    }
+    for what, cookie in forged.items():
+        client = _browser(app)
+        client.set_cookie("lungsql_session", cookie)
+        for path in ("/api/patients?q=ana", f"/api/patients/{web_db.ana_id}/prediction"):
+            assert client.get(path).status_code == 401, (what, path)
+        assert client.get("/admin/").status_code == 302, what
+
+
+def test_sessions_read_from_one_kept_cookie_are_each_their_own(app):
+    """A kept cookie gives every request a session of its own: what one request changes in it (a
+    flashed message) is not what the next request with that cookie reads."""
+    from flask import request
+
+    interface = app.session_interface
+    with app.test_request_context():
+        cookie = interface.get_signing_serializer(app).dumps({"user_id": 1, "_flashes": [("info", "first")]})
+
+    def opened():
+        with app.test_request_context(headers={"Cookie": f"lungsql_session={cookie}"}):
+            return interface.open_session(app, request)
+
+    first = opened()
+    first["_flashes"].append(("info", "second"))
+    first["user_id"] = 2
+    again = opened()
+    assert again["user_id"] == 1 and again["_flashes"] == [("info", "first")]
+
+
+def test_a_pooled_connection_the_database_closed_is_replaced_unseen(web_db, su):
+    """A connection unused for DATABASE_CHECK_IDLE_S is checked before a request gets it: one the
+    database closed meanwhile (a restart, an idle timeout) is replaced, and the request answers."""
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True,
+                      "DATABASE_POOL_SIZE": 1, "DATABASE_CHECK_IDLE_S": 0.0})
+    engine = app.extensions[ENGINE]
+    try:
+        client = _browser(app)
+        assert login(client, "clin").status_code == 302
+
+        def backend() -> int:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+
+        first = backend()
+        with su.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": first}).scalar()
+        time.sleep(0.2)
+        response = client.get(f"/api/patients/{web_db.ana_id}/prediction")
+        assert response.status_code == 200 and 0.0 <= response.json["probability"] <= 1.0
+        assert backend() != first
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_lost_during_a_request_costs_that_request_only(web_db, su):
+    """The database closes the connection under a request (checked moments ago, so not checked again):
+    that request says the database is unavailable (503), the connection is replaced, the next answers."""
+    app = create_app({"DATABASE_URL": web_db.web_url, "SECRET_KEY": "test-only-secret", "TESTING": True,
+                      "DATABASE_POOL_SIZE": 1, "DATABASE_CHECK_IDLE_S": 3600.0})
+    engine = app.extensions[ENGINE]
+    try:
+        client = _browser(app)
+        assert login(client, "clin").status_code == 302
+        with engine.connect() as conn:
+            first = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        with su.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": first}).scalar()
+        time.sleep(0.2)
+        prediction = f"/api/patients/{web_db.ana_id}/prediction"
+        lost = client.get(prediction)
+        assert lost.status_code == 503 and lost.json["error"] == "database unavailable"
+        assert client.get(prediction).status_code == 200
+    finally:
+        engine.dispose()
 
 
 # -- search ---------------------------------------------------------------------------
@@ -937,6 +1104,8 @@ def test_api_search_details_and_prediction(clinician, web_db, su):
     assert data["band"] == band_of(data["percent"])[0]
     assert data["model"]["name"] == MODEL_NAME and data["model"]["model_id"] == deployed(su)
     assert 0.0 <= data["model"]["auc"] <= 1.0 and data["model"]["version"] >= 1
+    assert set(data["model"]) == {f.name for f in dataclasses.fields(DeployedModel)}
+    assert data["model"]["trained_at"] == dt.datetime.fromisoformat(data["model"]["trained_at"]).isoformat()
 
 
 # -- administration -------------------------------------------------------------------------
@@ -1392,6 +1561,24 @@ def test_lungsql_serve_runs_several_processes_that_share_sessions(web_db):
             request = urllib.request.Request(f"{server.url}/api/patients?q=ana", headers={"Connection": "close"})
             with opener.open(request, timeout=10) as response:
                 assert response.status == 200 and json.loads(response.read())["total"] >= 1
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["another-server", "another-lungsql-serve"])
+def test_lungsql_serve_refuses_a_port_in_use(reuse_port):
+    """Each worker binds the port itself with SO_REUSEPORT, which would let a second server of the same
+    OS user share it without a word: lungsql serve checks first and says so."""
+    import socket
+
+    from lungsql.webapp.server import refuse_taken_port
+
+    with socket.socket() as taken:
+        if reuse_port:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigurationError, match="cannot listen on 127.0.0.1:") as refused:
+            refuse_taken_port("127.0.0.1", taken.getsockname()[1])
+        assert "--port" in refused.value.hint
 
 
 def test_the_pool_is_warmed_in_the_background(web_db, su):

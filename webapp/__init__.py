@@ -27,9 +27,16 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 
 # search is read.
 FIXED = {
     "DATABASE_POOL_SIZE": 4,           # one connection per thread: lungsql serve runs 4 per process
+    # A pooled connection unused for this long is checked (a round trip) before a request gets it, so
+    # that a database restarted while the app was idle costs nobody an error page; connections in use
+    # are not checked on every request (webapp.db).
+    "DATABASE_CHECK_IDLE_S": 10.0,
     "SESSION_COOKIE_NAME": "lungsql_session",
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
+    # A sign-in lasts LUNGSQL_WEB_SESSION_HOURS from the sign-in, not from the last click: the cookie is
+    # signed when the session changes (signing in, a form's first CSRF token), not again on every answer.
+    "SESSION_REFRESH_EACH_REQUEST": False,
     "MAX_CONTENT_LENGTH": 64 * 1024,   # forms only: no uploads
     "QUERY_MAX_CHARS": 200,            # longer search input is cut, not refused
     # A radiograph's longest side as its page shows it: lungsql.radiograph_heatmap draws its maps at
@@ -63,9 +70,11 @@ def settings() -> dict:
 def create_app(test_config: dict | None = None) -> Flask:
     """The app. `test_config` overrides the defaults, e.g. {"DATABASE_URL": ..., "SECRET_KEY": ...}."""
     from lungsql.webapp import admin, api, auth, db, errors, patients, radiographs
+    from lungsql.webapp.sessions import VerifiedCookieSessions
     from lungsql.webapp.slices import PngCache
 
     app = Flask(__name__)
+    app.session_interface = VerifiedCookieSessions()
     app.config.from_mapping(settings())
     if test_config:
         app.config.update(test_config)

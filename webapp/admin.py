@@ -15,7 +15,7 @@ from lungsql import registry  # the registry's rules; a light module, no ML code
 from lungsql.webapp import audit
 from lungsql.webapp.auth import admin_required
 from lungsql.webapp.charts import roc_chart, roc_overlay
-from lungsql.webapp.db import get_db, refusal
+from lungsql.webapp.db import get_db, refusal, transaction
 from lungsql.webapp.records import clean_query
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -79,19 +79,16 @@ def deploy():
     if not name or not (strategy in STRATEGIES or (registry.is_model_id(strategy) and len(strategy) < 10)):
         abort(400, description="Choose a model name and a strategy (best_score, most_recent, rollback or a "
                                "model id).")
-    conn = get_db()
-    conn.commit()
     try:
-        model_id = conn.execute(sa.text("SELECT lungsql.deploy(:name, :strategy)"),
-                                {"name": name, "strategy": strategy}).scalar_one()
+        with transaction() as conn:  # the deployment and its audit row commit together, or neither
+            model_id = conn.execute(sa.text("SELECT lungsql.deploy(:name, :strategy)"),
+                                    {"name": name, "strategy": strategy}).scalar_one()
+            audit.record("deploy", detail={"name": name, "strategy": strategy, "model_id": model_id})
     except sa.exc.DBAPIError as exc:
         message, hint = refusal(exc, f"deploying {name!r} ({strategy})")
-        conn.rollback()
         audit.record("deploy_failed", detail={"name": name, "strategy": strategy, "error": message})
         flash(f"Not deployed: {message}" + (f" ({hint})" if hint else ""), "error")
         return redirect(url_for("admin.models"), 303)
-    audit.record("deploy", detail={"name": name, "strategy": strategy, "model_id": model_id}, commit=False)
-    conn.commit()  # the deployment and its audit row together
     current_app.logger.info("model %s deployed as %r (%s)", model_id, name, strategy)
     flash(f"Model {model_id} is now deployed as {name!r} ({strategy.replace('_', ' ')}).", "success")
     return redirect(url_for("admin.models"), 303)

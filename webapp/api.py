@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, jsonify, request
 
-from lungsql.webapp import audit, records
+from lungsql.webapp import audit, auth, records
 from lungsql.webapp.scoring import ScoringUnavailable, score
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -32,8 +32,10 @@ def patient(patient_id: str):
 
 
 @bp.get("/patients/<patient_id>/prediction")
+@auth.checks_user_itself  # one statement reads the user's row, scores and audits (scoring.score)
 def prediction(patient_id: str):
     if not records.valid_patient_id(patient_id):
+        auth.current_user()  # 401 rather than 404 for a user gone or disabled
         abort(404, description="There is no patient with this ID.")
     try:
         result = score(patient_id, via="api")

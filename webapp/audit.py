@@ -23,14 +23,12 @@ _APPEND = sa.text("SELECT lungsql.audit_append(:username, :action, :patient_id, 
 
 
 def record(action: str, patient_id: str | None = None, detail: dict[str, Any] | None = None,
-           username: str | None = None, commit: bool = True) -> None:
-    """Append one row for the signed-in user (or `username`) from this request's address."""
+           username: str | None = None) -> None:
+    """Append one row for the signed-in user (or `username`) from this request's address. Committed as
+    the statement ends, or with the rest of the block inside webapp.db.transaction()."""
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     if username is None and g.get("user"):
         username = g.user["username"]
-    conn = get_db()
-    conn.execute(_APPEND, {"username": username, "action": action, "patient_id": patient_id,
-                           "address": request.remote_addr, "detail": json.dumps(detail or {})})
-    if commit:
-        conn.commit()
+    get_db().execute(_APPEND, {"username": username, "action": action, "patient_id": patient_id,
+                               "address": request.remote_addr, "detail": json.dumps(detail or {})})

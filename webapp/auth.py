@@ -1,19 +1,22 @@
 """Signing in and out; every page but the sign-in page (and static files) needs a session.
 
 A sign-in attempt is one call of ``lungsql.sign_in`` in the database
-(lungsql/server/sign_in.py), committed right after: it throttles failed attempts per
+(lungsql/server/sign_in.py), committed as it ends: it throttles failed attempts per
 user name and address, per name and per address (serialized by advisory
 locks, so a parallel burst is counted attempt by attempt), checks the
 password against the stored hash, which the web app's role cannot read, and
 audits the attempt. The session is Flask's signed cookie holding the user's
 id. Each request reads the user's row again, so a user disabled (or given
-another role) with `lungsql user add --replace` is affected at their next click.
+another role) with `lungsql user add --replace` is affected at their next click:
+here before the view runs, or, for a view marked `@checks_user_itself`, in the
+view's own statement (the prediction API: one statement per request).
 """
 
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import asdict
+from typing import Callable
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -41,24 +44,68 @@ WRONG = "Unknown user name or wrong password."
 LOCKED = "Too many failed sign-in attempts for this user name or from this address: wait {wait} s and try again."
 
 
+_USER = sa.text("SELECT user_id, username, role, disabled FROM lungsql.users WHERE user_id = :id")
+
+# The attribute of a view function marked with checks_user_itself.
+_CHECKS_USER = "lungsql_checks_user_itself"
+
+
+def checks_user_itself(view: Callable) -> Callable:
+    """Mark a view whose one statement reads the session's user row itself, joined on
+    `session_user_id()` and refusing a disabled user, and that calls `signed_out()` when the row
+    does not come back (scoring.score does): its request then costs the database one statement, not
+    two. Every other view gets `g.user` checked before it runs."""
+    setattr(view, _CHECKS_USER, True)
+    return view
+
+
 @bp.before_app_request
 def load_logged_in_user():
     g.user = None
+    g.session_user_id = None
     if request.endpoint == "static":
         return None
     user_id = session.get("user_id")
     if user_id is not None:
-        row = get_db().execute(sa.text("SELECT user_id, username, role, disabled FROM lungsql.users "
-                                       "WHERE user_id = :id"), {"id": user_id}).mappings().first()
-        if row is None or row["disabled"]:
+        if getattr(current_app.view_functions.get(request.endpoint), _CHECKS_USER, False):
+            g.session_user_id = user_id  # the view's statement checks the row (see checks_user_itself)
+            return None
+        g.user = load_user(user_id)
+        if g.user is None:
             session.clear()
-        else:
-            g.user = {"user_id": row["user_id"], "username": row["username"], "role": row["role"]}
     if g.user is None and request.endpoint not in PUBLIC_ENDPOINTS:
         if request.path.startswith("/api/") or request.method != "GET":
             abort(401)
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
     return None
+
+
+def load_user(user_id) -> dict | None:
+    """The user's user_id, username and role; None for a user who is gone or disabled."""
+    row = get_db().execute(_USER, {"id": user_id}).mappings().first()
+    if row is None or row["disabled"]:
+        return None
+    return {"user_id": row["user_id"], "username": row["username"], "role": row["role"]}
+
+
+def session_user_id():
+    """The signed-in user's id: of `g.user`, or, in a view marked checks_user_itself, the session's."""
+    return g.user["user_id"] if g.user else g.session_user_id
+
+
+def current_user() -> dict:
+    """`g.user`, read now in a view marked checks_user_itself that needs it outside its statement."""
+    if g.user is None:
+        g.user = load_user(session_user_id())
+        if g.user is None:
+            signed_out()
+    return g.user
+
+
+def signed_out():
+    """The session's user is gone or disabled: end the session and answer 401."""
+    session.clear()
+    abort(401)
 
 
 @bp.route("/login", methods=("GET", "POST"))
@@ -73,9 +120,9 @@ def login():
     # PostgreSQL text cannot hold NUL; no stored password has one (lungsql.accounts.hash_password).
     password = request.form.get("password", "").replace("\x00", "\ufffd")
     conn = get_db()
+    # Committed as the statement ends (webapp.db): the attempt's audit row, and the next attempt may go on.
     row = conn.execute(_SIGN_IN, {"username": username, "password": password, "address": request.remote_addr,
                                   **asdict(login_limits(current_app.config))}).one()
-    conn.commit()  # the attempt's audit row, and the next attempt may go on
     if row.outcome == "locked":
         return (render_template("login.html", next=target, username=username,
                                 error=LOCKED.format(wait=row.retry_after)),

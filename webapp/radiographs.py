@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, render_template, request
 
 from lungsql.webapp import audit, records
-from lungsql.webapp.db import get_db, refusal
+from lungsql.webapp.db import get_db, refusal, transaction
 from lungsql.webapp.patients import cached_png
 from lungsql.webapp.scoring import BANDS, ScoringUnavailable, band_of
 from lungsql.webapp.slices import encode_heatmap_png, encode_png
@@ -97,14 +97,13 @@ class FindingsScore:
 def predict(image_id: int) -> FindingsScore:
     """The probability of each finding on one (existing) radiograph, from the deployed model;
     ScoringUnavailable when there is none (no model deployed, an image that cannot be read...).
-    The rows lungsql.finding_predictions gets are committed with the page's audit row."""
+    Called in a transaction (webapp.db.transaction), the rows lungsql.finding_predictions gets commit
+    with the page's audit row, which shows them."""
     conn = get_db()
     try:
         rows = conn.execute(_FINDINGS, {"image_id": image_id}).all()
     except sa.exc.DBAPIError as exc:  # a lost database raises on: an error page, not a message
-        message = refusal(exc, f"scoring radiograph {image_id}")
-        conn.rollback()
-        raise ScoringUnavailable(*message) from None
+        raise ScoringUnavailable(*refusal(exc, f"scoring radiograph {image_id}")) from None
     model = (conn.execute(_ANSWERED, {"model_id": rows[0].model_id, "name": MODEL_NAME}).mappings().first()
              if rows else None)
     metrics = (model or {}).get("metrics") or {}
@@ -124,17 +123,16 @@ def radiograph(image_id: int):
     """The radiograph page (?level=&width=: open it through that window); 404 for an unknown image."""
     image = _found(image_id)
     level, width = _window()
+    detail = {"via": "web", "image_id": image_id, "image_index": image["image_index"]}
     try:
-        result, failure = predict(image_id), None
+        with transaction():  # the probabilities recorded and the audit row that shows them, together
+            result, failure = predict(image_id), None
+            audit.record(VIEW_ACTION, patient_id=image["patient_id"], detail={
+                **detail, "model_id": result.model.model_id if result.model else None,
+                "probabilities": {f.name: f.probability for f in result.scored}})
     except ScoringUnavailable as exc:
         result, failure = None, exc
-    detail = {"via": "web", "image_id": image_id, "image_index": image["image_index"]}
-    if result is not None:
-        detail["model_id"] = result.model.model_id if result.model else None
-        detail["probabilities"] = {f.name: f.probability for f in result.scored}
-    else:
-        detail["error"] = failure.message
-    audit.record(VIEW_ACTION, patient_id=image["patient_id"], detail=detail)  # commits the predictions too
+        audit.record(VIEW_ACTION, patient_id=image["patient_id"], detail={**detail, "error": failure.message})
     max_side = current_app.config["RADIOGRAPH_MAX_SIDE"]
     return render_template("radiograph.html", image=image, score=result, failure=failure,
                            level=level, width=width, default_window=DEFAULT_WINDOW, bands=BANDS,

@@ -3,11 +3,12 @@
 One Python process runs Python on one core at a time, and a request spends
 most of its CPU in Python (the web framework, the database driver), so one
 process caps the app at about one core whatever its threads. gunicorn forks
-`workers` processes (one per core by default) that share the listening
-socket; each runs `threads` threads and its own database pool. Everything
-the processes must agree on lives in the database (sessions are signed
-cookies; sign-in throttling reads the audit log). On Windows, which has no
-fork, waitress serves in one process.
+`workers` processes (one per core by default), each listening on the port
+with a socket of its own (the kernel spreads connections over them); each
+runs `threads` threads and its own database pool, warmed before it takes
+requests. Everything the processes must agree on lives in the database
+(sessions are signed cookies; sign-in throttling reads the audit log). On
+Windows, which has no fork, waitress serves in one process.
 
 Started as root, `lungsql serve` reads what is secret first (the signing key,
 the web role's password) and then becomes, for good, the unprivileged OS user
@@ -19,6 +20,7 @@ database only as lungsql_web.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import secrets
 import signal
@@ -34,6 +36,10 @@ from typing import Callable, Iterator
 from flask import Flask
 
 from lungsql.errors import ConfigurationError
+
+#: How long a worker waits for its database pool to be warm before it takes requests (then it takes
+#: them anyway; a failed warm-up is logged). Below gunicorn's worker timeout.
+WARM_UP_WAIT_S = 60.0
 
 #: How to create the web server's OS user, for the message that says it is missing.
 CREATE_WEB_OS_USER = "useradd --system --no-create-home --shell /usr/sbin/nologin lungsql-web"
@@ -135,7 +141,9 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
     become that OS user first, checking that it can enter the folders in `reach`: `make_app` must then
     need nothing only root may read (give it the signing key and the database URL). The app is built once
     here first, so that a bad setting stops the server before it forks. Each worker warms its database
-    pool in the background as it starts (`webapp.db.warm_pool`)."""
+    pool as it starts (`webapp.db.warm_pool`) and takes requests once that is done (WARM_UP_WAIT_S at
+    most): a request on a cold database session would wait for Python and the model to load in it, and
+    a request arriving while the pool's connections are being warmed would get a cold one of its own."""
     from lungsql.webapp.db import warm_pool
     from lungsql.webapp.proxy import TrustedProxy
 
@@ -146,7 +154,11 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
 
     def build(pool_size: int = threads) -> Callable:
         app = make_app(pool_size)
-        warm_pool(app)
+        warm_pool(app).join(WARM_UP_WAIT_S)
+        # What the worker has built so far lives as long as it does: out of the collector's full passes,
+        # which would otherwise walk it all (some 30 ms, every request of the process waiting).
+        gc.collect()
+        gc.freeze()
         return TrustedProxy(app, trusted_proxy) if trusted_proxy else app
 
     if sys.platform == "win32":
@@ -154,11 +166,17 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
 
         waitress.serve(build(threads * workers), host=host, port=port, threads=threads * workers, ident="lungsql")
         return
+    refuse_taken_port(host, port)
     _gunicorn(build, {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
         "worker_class": "gthread",
         "threads": threads,
+        # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new connections
+        # over them. On one shared socket, the worker that wakes first takes a burst of connections (a
+        # page's, a load test's) and keeps them alive: 28 of 32 in one process of two was common, whose
+        # clients then waited twice as long while the other process idled.
+        "reuse_port": True,
         "proc_name": "lungsql-web",
         "keepalive": 5,
         "timeout": 120,            # a worker stuck this long is restarted
@@ -171,6 +189,20 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
         # The workers' heartbeat files: a folder every user may write (not $TMPDIR, perhaps root's own).
         "worker_tmp_dir": "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else "/tmp",
     }).run()
+
+
+def refuse_taken_port(host: str, port: int) -> None:
+    """ConfigurationError when something listens on host:port already. The workers bind the port with
+    SO_REUSEPORT, which a second server of the same OS user could share without an error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(f"lungsql serve cannot listen on {host}:{port}: {exc.strerror or exc}",
+                                     hint="another server (perhaps another lungsql serve) uses this port: stop it, "
+                                          "or choose another with --port") from None
 
 
 def _gunicorn(build: Callable[[], Callable], options: dict):
