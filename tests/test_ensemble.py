@@ -131,11 +131,14 @@ def test_an_ensemble_is_explained_by_its_member_of_the_largest_weight(members):
 def test_the_patient_page_query_names_the_members(members):
     from lungsql.webapp import scoring as web_scoring  # the statement the patient page scores with
 
+    from lungsql.client import users
+
     engine, ids = members
     call(engine, "SELECT lungsql.deploy_ensemble('ens', %s, 'hard_vote')", (ids,))
+    user_id = users.add_user(engine, "tester", "a long enough password 1", "clinician", replace=True)
     with engine.begin() as conn:
         patient = conn.execute(sa.text("SELECT patient_id FROM lungsql.features ORDER BY 1 LIMIT 1")).scalar()
-        row = conn.execute(web_scoring._SCORE, {"patient_id": patient, "via": "test", "username": "tester",
-                                                 "address": "127.0.0.1"}).mappings().one()
+        row = conn.exec_driver_sql(web_scoring._SCORE, {"patient_id": patient, "via": "test", "user_id": user_id,
+                                                         "address": "127.0.0.1"}).mappings().one()
     assert row["name"] == "ens" and row["ensemble_method"] == "hard_vote"
     assert row["ensemble_members"] == "a v1, b v1, c v1"
