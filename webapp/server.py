@@ -194,11 +194,14 @@ def serve(make_app: Callable[[int], Flask], host: str, port: int, workers: int |
 def refuse_taken_port(host: str, port: int) -> None:
     """ConfigurationError when something listens on host:port already. The workers bind the port with
     SO_REUSEPORT, which a second server of the same OS user could share without an error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        return  # gunicorn says what is wrong with the address
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no obstacle
         try:
-            probe.bind((host, port))
+            probe.bind(address)
         except OSError as exc:
             raise ConfigurationError(f"lungsql serve cannot listen on {host}:{port}: {exc.strerror or exc}",
                                      hint="another server (perhaps another lungsql serve) uses this port: stop it, "
