@@ -148,8 +148,24 @@ class OpenVINOSession:
         self.compiled = core.compile_model(model, "CPU", config)
         self.precision = precision
         self._local = threading.local()
+        self._first_runs = threading.Lock()
         self._inputs = [self._node(port) for port in self.compiled.inputs]
         self._outputs = [self._node(port) for port in self.compiled.outputs]
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One inference on this thread before any other: OpenVINO's Python binding initializes its
+        data dispatch on the first call, and two threads calling first at once can deadlock there
+        (one holds the initialization and waits for the GIL, the other holds the GIL and waits for
+        the initialization)."""
+        import numpy as np
+
+        feeds = {}
+        for node in self._inputs:
+            if node.type != "tensor(float)" or any(d is None for d in node.shape[1:]):
+                return  # a dynamic image size: the first real run initializes it, on one thread (run)
+            feeds[node.name] = np.zeros([1, *node.shape[1:]], np.float32)
+        self.compiled.create_infer_request().infer(feeds)
 
     @staticmethod
     def _node(port: Any) -> _Node:
@@ -170,7 +186,10 @@ class OpenVINOSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        results = request.infer(feeds)
+            with self._first_runs:  # a thread's first run, one at a time (see _warm_up)
+                results = request.infer(feeds)
+        else:
+            results = request.infer(feeds)
         names = output_names or [node.name for node in self._outputs]
         # The request reuses its output buffers on the next run: copies.
         return [results[self.compiled.output(name)].copy() for name in names]
