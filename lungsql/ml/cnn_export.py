@@ -411,15 +411,20 @@ def _simplify_with_ort(raw: bytes) -> bytes:
             return f.read()
 
 
+def drop_unused_opsets(model) -> None:
+    """Keep only the opset imports that the graph's nodes use (and the default domain)."""
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
 def _finalize(model_bytes: bytes, meta: dict[str, str]) -> bytes:
     """Drop unused opset imports, stamp metadata, check, serialize."""
     import onnx
 
     model = onnx.load_from_string(model_bytes)
-    used = {n.domain for n in model.graph.node} | {""}
-    keep = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
+    drop_unused_opsets(model)
     model.producer_name = "lungsql.ml.cnn_export"
     model.producer_version = str(EXPORT_FORMAT_VERSION)
     model.doc_string = meta.get("source", "")

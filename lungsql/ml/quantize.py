@@ -109,6 +109,8 @@ def quantize(onnx_bytes: bytes, input_name: str, images: np.ndarray, recipe: Rec
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from lungsql.ml.cnn_export import drop_unused_opsets
+
     if images.ndim != 4 or len(images) == 0:
         raise ConfigurationError(f"calibration needs (N, C, S, S) images, got shape {list(images.shape)}")
     if recipe.calibration != "minmax":
@@ -127,10 +129,7 @@ def quantize(onnx_bytes: bytes, input_name: str, images: np.ndarray, recipe: Rec
         quantized = onnx.load(str(out))
     # Only the opsets its nodes use (the quantizer lists every domain it knows), stamped like the float
     # export, and serialized deterministically: the same inputs, the same bytes.
-    used = {n.domain for n in quantized.graph.node} | {""}
-    keep = [o for o in quantized.opset_import if o.domain in used]
-    del quantized.opset_import[:]
-    quantized.opset_import.extend(keep)
+    drop_unused_opsets(quantized)
     quantized.producer_name = "lungsql.ml.quantize"
     quantized.producer_version = str(RECIPE_VERSION)
     del quantized.metadata_props[:]
