@@ -107,6 +107,15 @@ def test_a_cnn_row_names_its_runtime_and_a_wrong_one_is_refused_with_the_choices
         runtimes.Runtime("onnxruntime", "bf16")
     with pytest.raises(ConfigurationError, match="must be an object"):
         runtimes.Runtime.from_source({"runtime": "openvino"})
+    # As SQL Server keeps it: JSON text, which may be anything
+    assert runtimes.Runtime.from_source('{"runtime": {"engine": "openvino"}}') == runtimes.Runtime("openvino", "fp32")
+    with pytest.raises(ConfigurationError, match="source is not JSON"):
+        runtimes.Runtime.from_source('{"runtime": ')
+    with pytest.raises(ConfigurationError, match="must be a JSON object, not list"):
+        runtimes.Runtime.from_source("[1, 2]")
+    with pytest.raises(ConfigurationError, match="unknown CNN runtime") as huge:
+        runtimes.Runtime.from_source({"runtime": {"engine": "x" * 100_000}})
+    assert len(str(huge.value)) < 500  # a huge value is not echoed whole
 
 
 def test_openvino_gives_onnxruntimes_features_from_several_threads_at_once():

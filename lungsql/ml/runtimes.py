@@ -15,6 +15,7 @@ featurizer: ``get_inputs()``, ``get_outputs()``, ``get_providers()`` and
 from __future__ import annotations
 
 import io
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -47,15 +48,26 @@ class Runtime:
                                      hint="bf16 runs on OpenVINO: lungsql model import --builtin NAME --precision bf16")
 
     @classmethod
-    def from_source(cls, source: dict[str, Any] | None) -> Runtime:
-        """The runtime a CNN row's `source` names (ONNX Runtime when it names none)."""
-        given = (source or {}).get("runtime")
+    def from_source(cls, source: dict[str, Any] | str | bytes | None) -> Runtime:
+        """The runtime a CNN row's `source` names (ONNX Runtime when it names none). `source` is the
+        column as stored: an object, or its JSON text (SQL Server keeps it as text); anything else,
+        or a runtime that is not an object, is refused with what the row should hold."""
+        hint = 'source should be a JSON object such as {"runtime": {"engine": "openvino", "precision": "bf16"}}'
+        if isinstance(source, (str, bytes)):
+            try:
+                source = json.loads(source)
+            except ValueError as exc:
+                raise ConfigurationError(f"the CNN's source is not JSON: {exc}", hint=hint) from None
+        if source is None:
+            return cls()
+        if not isinstance(source, dict):
+            raise ConfigurationError(f"the CNN's source must be a JSON object, not {type(source).__name__}", hint=hint)
+        given = source.get("runtime")
         if given is None:
             return cls()
         if not isinstance(given, dict):
-            raise ConfigurationError(f"the CNN's runtime must be an object, not {given!r}",
-                                     hint='e.g. {"engine": "openvino", "precision": "bf16"}')
-        return cls(str(given.get("engine", ONNXRUNTIME)), str(given.get("precision", "fp32")))
+            raise ConfigurationError(f"the CNN's runtime must be an object, not {str(given)[:80]!r}", hint=hint)
+        return cls(str(given.get("engine", ONNXRUNTIME))[:80], str(given.get("precision", "fp32"))[:80])
 
     def to_json(self) -> dict[str, str]:
         return {"engine": self.engine, "precision": self.precision}

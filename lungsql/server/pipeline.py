@@ -120,7 +120,7 @@ def load_featurizer(cnn: dict[str, Any], threads: int | None = None,
         )
     return featurize.Featurizer(model, cnn["input_name"], cnn["output_name"],
                                 Preprocessing.from_json(json_value(cnn["preprocessing"])), providers=providers,
-                                threads=threads, runtime=runtimes.Runtime.from_source(json_value(cnn.get("source"))))
+                                threads=threads, runtime=runtimes.Runtime.from_source(cnn.get("source")))
 
 
 def shard_threads(shards: int, cores: int | None = None) -> int:
